@@ -1,0 +1,25 @@
+"""cocam: see, draw and fix the evidence an image classifier relies on.
+
+Grad-CAM guided fine-tuning against co-occurrence bias, on CelebA or on the embedded
+synthetic CelebA-format benchmark.
+"""
+
+from cocam.attributes import (
+    CELEBA_ATTRIBUTES,
+    PAPER_PAIRS,
+    UnknownAttributeError,
+    attribute_index,
+    validate_attribute,
+    validate_attributes,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CELEBA_ATTRIBUTES",
+    "PAPER_PAIRS",
+    "UnknownAttributeError",
+    "attribute_index",
+    "validate_attribute",
+    "validate_attributes",
+]

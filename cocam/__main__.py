@@ -1,0 +1,5 @@
+"""``python -m cocam`` runs the command-line interface."""
+
+from cocam.cli import main
+
+raise SystemExit(main())

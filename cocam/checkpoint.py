@@ -1,0 +1,116 @@
+"""Checkpoints: what a model is, how it was made, and how to resume it — stored safely.
+
+A checkpoint is a plain dictionary of tensors and builtin values saved with :func:`torch.save`
+and read back with ``weights_only=True``, so loading a checkpoint from elsewhere never
+executes code. It is written atomically (temporary file, fsync, rename): an interrupted save
+leaves the previous checkpoint intact. Every checkpoint carries the model description
+(architecture, head width, input size, attribute names), the training configuration and the
+library versions, so a result can be traced to how it was made.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from cocam.attributes import CELEBA_ATTRIBUTES
+from cocam.io import atomic_write
+from cocam.model import SplitModel, build_model
+
+__all__ = ["CheckpointError", "ModelSpec", "load_checkpoint", "load_model", "save_checkpoint", "versions"]
+
+FORMAT = "cocam-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable cocam checkpoint (or does not match what was asked)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild a model before loading its weights."""
+
+    arch: str = "alexnet"
+    image_size: int = 112
+    hidden: int | None = 512
+    dropout: float = 0.5
+    attributes: tuple[str, ...] = field(default=CELEBA_ATTRIBUTES)
+
+    def build(self, *, pretrained: bool = False) -> SplitModel:
+        """A freshly initialised model of this spec."""
+        return build_model(self.arch, len(self.attributes), pretrained=pretrained, dropout=self.dropout,
+                           hidden=self.hidden)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "image_size": self.image_size, "hidden": self.hidden, "dropout": self.dropout,
+                "attributes": list(self.attributes)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(arch=d["arch"], image_size=int(d["image_size"]), hidden=d.get("hidden"),
+                   dropout=float(d.get("dropout", 0.5)), attributes=tuple(d["attributes"]))
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software a result was made with."""
+    from cocam import __version__
+
+    return {"cocam": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version()}
+
+
+def save_checkpoint(path: str | os.PathLike, model: SplitModel, spec: ModelSpec, **extra: Any) -> Path:
+    """Atomically save ``model``'s weights with its ``spec``, the versions and ``extra`` entries.
+
+    ``extra`` may hold tensors, numbers, strings, lists and dicts (e.g. the configuration, the
+    optimizer state, the epoch, the history, RNG states).
+    """
+    path = Path(path)
+    payload = {"format": FORMAT, "spec": spec.to_dict(), "versions": versions(),
+               "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint without executing code (``weights_only=True``) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}. Train one with `cocam train` or check the path.")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle errors, truncated files, foreign objects
+        raise CheckpointError(
+            f"{path} could not be read as a cocam checkpoint ({type(err).__name__}: {err}). "
+            f"It may be truncated, from another program, or contain objects that are not plain data."
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a cocam checkpoint (expected format {FORMAT!r}).")
+    return payload
+
+
+def load_model(path: str | os.PathLike, *, attributes: tuple[str, ...] | None = None,
+               map_location: str | torch.device = "cpu") -> tuple[SplitModel, ModelSpec, dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint: ``(model, spec, payload)``.
+
+    Args:
+        attributes: if given, the attribute names the caller expects; a checkpoint trained on
+            other attributes (or in another order) is refused with a clear error.
+    """
+    payload = load_checkpoint(path, map_location=map_location)
+    spec = ModelSpec.from_dict(payload["spec"])
+    if attributes is not None and tuple(attributes) != spec.attributes:
+        raise CheckpointError(f"{path} predicts other attributes than expected: {list(spec.attributes)[:5]}...")
+    model = spec.build()
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: the weights do not fit a {spec.arch} model of this spec ({err}).") from err
+    return model, spec, payload

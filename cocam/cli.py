@@ -1,0 +1,382 @@
+"""The ``cocam`` command line: the batch path through the method.
+
+    cocam generate   write the synthetic CelebA (the embedded default)
+    cocam stats      co-occurrence statistics of a dataset, next to real CelebA's
+    cocam template   write the template face (and its landmarks) for drawing masks
+    cocam train      train the baseline 40-attribute classifier
+    cocam finetune   Grad-CAM guided fine-tuning from a checkpoint (or the BCE-only control)
+    cocam evaluate   accuracy on the test split and the conflict subsets, before vs after
+    cocam demo       the main job on the embedded default: all of the above, end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from cocam.attributes import PAPER_PAIRS, validate_attributes
+
+DEFAULT_ROOT = Path("data/synthetic")
+
+
+def _pairs(values: list[str] | None) -> list[tuple[str, str]]:
+    if not values:
+        return list(PAPER_PAIRS)
+    out = []
+    for v in values:
+        if ":" not in v:
+            raise SystemExit(f"error: pair {v!r} must look like Wearing_Lipstick:Heavy_Makeup")
+        a, b = v.split(":", 1)
+        out.append(tuple(validate_attributes([a, b])))
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from cocam.synthetic import PRESETS, generate_synthetic_celeba
+
+    config = PRESETS[args.preset]
+    overrides = {k: getattr(args, k) for k in ("n_train", "n_valid", "n_test", "seed", "train_conflict_scale")
+                 if getattr(args, k) is not None}
+    config = replace(config, **overrides)
+    folder = generate_synthetic_celeba(args.root, config, workers=args.workers, overwrite=args.overwrite)
+    print(f"synthetic CelebA ({config.n_train}/{config.n_valid}/{config.n_test} train/valid/test images) in {folder}")
+    return 0
+
+
+def stats_report(root: Path, pairs: list[tuple[str, str]], top: int = 10) -> str:
+    """The co-occurrence summary printed by ``cocam stats`` and ``cocam demo``."""
+    from cocam.celeba import load_annotations
+    from cocam.cooccurrence import celeba_reference, cooccurrence, pair_summary, rank_pairs
+
+    ann = load_annotations(root)
+    stats = cooccurrence(ann.attributes, ann.split)
+    summary = pair_summary(stats, pairs, reference=celeba_reference())
+    cols = ["split", "a", "b", "n_a", "p_b_given_a", "celeba_p_b_given_a", "p_a_given_b", "celeba_p_a_given_b",
+            "n_conflict"]
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+        lines = [
+            f"Co-occurrence of the guided pairs in {ann.root} (P(B|A) and P(A|B), next to real CelebA's):",
+            summary[cols].to_string(index=False),
+            "",
+            f"Most co-occurring pairs (test split, phi coefficient, top {top}):",
+            rank_pairs(stats, split="test", top=top).drop(columns=["split"]).to_string(index=False),
+        ]
+    return "\n".join(lines)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    print(stats_report(args.root, _pairs(args.pair), args.top))
+    return 0
+
+
+def cmd_template(args: argparse.Namespace) -> int:
+    from cocam.io import atomic_write, atomic_write_text
+    from cocam.synthetic import render_template
+
+    image, landmarks, _ = render_template()
+    out = Path(args.out)
+    with atomic_write(out / "template.png") as fh:
+        image.save(fh, format="PNG")
+    atomic_write_text(out / "template_landmarks.json", json.dumps(
+        {"names": ["lefteye", "righteye", "nose", "leftmouth", "rightmouth"],
+         "xy": [[round(float(v), 2) for v in p] for p in landmarks]}, indent=2) + "\n")
+    print(f"template face written to {out / 'template.png'}")
+    return 0
+
+
+def _train_config(args: argparse.Namespace, **override):
+    from cocam.train import TrainConfig
+
+    values = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "patience")
+              if getattr(args, k, None) is not None}
+    values.update(override)
+    return TrainConfig(**values)
+
+
+def _datasets(root: Path, image_size: int, splits=("train", "valid")):
+    from cocam.dataset import CelebADataset
+
+    return [CelebADataset(root, s, image_size=image_size) for s in splits]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cocam.checkpoint import ModelSpec
+    from cocam.train import fit
+
+    spec = ModelSpec(arch=args.arch, image_size=args.image_size, hidden=None if args.hidden == 0 else args.hidden)
+    train, valid = _datasets(args.root, spec.image_size)
+    config = _train_config(args)
+    result = fit(spec.build(pretrained=args.pretrained), train, valid, config, spec=spec, run_dir=args.out,
+                 resume=args.resume)
+    print(result.history.to_string(index=False))
+    print(f"best checkpoint: {result.best_path}")
+    return 0
+
+
+def _guidance(args: argparse.Namespace):
+    from cocam.masks import load_mask, resolve_mask
+    from cocam.train import Guidance
+
+    attributes = validate_attributes(args.attribute)
+    if args.mask and len(args.mask) != len(attributes):
+        raise ValueError(f"--mask given {len(args.mask)} times for {len(attributes)} --attribute: give one each, "
+                         f"or none to use {args.mask_dir}/<Attribute>.png (or the built-in region).")
+    masks = []
+    for i, a in enumerate(attributes):
+        if args.mask:
+            masks.append(load_mask(args.mask[i]))
+            print(f"{a}: mask {args.mask[i]}")
+        else:
+            mask, source = resolve_mask(a, args.mask_dir)
+            masks.append(mask)
+            print(f"{a}: mask {source}")
+    return Guidance(tuple(attributes), tuple(masks), w_a=args.w_a, w_g=args.w_g, target=args.target,
+                    exact=not args.first_order)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from cocam.checkpoint import load_model
+    from cocam.train import fit
+
+    model, spec, _ = load_model(args.checkpoint)
+    train, valid = _datasets(args.root, spec.image_size)
+    guidance = None if args.control else _guidance(args)
+    result = fit(model, train, valid, _train_config(args, patience=None), spec=spec, guidance=guidance,
+                 run_dir=args.out, resume=args.resume)
+    print(result.history.to_string(index=False))
+    print(f"fine-tuned checkpoint: {result.last_path}")
+    return 0
+
+
+def evaluate_checkpoints(root: Path, checkpoints: dict[str, Path], pairs, *, split: str = "test",
+                         attention: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Paper-layout table and long-form results of several checkpoints on one split."""
+    from cocam.checkpoint import load_model
+    from cocam.dataset import CelebADataset
+    from cocam.evaluate import attention_metrics, pair_accuracy, paper_table, predict
+    from cocam.masks import mask_to_input, resolve_mask
+
+    results, attn = {}, []
+    dataset = None
+    regions = None
+    for name, path in checkpoints.items():
+        model, spec, _ = load_model(path)
+        if dataset is None or dataset.image_size != spec.image_size:
+            dataset = CelebADataset(root, split, image_size=spec.image_size)
+            try:
+                from cocam.synthetic import EvidenceRegions
+
+                regions = EvidenceRegions(root)
+            except FileNotFoundError:
+                regions = None
+        results[name] = pair_accuracy(predict(model, dataset), dataset.attributes, pairs)
+        if attention:
+            for a, _ in pairs:
+                positives = dataset.subset({a: 1})
+                if len(positives) == 0:
+                    continue
+                mask, _ = resolve_mask(a)
+                row = {"model": name, "attribute": a}
+                m = attention_metrics(model, positives, a, mask_to_input(mask, spec.image_size))
+                row.update({f"mask {k}": v for k, v in m.items() if k != "n"})
+                if regions is not None:
+                    truth = regions.masks(list(positives.names), a, spec.image_size).float()
+                    m = attention_metrics(model, positives, a, truth)
+                    row.update({f"truth {k}": v for k, v in m.items() if k != "n"})
+                row["n"] = m["n"]
+                attn.append(row)
+    table = paper_table(results)
+    if attn:
+        table = table.merge(pd.DataFrame(attn), on=["model", "attribute"], how="left")
+    long = pd.concat([df.assign(model=name) for name, df in results.items()], ignore_index=True)
+    return table, long
+
+
+def _format_table(table: pd.DataFrame) -> str:
+    cols = [c for c in ["attribute", "model", "test %", "conflict A∧¬B %", "conflict 95% CI", "n conflict",
+                        "reverse ¬A∧B %", "worst group %", "truth soft_iou", "mask soft_iou"] if c in table.columns]
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.2f}".format):
+        return table[cols].to_string(index=False)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cocam.io import atomic_write_text
+
+    checkpoints = {}
+    for item in args.checkpoint:
+        name, _, path = item.rpartition("=")
+        checkpoints[name or Path(path).parent.name] = Path(path)
+    table, long = evaluate_checkpoints(args.root, checkpoints, _pairs(args.pair), split=args.split,
+                                       attention=not args.no_attention)
+    print(_format_table(table))
+    if args.out:
+        atomic_write_text(args.out, table.to_csv(index=False))
+        print(f"results written to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from cocam.checkpoint import ModelSpec
+    from cocam.io import atomic_write_text
+    from cocam.synthetic import PRESETS, generate_synthetic_celeba
+    from cocam.train import fit
+
+    times = {}
+    t = time.perf_counter()
+    folder = generate_synthetic_celeba(args.root, PRESETS[args.preset], workers=args.workers)
+    times["generate"] = time.perf_counter() - t
+    print(f"dataset: {folder}\n")
+    print(stats_report(args.root, list(PAPER_PAIRS)))
+    out = Path(args.out)
+    spec = ModelSpec(image_size=args.image_size, hidden=args.hidden)
+    t = time.perf_counter()
+    train, valid = _datasets(args.root, spec.image_size)
+    times["cache"] = time.perf_counter() - t
+
+    print("\n1/3 baseline: BCE on all 40 attributes, early stopping on the validation split")
+    t = time.perf_counter()
+    base = fit(spec.build(), train, valid, _train_config(args, epochs=args.epochs), spec=spec,
+               run_dir=out / "baseline", resume=True)
+    times["baseline"] = time.perf_counter() - t
+    from cocam.checkpoint import load_model
+
+    args.attribute = [a for a, _ in PAPER_PAIRS]
+    args.mask, args.mask_dir = None, "data/masks"
+    guidance = _guidance(args)
+    steps = args.finetune_epochs * (len(train) // args.batch_size)
+    tuned = {}
+    for name, g in (("guided", guidance), ("control", None)):
+        print(f"\n{'2/3 guided fine-tuning (w_a*BCE + w_g*loss_g)' if g else '3/3 BCE-only control, same steps'}")
+        model, _, _ = load_model(base.best_path)
+        t = time.perf_counter()
+        r = fit(model, train, valid, _train_config(args, epochs=args.finetune_epochs, max_steps=steps, patience=None,
+                                                   lr=args.finetune_lr),
+                spec=spec, guidance=g, run_dir=out / name, resume=True)
+        times[name] = time.perf_counter() - t
+        tuned[name] = r.last_path
+    t = time.perf_counter()
+    table, long = evaluate_checkpoints(args.root, {"pre-trained": base.best_path, "BCE-only control": tuned["control"],
+                                                   "fine-tuned (guided)": tuned["guided"]}, list(PAPER_PAIRS))
+    times["evaluate"] = time.perf_counter() - t
+    atomic_write_text(out / "results.csv", table.to_csv(index=False))
+    atomic_write_text(out / "results_long.csv", long.to_csv(index=False))
+    print("\nBefore/after on the synthetic test split (accuracy on attribute A, %; conflict = A without B):")
+    print(_format_table(table))
+    print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) +
+          f"; total {sum(times.values()):.0f}")
+    print(f"results: {out / 'results.csv'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cocam", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from cocam.synthetic import PRESETS
+
+    g = sub.add_parser("generate", help="write the synthetic CelebA-format dataset")
+    g.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="folder that will hold celeba/ (default: %(default)s)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    g.add_argument("--n-train", type=int)
+    g.add_argument("--n-valid", type=int)
+    g.add_argument("--n-test", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--train-conflict-scale", type=float,
+                   help="bias strength: 1 keeps CelebA's rates in train, smaller amplifies co-occurrence")
+    g.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("stats", help="co-occurrence statistics of a CelebA-layout dataset")
+    s.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    s.add_argument("--pair", action="append", metavar="A:B", help="pair to summarise (repeatable; default: the paper's)")
+    s.add_argument("--top", type=int, default=10)
+    s.set_defaults(func=cmd_stats)
+
+    t = sub.add_parser("template", help="write the template face for drawing masks")
+    t.add_argument("--out", type=Path, default=Path("data"))
+    t.set_defaults(func=cmd_template)
+
+    def training_options(p, epochs: int):
+        p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="dataset root holding celeba/")
+        p.add_argument("--epochs", type=int, default=epochs)
+        p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=None)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+        p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+
+    def guidance_options(p):
+        p.add_argument("--w-a", type=float, default=1.0, help="weight of the BCE term")
+        p.add_argument("--w-g", type=float, default=1.0, help="weight of the Grad-CAM term loss_g")
+        p.add_argument("--target", choices=["positive", "both"], default="both",
+                       help="positive: the paper (CAM of the logit on positives); both: CAM of sign(y)*logit")
+        p.add_argument("--first-order", action="store_true", help="detach the Grad-CAM weights (cheaper)")
+
+    tr = sub.add_parser("train", help="train the baseline classifier")
+    training_options(tr, 10)
+    tr.add_argument("--out", type=Path, default=Path("runs/baseline"))
+    tr.add_argument("--arch", default="alexnet")
+    tr.add_argument("--image-size", type=int, default=112, help="224 for real CelebA; 112 for CPU runs")
+    tr.add_argument("--hidden", type=int, default=512, help="classifier width (0 = torchvision's 4096)")
+    tr.add_argument("--pretrained", action="store_true", help="ImageNet weights (must be in the torch cache)")
+    tr.add_argument("--patience", type=int, default=3)
+    tr.set_defaults(func=cmd_train)
+
+    ft = sub.add_parser("finetune", help="guided fine-tuning (or --control: BCE only) from a checkpoint")
+    training_options(ft, 2)
+    ft.add_argument("--checkpoint", type=Path, required=True)
+    ft.add_argument("--out", type=Path, default=Path("runs/guided"))
+    ft.add_argument("--attribute", action="append", default=[], help="guided attribute (repeatable)")
+    ft.add_argument("--mask", action="append", type=Path, help="mask file per --attribute (PNG or .npy)")
+    ft.add_argument("--mask-dir", type=Path, default=Path("data/masks"),
+                    help="where <Attribute>.png masks are looked up (default: %(default)s)")
+    ft.add_argument("--control", action="store_true", help="BCE-only control: no guidance term")
+    guidance_options(ft)
+    ft.set_defaults(func=cmd_finetune)
+
+    ev = sub.add_parser("evaluate", help="test and conflict-subset accuracy of checkpoints")
+    ev.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    ev.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH")
+    ev.add_argument("--pair", action="append", metavar="A:B", help="default: the paper's three pairs")
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--out", type=Path, help="write the table as CSV")
+    ev.add_argument("--no-attention", action="store_true", help="skip the Grad-CAM attention metrics")
+    ev.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="the main job on the embedded synthetic default")
+    training_options(d, 10)
+    d.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    d.add_argument("--workers", type=int, default=None)
+    d.add_argument("--out", type=Path, default=Path("runs/demo"))
+    d.add_argument("--image-size", type=int, default=112)
+    d.add_argument("--hidden", type=int, default=512)
+    d.add_argument("--patience", type=int, default=3)
+    d.add_argument("--finetune-epochs", type=int, default=2)
+    d.add_argument("--finetune-lr", type=float, default=1e-4)
+    guidance_options(d)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+        print(f"cocam {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,371 @@
+"""Training: the baseline classifier, Grad-CAM guided fine-tuning, and the BCE-only control.
+
+One loop, :func:`fit`, serves all three:
+
+* **baseline** — ``fit(spec.build(), train, valid, config)``: BCE over the 40 attributes, early
+  stopping on the validation BCE, best and last checkpoints;
+* **guided fine-tuning** — ``fit(model, train, valid, config, guidance=Guidance(...))``: the
+  paper's objective ``w_a · BCE + w_g · loss_g`` with ``loss_g = -ln(soft IoU(Grad-CAM, mask))``
+  for each guided attribute;
+* **control** — the same call without ``guidance``, from the same checkpoint, with the same
+  seed and the same number of steps, so any difference is due to the guidance term alone.
+
+Guidance targets (:attr:`Guidance.target`):
+
+* ``"positive"`` — the paper's variant: the CAM of the attribute's logit, on images that have
+  the attribute;
+* ``"both"`` — every image, with the CAM of ``sign(y) · logit``: the evidence for the *true*
+  label must lie in the region, so "bare eyes ⇒ no lipstick" is penalised as well as
+  "made-up eyes ⇒ lipstick".
+
+Every epoch writes ``last.pt`` (and ``best.pt`` when the validation BCE improved) and
+``history.csv`` atomically into the run folder; ``resume=True`` continues from ``last.pt`` to
+the same result as an uninterrupted run (same seed, CPU). A non-finite loss stops training
+with :class:`TrainingDivergedError` naming the step and the term; the last good checkpoint is
+kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cocam.attributes import attribute_index, validate_attributes
+from cocam.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from cocam.dataset import BatchLoader, CelebADataset
+from cocam.evaluate import predict, resolve_device
+from cocam.gradcam import grad_cam
+from cocam.io import atomic_write_text
+from cocam.losses import guided_loss
+from cocam.masks import mask_to_feature, mask_to_input
+from cocam.model import SplitModel
+
+__all__ = ["FitResult", "Guidance", "RunLockedError", "TrainConfig", "TrainingDivergedError", "fit"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        epochs: maximum number of epochs.
+        max_steps: stop after this many optimisation steps (``None``: no limit). Fine-tuning
+            and its control use it to get exactly the same budget.
+        batch_size: images per step.
+        lr, weight_decay: Adam's learning rate and (decoupled) weight decay.
+        patience: early stopping — stop after this many epochs without a better validation
+            BCE (``None``: never stop early).
+        seed: seeds the initial weights' RNG state, dropout and the shuffle order.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …
+        amp: bf16 autocast; ``None`` = on for CUDA, off on the CPU.
+        channels_last: NHWC memory format; ``None`` = on for CUDA.
+    """
+
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-5
+    patience: int | None = 3
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None
+    channels_last: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be at least 1 (or None).")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """What to guide and how.
+
+    Attributes:
+        attributes: the guided attributes (several at once are fine).
+        masks: one region per attribute, each a ``(218, 178)`` bool array in template
+            coordinates (see :mod:`cocam.masks`: :func:`~cocam.masks.load_mask`,
+            :func:`~cocam.masks.default_mask`).
+        w_a, w_g: weights of the BCE and the guidance term.
+        target: ``"positive"`` (the paper) or ``"both"`` (see the module docstring).
+        exact: differentiate through the Grad-CAM weights (double backprop, gives the
+            classifier head a gradient from ``loss_g``); ``False`` detaches them (first order).
+        resolution: compare CAM and mask at the model ``"input"`` size (the CAM is upsampled;
+            the paper's setting) or at the CAM's native ``"feature"`` size (the mask is
+            area-averaged down; cheaper).
+    """
+
+    attributes: tuple[str, ...]
+    masks: tuple[np.ndarray, ...] = field(repr=False)
+    w_a: float = 1.0
+    w_g: float = 1.0
+    target: str = "both"
+    exact: bool = True
+    resolution: str = "input"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attributes", tuple(validate_attributes(self.attributes)))
+        if len(self.masks) != len(self.attributes):
+            raise ValueError(f"{len(self.attributes)} guided attributes but {len(self.masks)} masks: one each.")
+        if self.target not in ("positive", "both"):
+            raise ValueError(f"target must be 'positive' (the paper) or 'both', not {self.target!r}.")
+        if self.resolution not in ("input", "feature"):
+            raise ValueError(f"resolution must be 'input' or 'feature', not {self.resolution!r}.")
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON-able settings (masks summarised by their area)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "masks"}
+        d["attributes"] = list(self.attributes)
+        d["mask_pixels"] = [int(np.asarray(m).sum()) for m in self.masks]
+        return d
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing to the same run folder."""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained model and where its record lives."""
+
+    model: SplitModel
+    history: pd.DataFrame
+    steps: int
+    run_dir: Path | None
+    best_path: Path | None
+    last_path: Path | None
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path | None):
+    if run_dir is None:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = lock.read_text().strip() if lock.exists() else "?"
+        alive = pid.isdigit() and _pid_alive(int(pid))
+        if alive:
+            raise RunLockedError(
+                f"{run_dir} is in use by process {pid}. Use another output folder, or wait for that run."
+            ) from None
+        lock.unlink(missing_ok=True)  # a stale lock of a process that no longer exists
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _masks_for(guidance: Guidance, model: SplitModel, image_size: int, device: torch.device) -> torch.Tensor:
+    if guidance.resolution == "input":
+        return torch.stack([mask_to_input(m, image_size, device=device) for m in guidance.masks])
+    _, h, w = model.feature_shape(image_size)
+    if h != w:
+        raise ValueError("feature resolution guidance needs a square feature map.")
+    return torch.stack([mask_to_feature(m, h, device=device) for m in guidance.masks])
+
+
+def _guided_terms(model: SplitModel, images: torch.Tensor, targets: torch.Tensor, guidance: Guidance,
+                  target_idx: list[int], masks: torch.Tensor):
+    labels = targets[:, target_idx]
+    signs = (2 * labels - 1) if guidance.target == "both" else None
+    out_size = images.shape[-1] if guidance.resolution == "input" else None
+    res = grad_cam(model, images, target_idx, signs=signs, create_graph=guidance.exact, output_size=out_size)
+    weight = labels if guidance.target == "positive" else None
+    return guided_loss(res.logits.float(), targets, res.cams.float(), masks, w_a=guidance.w_a, w_g=guidance.w_g,
+                       sample_weight=weight)
+
+
+def validation_metrics(model: SplitModel, dataset: CelebADataset, device: torch.device,
+                       batch_size: int = 256) -> dict[str, float]:
+    """Validation BCE and mean accuracy over all attributes."""
+    logits = torch.from_numpy(predict(model, dataset, batch_size=batch_size, device=device))
+    targets = torch.from_numpy(np.ascontiguousarray(dataset.targets, dtype=np.float32))
+    return {"valid_bce": float(F.binary_cross_entropy_with_logits(logits, targets)),
+            "valid_accuracy": float(((logits > 0).float() == targets).float().mean())}
+
+
+def fit(
+    model: SplitModel,
+    train: CelebADataset,
+    valid: CelebADataset | None,
+    config: TrainConfig = TrainConfig(),
+    *,
+    spec: ModelSpec | None = None,
+    guidance: Guidance | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train`` (BCE, plus the guidance term when ``guidance`` is given).
+
+    Args:
+        model: a :class:`~cocam.model.SplitModel` (fresh for a baseline, loaded for fine-tuning).
+        train, valid: datasets; ``valid`` drives early stopping and the best checkpoint.
+        config: optimisation settings.
+        spec: the model description stored in checkpoints (default: built from the model
+            and the dataset's image size).
+        guidance: guided fine-tuning; ``None`` trains with BCE only.
+        run_dir: folder for ``last.pt``, ``best.pt``, ``history.csv`` and ``run.json``;
+            ``None`` writes nothing.
+        resume: continue from ``run_dir/last.pt`` if it exists.
+        progress: show a progress bar.
+        on_epoch: called with each epoch's record (e.g. to update a live plot).
+
+    Returns:
+        :class:`FitResult`. With ``valid`` and early stopping, ``model`` holds the *last*
+        weights; the best ones are in ``best.pt``.
+    """
+    device = resolve_device(config.device)
+    amp = config.amp if config.amp is not None else device.type == "cuda"
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    if spec is None:
+        spec = ModelSpec(arch=model.arch, image_size=train.image_size)
+    if spec.image_size != train.image_size:
+        raise ValueError(f"The model expects {spec.image_size}px inputs but the dataset gives {train.image_size}px.")
+    run_path = Path(run_dir) if run_dir is not None else None
+
+    with _run_lock(run_path):
+        torch.manual_seed(config.seed)
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        history: list[dict[str, Any]] = []
+        start_epoch, step, best, stale = 0, 0, math.inf, 0
+        last_path = run_path / "last.pt" if run_path else None
+        best_path = run_path / "best.pt" if run_path else None
+        if resume and last_path is not None and last_path.exists():
+            state = load_checkpoint(last_path, map_location=device)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+            best, stale = float(state["best_valid_bce"]), int(state["stale_epochs"])
+            history = list(state["history"])
+        if run_path is not None:
+            atomic_write_text(run_path / "run.json", json.dumps(
+                {"config": dataclasses.asdict(config), "spec": spec.to_dict(),
+                 "guidance": guidance.describe() if guidance else None, "train_images": len(train),
+                 "valid_images": len(valid) if valid is not None else 0, "device": str(device)}, indent=2))
+
+        target_idx = [attribute_index(a) for a in guidance.attributes] if guidance else []
+        masks = _masks_for(guidance, model, train.image_size, device) if guidance else None
+        loader = BatchLoader(train, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
+                             device=device, channels_last=channels_last)
+        steps_per_epoch = len(loader)
+        if steps_per_epoch == 0:
+            raise ValueError(f"The training set ({len(train)} images) is smaller than one batch ({config.batch_size}).")
+        total_steps = config.epochs * steps_per_epoch
+        if config.max_steps is not None:
+            total_steps = min(total_steps, config.max_steps)
+        done = step >= total_steps or (config.patience is not None and stale >= config.patience)
+        bar = tqdm(total=total_steps, initial=step, desc="fine-tuning" if guidance else "training", unit="step",
+                   disable=not progress)
+        epoch = start_epoch
+        while not done and epoch < config.epochs:
+            model.train()
+            loader.set_epoch(epoch)
+            sums = {"bce": 0.0, "guidance": 0.0}
+            n_batches, t0 = 0, time.perf_counter()
+            for images, targets, _ in loader:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    if guidance is not None:
+                        terms = _guided_terms(model, images, targets, guidance, target_idx, masks)
+                        loss, bce, g = terms.total, terms.bce, terms.guidance
+                    else:
+                        bce = F.binary_cross_entropy_with_logits(model(images).float(), targets)
+                        loss, g = bce, None
+                if not torch.isfinite(loss):
+                    bad = "BCE" if not torch.isfinite(bce) else "guidance (loss_g)"
+                    kept = f"; the last good checkpoint is {last_path}" if last_path and last_path.exists() else ""
+                    raise TrainingDivergedError(
+                        f"Loss became {loss.item()} at step {step + 1} (epoch {epoch}): the {bad} term is not finite"
+                        f"{kept}. Lower the learning rate or w_g.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                n_batches += 1
+                sums["bce"] += bce.detach()  # tensors: no device sync per step
+                if g is not None:
+                    sums["guidance"] += g.detach()
+                bar.update(1)
+                if n_batches % 10 == 1:
+                    bar.set_postfix(bce=f"{float(sums['bce']) / n_batches:.3f}",
+                                    **({"loss_g": f"{float(sums['guidance']) / n_batches:.3f}"} if g is not None else {}))
+                if step >= total_steps:
+                    break
+            record: dict[str, Any] = {"epoch": epoch, "step": step,
+                                      "train_bce": float(sums["bce"]) / max(n_batches, 1),
+                                      "seconds": time.perf_counter() - t0}
+            if guidance is not None:
+                record["train_loss_g"] = float(sums["guidance"]) / max(n_batches, 1)
+            if valid is not None:
+                record.update(validation_metrics(model, valid, device))
+            improved = valid is not None and record["valid_bce"] < best
+            if improved:
+                best, stale = record["valid_bce"], 0
+            elif valid is not None:
+                stale += 1
+            history.append(record)
+            if run_path is not None:
+                extra = {"config": dataclasses.asdict(config),
+                         "guidance": guidance.describe() if guidance else None,
+                         "epoch": epoch, "step": step, "best_valid_bce": best, "stale_epochs": stale,
+                         "history": history}
+                save_checkpoint(last_path, model, spec, optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
+                                **extra)
+                if improved or valid is None:
+                    save_checkpoint(best_path, model, spec, **extra)
+                _write_history(run_path / "history.csv", history)
+            if on_epoch is not None:
+                on_epoch(record)
+            epoch += 1
+            done = step >= total_steps or (config.patience is not None and valid is not None
+                                           and stale >= config.patience)
+        bar.close()
+    return FitResult(model=model, history=pd.DataFrame(history), steps=step, run_dir=run_path,
+                     best_path=best_path if best_path and best_path.exists() else None,
+                     last_path=last_path if last_path and last_path.exists() else None)
+
+
+def _write_history(path: Path, history: Sequence[dict[str, Any]]) -> None:
+    atomic_write_text(path, pd.DataFrame(history).to_csv(index=False))

@@ -1,0 +1,385 @@
+"""Tests for cocam.gradcam: correctness against captum, modes, and hygiene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from captum.attr import LayerGradCam
+from torch import nn
+
+import cocam.gradcam as gc
+from cocam.attributes import UnknownAttributeError, attribute_index
+from cocam.gradcam import grad_cam, normalize_cams, overlay, resolve_targets, signs_from_labels
+from cocam.model import SplitModel, build_model
+
+
+@pytest.fixture(scope="module")
+def alexnet() -> SplitModel:
+    torch.manual_seed(0)
+    return build_model("alexnet").eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 96, 96)
+
+
+def tiny_model(num_outputs: int = 40, dtype: torch.dtype = torch.float32) -> SplitModel:
+    """A small conv net: trunk with BatchNorm, head with Dropout and a smooth non-linearity."""
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+    )
+    head = nn.Sequential(
+        nn.Conv2d(8, 8, 1),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(1),
+        nn.Dropout(0.1),
+        nn.Linear(32, num_outputs),
+    )
+    return SplitModel(trunk, head, num_outputs=num_outputs, arch="tiny").to(dtype)
+
+
+def _copy_by_position(src: nn.Module, dst: nn.Module) -> None:
+    dst.load_state_dict(dict(zip(dst.state_dict(), src.state_dict().values())))
+
+
+def _no_inplace(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return module
+
+
+def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = expected.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=1e-4)
+
+
+# --- correctness against captum (an independent implementation) -------------------------
+
+
+def test_matches_captum_alexnet(alexnet: SplitModel, images: torch.Tensor) -> None:
+    """Reference: a plain torchvision AlexNet (out-of-place ReLUs) with the same weights."""
+    ref = _no_inplace(torchvision.models.alexnet(num_classes=40)).eval()
+    _copy_by_position(alexnet, ref)
+    targets = ["Wearing_Lipstick", 0, "Smiling", 20]
+    result = grad_cam(alexnet, images, targets)
+    assert result.raw.shape == (3, 4, 5, 5)
+    torch.testing.assert_close(result.logits, ref(images))
+    layer_gc = LayerGradCam(ref, ref.features[11])
+    for j, target in enumerate(resolve_targets(targets, 40)):
+        expected = layer_gc.attribute(images, target=target, relu_attributions=True)[:, 0]
+        assert (expected > 0).any()
+        _assert_close_scaled(result.raw[:, j], expected)
+
+
+def test_matches_captum_on_trunk_output(alexnet: SplitModel, images: torch.Tensor) -> None:
+    """captum pointed at the module whose output is cocam's activation (the trunk)."""
+    result = grad_cam(alexnet, images, [36, 2], relu=False)
+    layer_gc = LayerGradCam(alexnet, alexnet.trunk)
+    for j, target in enumerate([36, 2]):
+        expected = layer_gc.attribute(images, target=target, relu_attributions=False)[:, 0]
+        assert (expected < 0).any()  # signed map: relu=False really keeps negatives
+        _assert_close_scaled(result.raw[:, j], expected)
+
+
+@pytest.mark.parametrize("layer", ["layer4", "layer3"])
+def test_matches_captum_resnet18(layer: str) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", target_layer=layer, dropout=0.0).eval()
+    ref = torchvision.models.resnet18(num_classes=40).eval()
+    _copy_by_position(model, ref)
+    x = torch.randn(2, 3, 64, 64)
+    result = grad_cam(model, x, [5, 31, 39])
+    layer_gc = LayerGradCam(ref, getattr(ref, layer))
+    for j, target in enumerate([5, 31, 39]):
+        expected = layer_gc.attribute(x, target=target, relu_attributions=True)[:, 0]
+        _assert_close_scaled(result.raw[:, j], expected)
+
+
+def test_signs_match_captum_on_signed_logits(alexnet: SplitModel, images: torch.Tensor) -> None:
+    labels = torch.zeros(3, 40)
+    labels[0, 36] = 1
+    labels[2, 36] = 1
+    signs = signs_from_labels(labels, "Wearing_Lipstick")
+    assert signs.tolist() == [[1.0], [-1.0], [1.0]]
+    result = grad_cam(alexnet, images, "Wearing_Lipstick", signs=signs)
+    factor = torch.ones(3, 40)
+    factor[:, 36] = signs[:, 0]
+    layer_gc = LayerGradCam(lambda x: alexnet(x) * factor, alexnet.trunk)
+    expected = layer_gc.attribute(images, target=36, relu_attributions=True)[:, 0]
+    _assert_close_scaled(result.raw[:, 0], expected)
+
+    plain = grad_cam(alexnet, images, 36, relu=False, normalize=False)
+    flipped = grad_cam(alexnet, images, 36, relu=False, normalize=False, signs=-torch.ones(3))
+    torch.testing.assert_close(flipped.raw, -plain.raw)
+
+
+def test_normalised_upsampled_matches_hand_computation(alexnet: SplitModel, images: torch.Tensor) -> None:
+    result = grad_cam(alexnet, images, [36, 20], output_size=96)
+    raw = result.raw.detach().numpy()
+    lo = raw.min(axis=(2, 3), keepdims=True)
+    hi = raw.max(axis=(2, 3), keepdims=True)
+    normalised = (raw - lo) / (hi - lo)
+    expected = F.interpolate(torch.from_numpy(normalised), size=(96, 96), mode="bilinear", align_corners=False)
+    assert result.cams.shape == (3, 2, 96, 96)
+    torch.testing.assert_close(result.cams, expected, atol=1e-6, rtol=1e-5)
+    assert result.cams.min() >= 0 and result.cams.max() <= 1
+
+    rect = grad_cam(alexnet, images, 36, output_size=(40, 64), normalize=False)
+    expected = F.interpolate(rect.raw, size=(40, 64), mode="bilinear", align_corners=False)
+    assert rect.cams.shape == (3, 1, 40, 64)
+    torch.testing.assert_close(rect.cams, expected)
+    native = grad_cam(alexnet, images, 36)
+    torch.testing.assert_close(native.cams, normalize_cams(native.raw))
+    assert native.cams.shape == native.raw.shape == (3, 1, 5, 5)
+
+
+def test_flat_cam_normalises_to_zero_not_nan() -> None:
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.head[-1].weight[3] = 0.0  # output 3 ignores A: zero gradient, zero CAM
+    x = torch.randn(2, 3, 16, 16)
+    result = grad_cam(model, x, [3, 4])
+    assert torch.equal(result.raw[:, 0], torch.zeros_like(result.raw[:, 0]))
+    assert torch.equal(result.cams[:, 0], torch.zeros_like(result.cams[:, 0]))
+    assert torch.isfinite(result.cams).all()
+    torch.testing.assert_close(result.cams[:, 1].amax(dim=(-2, -1)), torch.ones(2))
+    upsampled = grad_cam(model, x, [3, 4], output_size=16).cams
+    assert torch.equal(upsampled[:, 0], torch.zeros(2, 16, 16))
+    mask = torch.zeros(16, 16)
+    mask[4:8, 4:8] = 1
+    (g,) = torch.autograd.grad((upsampled[:, 0] * mask).sum(), model.trunk[0].weight, allow_unused=True)
+    assert g is None or torch.isfinite(g).all()
+    constant = normalize_cams(torch.full((2, 3, 4, 4), 5.0))
+    assert torch.equal(constant, torch.zeros_like(constant))
+
+
+# --- several targets: batched vs looped gradients -------------------------------------
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_batched_and_looped_gradients_agree(create_graph: bool) -> None:
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x = torch.randn(4, 3, 16, 16)
+    looped = grad_cam(model, x, [0, 7, 36], batched=False, create_graph=create_graph)
+    batched = grad_cam(model, x, [0, 7, 36], batched=True, create_graph=create_graph)
+    torch.testing.assert_close(batched.raw, looped.raw)
+    params = list(model.parameters())
+    g_loop = torch.autograd.grad(looped.cams.square().sum(), params, allow_unused=True)
+    g_batch = torch.autograd.grad(batched.cams.square().sum(), params, allow_unused=True)
+    for a, b in zip(g_loop, g_batch):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_batched_falls_back_to_loop(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = grad_cam(model, x, [1, 2], batched=False)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no batching rule")
+
+    monkeypatch.setattr(gc, "_grads_batched", fail)
+    torch.testing.assert_close(grad_cam(model, x, [1, 2], batched=True).raw, expected.raw)
+
+
+# --- exact vs first-order mode ---------------------------------------------------------
+
+
+def test_exact_mode_trains_head_first_order_does_not(alexnet: SplitModel, images: torch.Tensor) -> None:
+    mask = torch.zeros(96, 96)
+    mask[60:80, 30:70] = 1.0
+    head_params = [alexnet.head.classifier[1].weight, alexnet.head.classifier[4].weight]
+    trunk_params = [alexnet.trunk[0].weight, alexnet.trunk[10].weight]
+    for create_graph in (False, True):
+        result = grad_cam(alexnet, images[:2], 36, create_graph=create_graph, output_size=96)
+        loss = -(result.cams * mask).sum() / result.cams.sum()  # a loss on the CAM only
+        grads = torch.autograd.grad(loss, head_params + trunk_params, allow_unused=True)
+        head_grads, trunk_grads = grads[:2], grads[2:]
+        for g in trunk_grads:
+            assert g is not None and g.abs().sum() > 0
+        if create_graph:
+            assert all(g is not None and g.abs().sum() > 0 for g in head_grads)
+        else:
+            assert all(g is None or g.abs().sum() == 0 for g in head_grads)
+    assert all(p.grad is None for p in alexnet.parameters())
+
+
+class _ConvWith(nn.Module):
+    """A 1x1 convolution whose weight is an explicit (differentiable) input tensor."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(a, self.weight, self.bias)
+
+
+def test_exact_mode_gradient_matches_finite_differences() -> None:
+    """Double backprop through the CAM weights agrees with numerical differentiation."""
+    torch.manual_seed(0)
+    model = tiny_model(num_outputs=3, dtype=torch.float64).eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    conv = model.head[0]
+
+    def cam_of(weight: torch.Tensor) -> torch.Tensor:
+        head = nn.Sequential(_ConvWith(weight, conv.bias.detach()), *model.head[1:])
+        split = SplitModel(model.trunk, head, num_outputs=3)
+        return grad_cam(split, x, [0, 2], create_graph=True, relu=False, normalize=False).raw
+
+    w0 = conv.weight.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        reference = grad_cam(model, x, [0, 2], relu=False, normalize=False).raw
+    torch.testing.assert_close(cam_of(w0).detach(), reference)
+    assert torch.autograd.gradcheck(cam_of, (w0,), eps=1e-6, atol=1e-6)
+
+
+# --- hygiene ----------------------------------------------------------------------------
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_hygiene_grad_mode_and_hooks(train: bool) -> None:
+    torch.manual_seed(0)
+    model = tiny_model().train(train)
+    x = torch.randn(3, 3, 16, 16)
+    params = list(model.parameters())
+    params[0].grad = torch.full_like(params[0], 7.0)
+    sentinel = params[0].grad
+    hooks = _hook_count(model)
+    for create_graph in (False, True):
+        result = grad_cam(model, x, ["Male", "Young"], create_graph=create_graph, output_size=16)
+        assert result.cams.requires_grad and result.logits.requires_grad
+    assert params[0].grad is sentinel and torch.equal(sentinel, torch.full_like(params[0], 7.0))
+    assert all(p.grad is None for p in params[1:])
+    assert model.training is train
+    assert all(m.training is train for m in model.modules())
+    assert _hook_count(model) == hooks == 0
+    assert not x.requires_grad and x.grad is None
+
+
+def test_works_under_no_grad(alexnet: SplitModel, images: torch.Tensor) -> None:
+    expected = grad_cam(alexnet, images, [36, 1], output_size=32)
+    with torch.no_grad():
+        result = grad_cam(alexnet, images, [36, 1], output_size=32)
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+    for name in ("cams", "raw", "logits", "activations", "weights"):
+        value = getattr(result, name)
+        assert not value.requires_grad, name
+        torch.testing.assert_close(value, getattr(expected, name).detach())
+    assert all(p.grad is None for p in alexnet.parameters())
+
+
+def test_frozen_model_and_input_requiring_grad() -> None:
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = grad_cam(model, x, 5).raw.detach()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.testing.assert_close(grad_cam(model, x, 5).raw, expected)
+    assert all(not p.requires_grad for p in model.parameters())
+    x_grad = x.clone().requires_grad_(True)
+    result = grad_cam(model, x_grad, 5)
+    torch.testing.assert_close(result.raw.detach(), expected)
+    assert x_grad.grad is None
+
+
+def test_train_mode_uses_one_forward_for_logits_and_cam() -> None:
+    """With dropout active, logits and CAM come from the same pass (same dropout mask)."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    x = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(5)
+    result = grad_cam(model, x, 2)
+    torch.manual_seed(5)
+    act, logits = model.forward_with_activation(x)
+    torch.testing.assert_close(result.logits, logits)
+    torch.testing.assert_close(result.activations, act)
+
+
+# --- targets, shapes, helpers ---------------------------------------------------------
+
+
+def test_target_resolution_and_errors() -> None:
+    assert resolve_targets("Wearing_Lipstick", 40) == [attribute_index("Wearing_Lipstick")] == [36]
+    assert resolve_targets([3, "Male", np.int64(0)], 40) == [3, 20, 0]
+    assert resolve_targets((1,), 2) == [1]
+    assert resolve_targets(torch.tensor([4, 2]), 40) == [4, 2]
+    with pytest.raises(UnknownAttributeError, match="Wearing_Lipstick"):
+        resolve_targets("wearing lipstick", 40)
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_targets(40, 40)
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_targets(-1, 40)
+    with pytest.raises(ValueError, match="empty"):
+        resolve_targets([], 40)
+    with pytest.raises(TypeError):
+        resolve_targets(True, 40)
+    with pytest.raises(ValueError, match="40-output"):
+        resolve_targets("Male", 3)
+
+
+def test_result_shapes_and_signs_validation() -> None:
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = grad_cam(model, x, [0, 1, 2], output_size=(10, 12))
+    assert result.cams.shape == (2, 3, 10, 12)
+    assert result.raw.shape == (2, 3, 8, 8)
+    assert result.logits.shape == (2, 40)
+    assert result.activations.shape == (2, 8, 8, 8)
+    assert result.weights.shape == (2, 3, 8)
+    assert result.targets == (0, 1, 2)
+    torch.testing.assert_close(result.logits, model(x))
+    with pytest.raises(ValueError, match="signs"):
+        grad_cam(model, x, [0, 1], signs=torch.ones(2))
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        grad_cam(model, x[0], 0)
+
+
+def test_signs_from_labels_accepts_celeba_convention() -> None:
+    labels = torch.tensor([[1, -1, 1], [-1, 1, -1]])
+    assert signs_from_labels(labels, [0, 1]).tolist() == [[1.0, -1.0], [-1.0, 1.0]]
+    assert signs_from_labels((labels + 1) // 2, [2]).tolist() == [[1.0], [-1.0]]
+
+
+def test_overlay() -> None:
+    image = np.full((8, 10, 3), 0.5)
+    cam = np.zeros((4, 5))
+    cam[0, 0] = 1.0
+    out = overlay(image, cam, alpha=0.4)
+    assert out.shape == (8, 10, 3) and out.min() >= 0 and out.max() <= 1
+    assert not np.allclose(out[0, 0], out[-1, -1])  # hot and cold corners differ
+    np.testing.assert_allclose(overlay(image, cam, alpha=0.0), image)
+    tensor_out = overlay(torch.full((3, 8, 10), 0.5), torch.from_numpy(cam), alpha=0.4)
+    np.testing.assert_allclose(tensor_out, out)
+    uint8 = overlay(np.full((8, 10, 3), 255, np.uint8), np.zeros((8, 10)), alpha=0.0)
+    np.testing.assert_allclose(uint8, 1.0)
+    with pytest.raises(ValueError):
+        overlay(np.zeros((8, 10)), cam)

@@ -1,0 +1,228 @@
+"""Tests for cocam.losses: soft IoU, loss_g and the guided objective."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cocam.gradcam import grad_cam
+from cocam.losses import GuidedLoss, guided_loss, iou_loss, positive_sample_weight, soft_iou
+from cocam.model import SplitModel
+
+
+def test_soft_iou_hand_computation() -> None:
+    cam = torch.tensor([[0.5, 1.0], [0.0, 0.25]])
+    binary = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # I = 0.5;  U = (0.5+1-0.5) + 1 + 1 + 0.25 = 3.25
+    assert soft_iou(cam, binary).item() == pytest.approx(0.5 / 3.25)
+    fractional = torch.tensor([[0.5, 1.0], [0.0, 0.0]])
+    # I = 0.25 + 1 = 1.25;  U = (0.5+0.5-0.25) + (1+1-1) + 0 + 0.25 = 2.0
+    assert soft_iou(cam, fractional).item() == pytest.approx(0.625)
+    assert soft_iou(fractional, fractional).item() < 1.0  # soft sets: not idempotent
+    assert soft_iou(binary, binary).item() == pytest.approx(1.0)
+
+
+def test_soft_iou_equals_crisp_iou_on_binary_sets() -> None:
+    gen = torch.Generator().manual_seed(0)
+    g = torch.rand(5, 6, 7, generator=gen) > 0.5
+    s = torch.rand(5, 6, 7, generator=gen) > 0.4
+    expected = (g & s).sum(dim=(1, 2)).double() / (g | s).sum(dim=(1, 2)).double()
+    torch.testing.assert_close(soft_iou(g.double(), s.double()), expected)
+
+
+def test_soft_iou_broadcasts_one_mask_per_target() -> None:
+    gen = torch.Generator().manual_seed(1)
+    cam = torch.rand(2, 3, 4, 5, generator=gen)
+    mask = (torch.rand(3, 4, 5, generator=gen) > 0.5).float()
+    out = soft_iou(cam, mask)
+    assert out.shape == (2, 3)
+    for b in range(2):
+        for t in range(3):
+            assert out[b, t].item() == pytest.approx(soft_iou(cam[b, t], mask[t]).item())
+    assert soft_iou(cam, mask[0]).shape == (2, 3)
+    with pytest.raises(ValueError, match="spatial size"):
+        soft_iou(cam, torch.ones(4, 4))
+
+
+def test_soft_iou_empty_sets_and_gradient_formula() -> None:
+    zeros = torch.zeros(3, 3)
+    assert soft_iou(zeros, zeros).item() == 0.0
+    gen = torch.Generator().manual_seed(2)
+    cam = torch.rand(4, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
+    mask = torch.rand(4, 4, generator=gen, dtype=torch.float64)
+    iou = soft_iou(cam, mask)
+    (grad,) = torch.autograd.grad(iou, cam)
+    union = (cam + mask - cam * mask).sum().detach()
+    expected = (mask - iou.detach() * (1 - mask)) / union  # smooth: every pixel gets a signal
+    torch.testing.assert_close(grad, expected)
+    assert (grad != 0).all()
+
+
+def test_iou_loss_values_and_reductions() -> None:
+    cam = torch.tensor([[[0.5, 1.0], [0.0, 0.25]], [[1.0, 0.0], [1.0, 0.0]]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    per = iou_loss(cam, mask, reduction="none")
+    torch.testing.assert_close(per, torch.tensor([-math.log(0.5 / 3.25), 0.0]))
+    assert iou_loss(cam, mask).item() == pytest.approx(-math.log(0.5 / 3.25) / 2)
+    assert iou_loss(cam, mask, reduction="sum").item() == pytest.approx(-math.log(0.5 / 3.25))
+    with pytest.raises(ValueError, match="reduction"):
+        iou_loss(cam, mask, reduction="max")
+
+
+def test_iou_loss_empty_cam_is_bounded_with_finite_gradient() -> None:
+    mask = torch.zeros(6, 6)
+    mask[2:4, 2:4] = 1
+    cam = torch.zeros(6, 6, requires_grad=True)
+    loss = iou_loss(cam, mask, eps=1e-6)
+    assert loss.item() == pytest.approx(-math.log(1e-6))
+    (grad,) = torch.autograd.grad(loss, cam)
+    assert torch.isfinite(grad).all()
+
+
+def test_iou_loss_full_mask_and_full_cam_have_finite_gradients() -> None:
+    gen = torch.Generator().manual_seed(3)
+    cam = torch.rand(5, 5, generator=gen).requires_grad_(True)
+    full = torch.ones(5, 5)
+    loss = iou_loss(cam, full)
+    assert loss.item() == pytest.approx(-math.log(cam.detach().mean().item()), rel=1e-5)
+    (grad,) = torch.autograd.grad(loss, cam)
+    assert torch.isfinite(grad).all() and (grad < 0).all()  # more G everywhere is better
+    ones = torch.ones(5, 5, requires_grad=True)
+    mask = torch.zeros(5, 5)
+    mask[0, 0] = 1
+    loss = iou_loss(ones, mask)
+    assert loss.item() == pytest.approx(math.log(25))
+    (grad,) = torch.autograd.grad(loss, ones)
+    assert torch.isfinite(grad).all() and grad[0, 0] < 0 and (grad.flatten()[1:] > 0).all()
+
+
+def test_iou_loss_rejects_empty_mask() -> None:
+    cam = torch.rand(2, 2, 4, 4)
+    masks = torch.zeros(2, 4, 4)
+    masks[0, 1, 1] = 1.0  # second mask is empty
+    with pytest.raises(ValueError, match="no positive pixel"):
+        iou_loss(cam, masks)
+    masks[1, 0, 0] = 0.3
+    assert torch.isfinite(iou_loss(cam, masks))
+
+
+def _bce_by_hand(logits: torch.Tensor, y: torch.Tensor) -> float:
+    p = 1 / (1 + np.exp(-logits.detach().double().numpy()))
+    y = y.double().numpy()
+    return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+
+
+def test_guided_loss_equals_hand_computation() -> None:
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 40, generator=gen)
+    labels = (torch.rand(3, 40, generator=gen) > 0.5).float()
+    cam = torch.rand(3, 2, 6, 6, generator=gen)
+    mask = torch.zeros(2, 6, 6)
+    mask[0, 3:5, 1:5] = 1
+    mask[1, 1:3, 1:3] = 0.5
+    out = guided_loss(logits, labels, cam, mask, w_a=0.7, w_g=2.0)
+    assert isinstance(out, GuidedLoss)
+    per = [[-math.log(soft_iou(cam[b, t], mask[t]).item()) for t in range(2)] for b in range(3)]
+    assert out.bce.item() == pytest.approx(_bce_by_hand(logits, labels), rel=1e-5)
+    assert out.guidance.item() == pytest.approx(np.mean(per), rel=1e-5)
+    assert out.total.item() == pytest.approx(0.7 * out.bce.item() + 2.0 * np.mean(per), rel=1e-5)
+    torch.testing.assert_close(out.per_sample, torch.tensor(per))
+
+    weight = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])  # guide 3 of the 6 pairs
+    selected = guided_loss(logits, labels, cam, mask, sample_weight=weight)
+    expected = (per[0][0] + per[2][0] + per[2][1]) / 3
+    assert selected.guidance.item() == pytest.approx(expected, rel=1e-5)
+    shared = guided_loss(logits, labels, cam, mask[0])  # one (H, W) mask for both targets
+    assert shared.per_sample.shape == (3, 2)
+
+
+def test_guided_loss_without_guided_samples_is_zero_and_differentiable() -> None:
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 40, generator=gen, requires_grad=True)
+    labels = torch.zeros(4, 40)
+    cam = torch.rand(4, 5, 5, generator=gen, requires_grad=True)  # (B, H, W): T = 1
+    mask = torch.zeros(5, 5)
+    mask[1:3, 1:4] = 1
+    weight = positive_sample_weight(labels, [36])
+    assert weight.shape == (4, 1) and weight.sum() == 0
+    out = guided_loss(logits, labels, cam, mask, sample_weight=weight)
+    assert out.guidance.item() == 0.0 and out.total.item() == pytest.approx(out.bce.item())
+    out.total.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    assert cam.grad is not None and torch.equal(cam.grad, torch.zeros_like(cam))
+    flat = guided_loss(logits, labels, cam, mask, sample_weight=torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert flat.guidance.item() == pytest.approx(flat.per_sample[1, 0].item())
+
+
+def test_positive_sample_weight() -> None:
+    labels = torch.tensor([[1, -1, 1], [-1, 1, -1]])
+    assert positive_sample_weight(labels, [0, 1]).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert positive_sample_weight((labels + 1) // 2, (2,)).tolist() == [[1.0], [0.0]]
+    celeba = torch.zeros(2, 40)
+    celeba[1, 36] = 1
+    assert positive_sample_weight(celeba, "Wearing_Lipstick").tolist() == [[0.0], [1.0]]
+
+
+def test_guided_loss_validation() -> None:
+    logits = torch.zeros(2, 40)
+    cam = torch.rand(2, 1, 4, 4)
+    mask = torch.ones(4, 4)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match=r"\(y \+ 1\) / 2"):
+        guided_loss(logits, -torch.ones(2, 40), cam, mask)
+    with pytest.raises(ValueError, match="differ in shape"):
+        guided_loss(logits, torch.zeros(2, 39), cam, mask)
+    with pytest.raises(ValueError, match="cam must be"):
+        guided_loss(logits, torch.zeros(2, 40), torch.rand(3, 1, 4, 4), mask)
+    with pytest.raises(ValueError, match="mask must be"):
+        guided_loss(logits, torch.zeros(2, 40), cam, torch.ones(3, 4, 4))
+    with pytest.raises(ValueError, match="sample_weight"):
+        guided_loss(logits, torch.zeros(2, 40), cam, mask, sample_weight=torch.ones(2, 2))
+    with pytest.raises(ValueError, match="non-negative"):
+        guided_loss(logits, torch.zeros(2, 40), cam, mask, sample_weight=torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="no positive pixel"):
+        guided_loss(logits, torch.zeros(2, 40), cam, torch.zeros(4, 4))
+
+
+def _tiny_model() -> SplitModel:
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+    )
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(1), nn.Linear(32, 40))
+    return SplitModel(trunk, head, num_outputs=40, arch="tiny")
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_one_sgd_step_reduces_guidance_loss(create_graph: bool) -> None:
+    torch.manual_seed(0)
+    model = _tiny_model()
+    x = torch.randn(8, 3, 24, 24)
+    labels = (torch.rand(8, 40) > 0.5).float()
+    labels[:, 36] = 1.0
+    mask = torch.zeros(2, 24, 24)
+    mask[0, 14:22, 6:18] = 1.0  # "mouth"
+    mask[1, 4:10, 2:22] = 1.0  # "eyes"
+    targets = ["Wearing_Lipstick", "Smiling"]
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def evaluate() -> tuple[GuidedLoss, torch.Tensor]:
+        result = grad_cam(model, x, targets, create_graph=create_graph, output_size=24)
+        weight = positive_sample_weight(labels, result.targets)
+        return guided_loss(result.logits, labels, result.cams, mask, w_a=0.5, sample_weight=weight), weight
+
+    before, weight = evaluate()
+    guided = weight.bool()
+    manual = (before.per_sample * weight).sum() / weight.sum()
+    assert before.guidance.item() == pytest.approx(manual.item(), rel=1e-6)
+    assert before.guidance.item() == pytest.approx(before.per_sample[guided].mean().item(), rel=1e-6)
+    optimiser.zero_grad()
+    before.total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.trunk.parameters())
+    optimiser.step()
+    after, _ = evaluate()
+    assert after.guidance.item() < before.guidance.item() - 1e-4
+    assert after.total.item() < before.total.item()

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 import platform
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 
@@ -61,17 +64,61 @@ def versions() -> dict[str, str]:
     """Versions of the software a result was made with."""
     from cocam import __version__
 
-    return {"cocam": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"cocam": str(__version__), "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version()}
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _plain_data(value: Any, where: str) -> Any:
+    """``value`` as data that ``torch.load(weights_only=True)`` reads back.
+
+    numpy scalars become Python numbers, numpy arrays tensors and paths strings; containers
+    are converted recursively. Anything else (an arbitrary object) is a :class:`TypeError`,
+    raised before a file is written, rather than a checkpoint that cannot be loaded.
+    """
+    if isinstance(value, np.generic):  # before the scalars: np.float64 subclasses float
+        return value.item()
+    if isinstance(value, torch.Tensor) or type(value) in _SCALARS:
+        return value
+    if isinstance(value, str):  # subclasses (str enums, version strings) as the plain text
+        return str.__str__(value)
+    for plain in (int, float, bytes):
+        if isinstance(value, plain):
+            return plain(value)
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise TypeError(f"checkpoint entry {where!r}: numpy arrays of Python objects cannot be stored.")
+        return torch.from_numpy(np.array(value))
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (bool, int, float, str, type(None))):
+                raise TypeError(f"checkpoint entry {where!r}: key {k!r} is not a string or a number.")
+            out[k] = _plain_data(v, f"{where}[{k!r}]")
+        return OrderedDict(out) if isinstance(value, OrderedDict) else out
+    if isinstance(value, (list, tuple, set)):
+        items = [_plain_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return list(items) if isinstance(value, list) else set(items) if isinstance(value, set) else tuple(items)
+    raise TypeError(
+        f"checkpoint entry {where!r} is a {type(value).__name__}: checkpoints hold only tensors, numbers, "
+        f"strings, None, lists, tuples and dicts (so that loading them never runs code)."
+    )
 
 
 def save_checkpoint(path: str | os.PathLike, model: SplitModel, spec: ModelSpec, **extra: Any) -> Path:
     """Atomically save ``model``'s weights with its ``spec``, the versions and ``extra`` entries.
 
     ``extra`` may hold tensors, numbers, strings, lists and dicts (e.g. the configuration, the
-    optimizer state, the epoch, the history, RNG states).
+    optimizer state, the epoch, the history, RNG states); numpy numbers and arrays and paths
+    are stored as Python numbers, tensors and strings. Any other object raises
+    :class:`TypeError` before anything is written.
     """
     path = Path(path)
+    extra = {k: _plain_data(v, k) for k, v in extra.items()}
     payload = {"format": FORMAT, "spec": spec.to_dict(), "versions": versions(),
                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
     with atomic_write(path) as fh:

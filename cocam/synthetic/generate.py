@@ -79,11 +79,11 @@ class SyntheticConfig:
         jpeg_quality: JPEG quality of the written images.
     """
 
-    n_train: int = 12_000
+    n_train: int = 8_000
     n_valid: int = 2_000
     n_test: int = 4_000
     seed: int = 0
-    train_conflict_scale: float = 0.2
+    train_conflict_scale: float = 0.25
     difficulty: CueDifficulty = field(default_factory=CueDifficulty)
     jpeg_quality: int = 92
 

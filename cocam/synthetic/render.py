@@ -66,12 +66,12 @@ class CueDifficulty:
         cue_dropout: fraction of positives of these three attributes drawn without their cue.
     """
 
-    lipstick: tuple[float, float] = (0.12, 0.55)
-    natural_lip_tint: tuple[float, float] = (0.0, 0.25)
-    cheekbones: tuple[float, float] = (0.10, 0.40)
-    natural_cheek: tuple[float, float] = (0.0, 0.16)
-    double_chin: tuple[float, float] = (0.15, 0.55)
-    natural_chin: tuple[float, float] = (0.0, 0.20)
+    lipstick: tuple[float, float] = (0.3, 0.8)
+    natural_lip_tint: tuple[float, float] = (0.0, 0.2)
+    cheekbones: tuple[float, float] = (0.3, 0.65)
+    natural_cheek: tuple[float, float] = (0.0, 0.15)
+    double_chin: tuple[float, float] = (0.4, 0.9)
+    natural_chin: tuple[float, float] = (0.0, 0.2)
     cue_dropout: float = 0.04
 
 

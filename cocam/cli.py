@@ -109,9 +109,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cocam.checkpoint import ModelSpec
     from cocam.train import fit
 
-    spec = ModelSpec(arch=args.arch, image_size=args.image_size, hidden=None if args.hidden == 0 else args.hidden)
+    import torch
+
+    hidden = None if args.hidden == 0 or args.arch == "resnet18" else args.hidden
+    spec = ModelSpec(arch=args.arch, image_size=args.image_size, hidden=hidden)
     train, valid = _datasets(args.root, spec.image_size)
     config = _train_config(args)
+    torch.manual_seed(args.seed)  # --seed also fixes the initial weights
     result = fit(spec.build(pretrained=args.pretrained), train, valid, config, spec=spec, run_dir=args.out,
                  resume=args.resume)
     print(result.history.to_string(index=False))
@@ -144,6 +148,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from cocam.checkpoint import load_model
     from cocam.train import fit
 
+    if not args.control and not args.attribute:
+        raise ValueError("give at least one --attribute to guide (e.g. --attribute Wearing_Lipstick), "
+                         "or --control for the BCE-only control.")
     model, spec, _ = load_model(args.checkpoint)
     train, valid = _datasets(args.root, spec.image_size)
     guidance = None if args.control else _guidance(args)
@@ -155,7 +162,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def evaluate_checkpoints(root: Path, checkpoints: dict[str, Path], pairs, *, split: str = "test",
-                         attention: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                         attention: bool = True, mask_dir: Path | None = Path("data/masks"),
+                         ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Paper-layout table and long-form results of several checkpoints on one split."""
     from cocam.checkpoint import load_model
     from cocam.dataset import CelebADataset
@@ -181,7 +189,7 @@ def evaluate_checkpoints(root: Path, checkpoints: dict[str, Path], pairs, *, spl
                 positives = dataset.subset({a: 1})
                 if len(positives) == 0:
                     continue
-                mask, _ = resolve_mask(a)
+                mask, _ = resolve_mask(a, mask_dir)
                 row = {"model": name, "attribute": a}
                 m = attention_metrics(model, positives, a, mask_to_input(mask, spec.image_size))
                 row.update({f"mask {k}": v for k, v in m.items() if k != "n"})
@@ -213,7 +221,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         name, _, path = item.rpartition("=")
         checkpoints[name or Path(path).parent.name] = Path(path)
     table, long = evaluate_checkpoints(args.root, checkpoints, _pairs(args.pair), split=args.split,
-                                       attention=not args.no_attention)
+                                       attention=not args.no_attention, mask_dir=args.mask_dir)
     print(_format_table(table))
     if args.out:
         atomic_write_text(args.out, table.to_csv(index=False))
@@ -223,6 +231,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
+
+    import torch
 
     from cocam.checkpoint import ModelSpec
     from cocam.io import atomic_write_text
@@ -243,6 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     print("\n1/3 baseline: BCE on all 40 attributes, early stopping on the validation split")
     t = time.perf_counter()
+    torch.manual_seed(args.seed)
     base = fit(spec.build(), train, valid, _train_config(args, epochs=args.epochs), spec=spec,
                run_dir=out / "baseline", resume=True)
     times["baseline"] = time.perf_counter() - t
@@ -352,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--out", type=Path, help="write the table as CSV")
     ev.add_argument("--no-attention", action="store_true", help="skip the Grad-CAM attention metrics")
+    ev.add_argument("--mask-dir", type=Path, default=Path("data/masks"),
+                    help="masks scored against: <mask-dir>/<Attribute>.png, else the built-in region")
     ev.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic default")
@@ -371,9 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cocam.train import RunLockedError, TrainingDivergedError
+
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RunLockedError, TrainingDivergedError) as err:
         print(f"cocam {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -113,8 +113,11 @@ def pair_accuracy(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tupl
             rows.append({"a": a, "b": b, "subset": name, "n": int(c.size), "accuracy": acc, "ci_low": lo,
                          "ci_high": hi})
         four = {k: v for k, v in accs.items() if k not in ("all",) and v[1] > 0}
-        worst = min(four, key=lambda k: four[k][0])
-        acc, n, lo, hi = four[worst]
+        if four:
+            worst = min(four, key=lambda k: four[k][0])
+            acc, n, lo, hi = four[worst]
+        else:  # no images at all
+            worst, (acc, n, lo, hi) = None, (float("nan"), 0, float("nan"), float("nan"))
         rows.append({"a": a, "b": b, "subset": "worst group", "n": n, "accuracy": acc, "ci_low": lo, "ci_high": hi,
                      "group": worst})
     return pd.DataFrame(rows)
@@ -171,7 +174,7 @@ def attention_metrics(model: SplitModel, dataset: CelebADataset, attribute: str,
     per_image = region.ndim == 3
     if per_image and region.shape[0] != len(dataset):
         raise ValueError(f"region has {region.shape[0]} masks for {len(dataset)} images.")
-    labels = torch.from_numpy(np.ascontiguousarray(dataset.targets[:, idx]))
+    labels = torch.tensor(np.asarray(dataset.targets)[:, idx])  # a copy: targets may be a read-only view
     was_training = model.training
     model.eval()
     model.to(device)

@@ -69,7 +69,8 @@ class TrainConfig:
         lr, weight_decay: Adam's learning rate and (decoupled) weight decay.
         patience: early stopping — stop after this many epochs without a better validation
             BCE (``None``: never stop early).
-        seed: seeds the initial weights' RNG state, dropout and the shuffle order.
+        seed: seeds dropout and the shuffle order (``fit`` receives a built model: call
+            ``torch.manual_seed`` before building it to fix the initial weights too; the CLI does).
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …
         amp: bf16 autocast; ``None`` = on for CUDA, off on the CPU.
         channels_last: NHWC memory format; ``None`` = on for CUDA.
@@ -121,6 +122,9 @@ class Guidance:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attributes", tuple(validate_attributes(self.attributes)))
+        if not self.attributes:
+            raise ValueError("Guidance needs at least one attribute (and its mask); "
+                             "train without guidance for the BCE-only control.")
         if len(self.masks) != len(self.attributes):
             raise ValueError(f"{len(self.attributes)} guided attributes but {len(self.masks)} masks: one each.")
         if self.target not in ("positive", "both"):
@@ -192,6 +196,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _spec_of(model: SplitModel, image_size: int) -> ModelSpec | None:
+    """The spec of a model made by :func:`~cocam.model.build_model` (head width and dropout read off it).
+
+    ``None`` when no spec rebuilds a model of the same shapes (e.g. a custom :class:`SplitModel`).
+    """
+    linears = [m for m in model.head.modules() if isinstance(m, torch.nn.Linear)]
+    dropouts = [m.p for m in model.head.modules() if isinstance(m, torch.nn.Dropout)]
+    spec = ModelSpec(arch=model.arch, image_size=image_size,
+                     hidden=linears[0].out_features if len(linears) > 1 else None,
+                     dropout=dropouts[0] if dropouts else 0.0)
+    try:
+        with torch.device("meta"):
+            reference = spec.build().state_dict()
+    except ValueError:
+        return None
+    mine = model.state_dict()
+    if reference.keys() != mine.keys() or any(reference[k].shape != v.shape for k, v in mine.items()):
+        return None
+    return spec
+
+
 def _masks_for(guidance: Guidance, model: SplitModel, image_size: int, device: torch.device) -> torch.Tensor:
     if guidance.resolution == "input":
         return torch.stack([mask_to_input(m, image_size, device=device) for m in guidance.masks])
@@ -257,7 +282,11 @@ def fit(
     amp = config.amp if config.amp is not None else device.type == "cuda"
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     if spec is None:
-        spec = ModelSpec(arch=model.arch, image_size=train.image_size)
+        spec = _spec_of(model, train.image_size)
+        if spec is None and run_dir is not None:
+            raise ValueError("fit cannot tell which ModelSpec rebuilds this model for its checkpoints: "
+                             "pass spec=ModelSpec(...).")
+        spec = spec or ModelSpec(arch=model.arch, image_size=train.image_size)
     if spec.image_size != train.image_size:
         raise ValueError(f"The model expects {spec.image_size}px inputs but the dataset gives {train.image_size}px.")
     run_path = Path(run_dir) if run_dir is not None else None

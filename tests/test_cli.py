@@ -1,0 +1,260 @@
+"""Tests for the command line: every subcommand in-process on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cocam import PAPER_PAIRS
+from cocam.checkpoint import load_checkpoint
+from cocam.cli import main
+from cocam.masks import default_mask, save_mask
+
+PAPER_COLUMNS = ["attribute", "shortcut", "model", "test %", "conflict A∧¬B %", "conflict 95% CI", "n conflict",
+                 "reverse ¬A∧B %", "worst group %", "n test"]
+TINY = ["--epochs", "1", "--batch-size", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _elsewhere(tmp_path: Path, monkeypatch) -> None:
+    """Run from an empty folder, so no mask of the working copy (data/masks/) is picked up."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def root(workdir: Path) -> Path:
+    root = workdir / "data"
+    assert main(["generate", "--root", str(root), "--n-train", "48", "--n-valid", "16", "--n-test", "16",
+                 "--workers", "1"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def baseline(root: Path, workdir: Path) -> Path:
+    out = workdir / "runs" / "baseline"
+    assert main(["train", "--root", str(root), "--out", str(out), "--image-size", "64", "--hidden", "32", *TINY]) == 0
+    return out
+
+
+def _finetune(root: Path, checkpoint: Path, out: Path, *extra: str) -> int:
+    return main(["finetune", "--root", str(root), "--checkpoint", str(checkpoint), "--out", str(out),
+                 "--max-steps", "2", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def guided(root: Path, baseline: Path, workdir: Path) -> Path:
+    out = workdir / "runs" / "guided"
+    assert _finetune(root, baseline / "best.pt", out, "--attribute", "Wearing_Lipstick") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def control(root: Path, baseline: Path, workdir: Path) -> Path:
+    out = workdir / "runs" / "control"
+    assert _finetune(root, baseline / "best.pt", out, "--control") == 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# generate, stats, template
+# --------------------------------------------------------------------------------------------
+
+
+def test_generate_writes_a_celeba_layout(root: Path, capsys) -> None:
+    celeba = root / "celeba"
+    assert (celeba / "list_attr_celeba.txt").is_file()
+    assert len(list((celeba / "img_align_celeba").glob("*.jpg"))) == 80
+    # Generating the same dataset again is a no-op, not an error.
+    assert main(["generate", "--root", str(root), "--n-train", "48", "--n-valid", "16", "--n-test", "16",
+                 "--workers", "1"]) == 0
+    assert "48/16/16" in capsys.readouterr().out
+
+
+def test_stats(root: Path, capsys) -> None:
+    assert main(["stats", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "Co-occurrence of the guided pairs" in out and "Most co-occurring pairs" in out
+    for a, b in PAPER_PAIRS:
+        assert a in out and b in out
+    assert main(["stats", "--root", str(root), "--pair", "Smiling:Mouth_Slightly_Open", "--top", "3"]) == 0
+    assert "Mouth_Slightly_Open" in capsys.readouterr().out
+
+
+def test_template(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "tpl"
+    assert main(["template", "--out", str(out)]) == 0
+    with Image.open(out / "template.png") as img:
+        assert img.size == (178, 218)
+    landmarks = json.loads((out / "template_landmarks.json").read_text())
+    assert landmarks["names"] == ["lefteye", "righteye", "nose", "leftmouth", "rightmouth"]
+    assert len(landmarks["xy"]) == 5
+    assert "template.png" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# train, finetune, evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def test_train(baseline: Path) -> None:
+    assert {"last.pt", "best.pt", "history.csv", "run.json"} <= {p.name for p in baseline.iterdir()}
+    ckpt = load_checkpoint(baseline / "best.pt")
+    assert ckpt["spec"]["image_size"] == 64 and ckpt["spec"]["hidden"] == 32
+    assert ckpt["config"]["batch_size"] == 16 and ckpt["config"]["epochs"] == 1
+    assert ckpt["step"] == 3  # 48 images / 16
+
+
+def test_finetune_guided(guided: Path) -> None:
+    info = json.loads((guided / "run.json").read_text())
+    assert info["guidance"]["attributes"] == ["Wearing_Lipstick"]
+    assert info["guidance"]["target"] == "both" and info["guidance"]["exact"] is True
+    assert info["config"]["patience"] is None and info["config"]["max_steps"] == 2
+    history = pd.read_csv(guided / "history.csv")
+    assert "train_loss_g" in history.columns
+    assert load_checkpoint(guided / "last.pt")["step"] == 2
+
+
+def test_finetune_control(control: Path, guided: Path) -> None:
+    info = json.loads((control / "run.json").read_text())
+    assert info["guidance"] is None
+    assert "train_loss_g" not in pd.read_csv(control / "history.csv").columns
+    assert load_checkpoint(control / "last.pt")["step"] == load_checkpoint(guided / "last.pt")["step"] == 2
+
+
+def test_finetune_mask_sources_and_options(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:
+    mask_file = save_mask(tmp_path / "lips.png", default_mask("Wearing_Lipstick"))
+    out = tmp_path / "with-file"
+    assert _finetune(root, baseline / "best.pt", out, "--attribute", "Wearing_Lipstick", "--mask", str(mask_file),
+                     "--max-steps", "1", "--target", "positive", "--first-order", "--w-g", "0.5") == 0
+    assert f"Wearing_Lipstick: mask {mask_file}" in capsys.readouterr().out
+    g = json.loads((out / "run.json").read_text())["guidance"]
+    assert (g["target"], g["exact"], g["w_g"]) == ("positive", False, 0.5)
+
+    mask_dir = tmp_path / "masks"
+    save_mask(mask_dir / "Wearing_Lipstick.png", default_mask("Wearing_Lipstick"))
+    assert _finetune(root, baseline / "best.pt", tmp_path / "with-dir", "--attribute", "Wearing_Lipstick",
+                     "--mask-dir", str(mask_dir), "--max-steps", "1") == 0
+    assert f"mask {mask_dir / 'Wearing_Lipstick.png'}" in capsys.readouterr().out
+
+    assert _finetune(root, baseline / "best.pt", tmp_path / "builtin", "--attribute", "Wearing_Lipstick",
+                     "--max-steps", "1") == 0
+    assert "Wearing_Lipstick: mask built-in" in capsys.readouterr().out
+
+
+def test_evaluate_writes_the_paper_table(root: Path, baseline: Path, guided: Path, control: Path, tmp_path: Path,
+                                         capsys) -> None:
+    out = tmp_path / "x.csv"
+    assert main(["evaluate", "--root", str(root), "--checkpoint", f"pre={baseline / 'best.pt'}",
+                 "--checkpoint", f"guided={guided / 'last.pt'}", "--checkpoint", str(control / "last.pt"),
+                 "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns[: len(PAPER_COLUMNS)]) == PAPER_COLUMNS
+    assert {"mask soft_iou", "truth soft_iou", "n"} <= set(table.columns)
+    assert list(dict.fromkeys(table["model"])) == ["pre", "guided", "control"]  # name from the folder
+    assert list(dict.fromkeys(table["attribute"])) == [a for a, _ in PAPER_PAIRS]
+    assert len(table) == 3 * len(PAPER_PAIRS)
+    assert (table["n test"] == 16).all()
+    assert table["test %"].between(0, 100).all()
+    stdout = capsys.readouterr().out
+    assert "results written to" in stdout and "conflict A∧¬B %" in stdout
+
+
+def test_evaluate_options(root: Path, baseline: Path, capsys) -> None:
+    assert main(["evaluate", "--root", str(root), "--checkpoint", f"b={baseline / 'best.pt'}", "--no-attention",
+                 "--pair", "Wearing_Lipstick:Heavy_Makeup", "--split", "valid"]) == 0
+    out = capsys.readouterr().out
+    assert "Wearing_Lipstick" in out and "High_Cheekbones" not in out and "soft_iou" not in out
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_misspelled_attribute_is_an_error_with_a_suggestion(root: Path, baseline: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    rc = _finetune(root, baseline / "best.pt", tmp_path / "typo", "--attribute", "Wearing_Lipstik")
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "cocam finetune: error:" in err and "Did you mean 'Wearing_Lipstick'" in err
+    assert "Traceback" not in err
+
+    assert main(["stats", "--root", str(root), "--pair", "wearing lipstick:Heavy_Makeup"]) != 0
+    assert "Did you mean 'Wearing_Lipstick'" in capsys.readouterr().err
+
+
+def test_other_user_errors(root: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit, match="must look like"):
+        main(["stats", "--root", str(root), "--pair", "Wearing_Lipstick"])
+    assert main(["stats", "--root", str(tmp_path / "nowhere")]) == 1
+    assert "cocam stats: error:" in capsys.readouterr().err
+    assert main(["evaluate", "--root", str(root), "--checkpoint", str(tmp_path / "missing.pt")]) == 1
+    assert "cocam train" in capsys.readouterr().err  # the hint of a missing checkpoint
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", "--checkpoint", "x.pt", "--target", "negative"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def test_finetune_needs_an_attribute_or_control(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:
+    assert _finetune(root, baseline / "best.pt", tmp_path / "nothing") != 0
+    assert "--attribute" in capsys.readouterr().err
+
+
+def test_a_locked_run_folder_is_a_clean_error(root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getpid()))
+    rc = main(["train", "--root", str(root), "--out", str(out), "--image-size", "64", "--hidden", "32", *TINY])
+    assert rc == 1
+    assert "in use" in capsys.readouterr().err
+
+
+def test_train_same_seed_same_weights(root: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert main(["train", "--root", str(root), "--out", str(tmp_path / name), "--image-size", "64",
+                     "--hidden", "32", "--seed", "3", *TINY]) == 0
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------
+# python -m cocam
+# --------------------------------------------------------------------------------------------
+
+
+def test_python_m_cocam_help() -> None:
+    outputs = []
+    for args in (["--help"], ["finetune", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "cocam", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: cocam" in proc.stdout
+        outputs.append(proc.stdout)
+    top, finetune = outputs
+    for cmd in ("generate", "stats", "template", "train", "finetune", "evaluate", "demo"):
+        assert cmd in top
+    assert all(option in finetune for option in ("--attribute", "--control", "--mask", "--checkpoint"))

@@ -1,0 +1,422 @@
+"""Tests for cocam.evaluate: predictions, subset accuracies, intervals, the table and attention."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from cocam import CELEBA_ATTRIBUTES, UnknownAttributeError, attribute_index
+from cocam.checkpoint import ModelSpec
+from cocam.dataset import CelebADataset
+from cocam.evaluate import attention_metrics, bootstrap_interval, pair_accuracy, paper_table, predict
+from cocam.model import SplitModel
+
+A, B = "Wearing_Lipstick", "Heavy_Makeup"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: the models here are tiny, and a busy machine makes extra threads stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+A2, B2 = "Double_Chin", "Chubby"
+
+
+def _labels(rows: list[dict[str, int]]) -> pd.DataFrame:
+    df = pd.DataFrame(0, index=[f"{i:06d}.jpg" for i in range(len(rows))], columns=list(CELEBA_ATTRIBUTES))
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            df.iloc[i, df.columns.get_loc(k)] = v
+    return df.astype(np.uint8)
+
+
+# (A, B, logit of A) for eight images; a logit of exactly 0 is a negative prediction.
+TABLE = [
+    (1, 1, 2.0),   # A∧B    correct
+    (1, 1, -1.0),  # A∧B    wrong
+    (1, 0, 3.0),   # A∧¬B   correct
+    (1, 0, 0.0),   # A∧¬B   wrong (0 is not > 0)
+    (1, 0, -2.0),  # A∧¬B   wrong
+    (0, 1, 1.0),   # ¬A∧B   wrong
+    (0, 1, -1.0),  # ¬A∧B   correct
+    (0, 0, -5.0),  # ¬A∧¬B  correct
+]
+
+
+@pytest.fixture
+def hand_case() -> tuple[np.ndarray, pd.DataFrame]:
+    labels = _labels([{A: a, B: b} for a, b, _ in TABLE])
+    logits = np.full((len(TABLE), 40), -3.0, dtype=np.float32)
+    logits[:, attribute_index(A)] = [z for _, _, z in TABLE]
+    return logits, labels
+
+
+# --------------------------------------------------------------------------------------------
+# pair_accuracy
+# --------------------------------------------------------------------------------------------
+
+
+def test_pair_accuracy_matches_hand_computation(hand_case) -> None:
+    logits, labels = hand_case
+    df = pair_accuracy(logits, labels, [(A, B)], n_boot=500)
+    assert list(df["subset"]) == ["all", "A∧¬B", "¬A∧B", "A∧B", "¬A∧¬B", "worst group"]
+    assert (df["a"] == A).all() and (df["b"] == B).all()
+    s = df.set_index("subset")
+    expected = {"all": (8, 4 / 8), "A∧¬B": (3, 1 / 3), "¬A∧B": (2, 1 / 2), "A∧B": (2, 1 / 2), "¬A∧¬B": (1, 1.0),
+                "worst group": (3, 1 / 3)}
+    for subset, (n, acc) in expected.items():
+        assert s.loc[subset, "n"] == n, subset
+        assert s.loc[subset, "accuracy"] == pytest.approx(acc), subset
+        assert s.loc[subset, "ci_low"] <= s.loc[subset, "accuracy"] <= s.loc[subset, "ci_high"], subset
+    assert s.loc["worst group", "group"] == "A∧¬B"
+    assert (s.loc["¬A∧¬B", "ci_low"], s.loc["¬A∧¬B", "ci_high"]) == (1.0, 1.0)  # one correct image
+    # The worst group repeats the numbers of the group it names.
+    assert s.loc["worst group", ["n", "accuracy", "ci_low", "ci_high"]].tolist() == \
+        s.loc["A∧¬B", ["n", "accuracy", "ci_low", "ci_high"]].tolist()
+
+
+def test_pair_accuracy_threshold_and_other_logits_are_ignored(hand_case) -> None:
+    logits, labels = hand_case
+    s = pair_accuracy(logits, labels, [(A, B)], threshold=-1.5, n_boot=100).set_index("subset")
+    # Predicted positive now: 2, -1(no), 3, 0, -2(no), 1, -1(no), -5(no) -> correct: 1,0,1,1,0,0,1,1
+    assert s.loc["all", "accuracy"] == pytest.approx(5 / 8)
+    assert s.loc["A∧¬B", "accuracy"] == pytest.approx(2 / 3)
+    # The B logit plays no part in accuracy on A.
+    other = logits.copy()
+    other[:, attribute_index(B)] = 10.0
+    pd.testing.assert_frame_equal(pair_accuracy(other, labels, [(A, B)], n_boot=100),
+                                  pair_accuracy(logits, labels, [(A, B)], n_boot=100))
+
+
+def test_pair_accuracy_several_pairs_and_empty_groups(hand_case) -> None:
+    logits, labels = hand_case
+    labels = labels.copy()
+    labels[A2] = [1, 1, 1, 1, 0, 0, 0, 0]
+    labels[B2] = 1  # every image has B2: A2∧¬B2 and ¬A2∧¬B2 are empty
+    logits[:, attribute_index(A2)] = [1, 1, -1, -1, -1, -1, -1, 1]
+    df = pair_accuracy(logits, labels, [(A, B), (A2, B2)], n_boot=100)
+    assert len(df) == 12
+    s = df[df["a"] == A2].set_index("subset")
+    assert s.loc["A∧¬B", "n"] == 0 and math.isnan(s.loc["A∧¬B", "accuracy"])
+    assert math.isnan(s.loc["A∧¬B", "ci_low"]) and math.isnan(s.loc["A∧¬B", "ci_high"])
+    assert s.loc["¬A∧¬B", "n"] == 0
+    assert s.loc["A∧B", "accuracy"] == pytest.approx(0.5)     # 1, 1, -1, -1 on positives
+    assert s.loc["¬A∧B", "accuracy"] == pytest.approx(0.75)   # -1, -1, -1, 1 on negatives
+    assert s.loc["worst group", "group"] == "A∧B"  # empty groups are never the worst
+    assert s.loc["worst group", "accuracy"] == pytest.approx(0.5)
+
+
+def test_pair_accuracy_empty_input_gives_nan_not_an_error() -> None:
+    df = pair_accuracy(np.zeros((0, 40), np.float32), _labels([]), [(A, B)])
+    s = df.set_index("subset")
+    assert (s["n"] == 0).all()
+    assert s["accuracy"].isna().all()
+
+
+def test_pair_accuracy_errors(hand_case) -> None:
+    logits, labels = hand_case
+    with pytest.raises(ValueError, match="predictions"):
+        pair_accuracy(logits[:5], labels, [(A, B)])
+    with pytest.raises(UnknownAttributeError, match="Wearing_Lipstick"):
+        pair_accuracy(logits, labels, [("Wearing_Lipstik", B)])
+
+
+def test_pair_accuracy_is_deterministic(hand_case) -> None:
+    logits, labels = hand_case
+    pd.testing.assert_frame_equal(pair_accuracy(logits, labels, [(A, B)], seed=3),
+                                  pair_accuracy(logits, labels, [(A, B)], seed=3))
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap_interval
+# --------------------------------------------------------------------------------------------
+
+
+def _bernoulli(n: int, p: float, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random(n) < p).astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [7, 50, 400, 6000])
+def test_bootstrap_interval_contains_the_mean(n: int) -> None:
+    x = _bernoulli(n, 0.7)
+    lo, hi = bootstrap_interval(x)
+    assert 0.0 <= lo <= x.mean() <= hi <= 1.0
+    assert lo < hi
+
+
+def test_bootstrap_interval_shrinks_with_n() -> None:
+    widths = []
+    for n in (20, 200, 2000, 20000):
+        x = np.r_[np.ones(int(0.7 * n)), np.zeros(n - int(0.7 * n))]  # exactly 70 % at every n
+        lo, hi = bootstrap_interval(x, n_boot=1000)
+        widths.append(hi - lo)
+    assert all(a > b for a, b in zip(widths, widths[1:])), widths
+    # ~ 2 * 1.96 * sqrt(p (1 - p) / n) for large n
+    assert widths[-1] == pytest.approx(2 * 1.96 * math.sqrt(0.21 / 20000), rel=0.15)
+
+
+def test_bootstrap_interval_level() -> None:
+    x = _bernoulli(300, 0.4)
+    lo95, hi95 = bootstrap_interval(x, level=0.95)
+    lo50, hi50 = bootstrap_interval(x, level=0.5)
+    assert lo95 <= lo50 <= hi50 <= hi95
+    assert hi50 - lo50 < hi95 - lo95
+
+
+def test_bootstrap_interval_empty_and_constant() -> None:
+    lo, hi = bootstrap_interval(np.array([]))
+    assert math.isnan(lo) and math.isnan(hi)
+    assert bootstrap_interval(np.ones(30)) == (1.0, 1.0)
+    assert bootstrap_interval(np.zeros(30, dtype=bool)) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("n", [100, 8000])
+def test_bootstrap_interval_deterministic_by_seed(n: int) -> None:
+    x = _bernoulli(n, 0.5, seed=1)
+    assert bootstrap_interval(x, seed=5) == bootstrap_interval(x, seed=5)
+    assert any(bootstrap_interval(x, seed=5) != bootstrap_interval(x, seed=s) for s in range(6, 12))
+    assert bootstrap_interval(list(x), seed=5) == bootstrap_interval(x, seed=5)
+
+
+# --------------------------------------------------------------------------------------------
+# paper_table
+# --------------------------------------------------------------------------------------------
+
+PAPER_COLUMNS = ["attribute", "shortcut", "model", "test %", "conflict A∧¬B %", "conflict 95% CI", "n conflict",
+                 "reverse ¬A∧B %", "worst group %", "n test"]
+
+
+def test_paper_table_layout(hand_case) -> None:
+    logits, labels = hand_case
+    labels = labels.copy()
+    labels[A2] = [1, 0, 1, 0, 1, 0, 1, 0]
+    labels[B2] = [1, 1, 0, 0, 1, 1, 0, 0]
+    before = pair_accuracy(logits, labels, [(A, B), (A2, B2)], n_boot=200)
+    better = logits.copy()
+    better[:, attribute_index(A)] = [1, 1, 1, 1, 1, -1, -1, -1]  # all correct
+    after = pair_accuracy(better, labels, [(A, B), (A2, B2)], n_boot=200)
+    table = paper_table({"pre-trained": before, "fine-tuned": after})
+    assert list(table.columns) == PAPER_COLUMNS
+    assert list(zip(table["attribute"], table["model"])) == [
+        (A, "pre-trained"), (A, "fine-tuned"), (A2, "pre-trained"), (A2, "fine-tuned")]
+    assert list(table["shortcut"]) == [B, B, B2, B2]
+    row = table.iloc[0]
+    assert row["test %"] == pytest.approx(50.0)
+    assert row["conflict A∧¬B %"] == pytest.approx(100 / 3)
+    assert row["reverse ¬A∧B %"] == pytest.approx(50.0)
+    assert row["worst group %"] == pytest.approx(100 / 3)
+    assert row["n conflict"] == 3 and row["n test"] == 8
+    lo, hi = before.set_index(["a", "subset"]).loc[(A, "A∧¬B"), ["ci_low", "ci_high"]]
+    assert row["conflict 95% CI"] == f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+    fine = table.iloc[1]
+    assert fine["test %"] == 100.0 and fine["worst group %"] == 100.0
+    assert fine["conflict 95% CI"] == "[100.0, 100.0]"
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def test_split(synthetic_root) -> CelebADataset:
+    return CelebADataset(synthetic_root, "test", image_size=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_model() -> SplitModel:
+    torch.manual_seed(0)
+    return ModelSpec(image_size=64, hidden=32).build()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_predict_restores_mode_and_matches_the_model(test_split, small_model, training: bool) -> None:
+    small_model.train(training)
+    logits = predict(small_model, test_split, batch_size=24, device="cpu")
+    assert small_model.training is training
+    assert logits.shape == (len(test_split), 40) and logits.dtype == np.float32
+    x = torch.stack([test_split[i][0] for i in range(len(test_split))])
+    small_model.eval()
+    with torch.no_grad():
+        expected = small_model(x).numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    # In eval mode there is no dropout: the batch size does not matter.
+    np.testing.assert_allclose(predict(small_model, test_split, batch_size=5, device="cpu"), logits,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_predict_empty_dataset(test_split, small_model) -> None:
+    empty = test_split.subset_names([])
+    out = predict(small_model, empty, device="cpu")
+    assert out.shape == (0, 40)
+
+
+def test_predict_restores_mode_after_an_error(test_split) -> None:
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    model = SplitModel(Broken(), nn.Identity(), num_outputs=40)
+    model.train()
+    with pytest.raises(RuntimeError, match="boom"):
+        predict(model, test_split, device="cpu")
+    assert model.training
+
+
+# --------------------------------------------------------------------------------------------
+# attention_metrics on a hand-built case
+# --------------------------------------------------------------------------------------------
+
+S = 8
+
+
+class _PixelsAsActivation(nn.Module):
+    """Undo the ImageNet normalisation of channel 0: the activation is the red channel / 255."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x[:, :1] * 0.229 + 0.485)
+
+
+def _cam_model() -> SplitModel:
+    """A model whose Grad-CAM of any attribute is the red channel / 255 (min is 0, max is 1).
+
+    The head averages the single activation channel and gives it weight 1 in every logit, so
+    the Grad-CAM channel weight is positive and the normalised CAM is the activation itself.
+    """
+    linear = nn.Linear(1, 40)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+        linear.bias.zero_()
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), linear)
+    return SplitModel(_PixelsAsActivation(), head, num_outputs=40)
+
+
+class _FakeDataset:
+    """The parts of CelebADataset that attention_metrics and iterate_batches read."""
+
+    def __init__(self, red: np.ndarray, positive: list[int]) -> None:
+        n = len(red)
+        self.pixels = np.zeros((n, S, S, 3), np.uint8)
+        self.pixels[..., 0] = red
+        self.targets = np.zeros((n, 40), np.float32)
+        self.targets[:, attribute_index(A)] = positive
+        self.image_size = S
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def get_batch_numpy(self, idx):
+        idx = np.asarray(idx)
+        return self.pixels[idx], self.targets[idx], np.zeros((len(idx), 5, 2), np.float32)
+
+
+def _hand_dataset() -> _FakeDataset:
+    red = np.zeros((5, S, S), np.uint8)
+    # image 0 (positive): peak 1.0 at (0, 0), 0.2 at (1, 1): both inside the region
+    red[0, 0, 0], red[0, 1, 1] = 255, 51
+    # image 1 (negative): peak at (7, 0)
+    red[1, 7, 0], red[1, 7, 1] = 255, 51
+    # image 2 (positive): peak 1.0 at (6, 6) outside, 0.2 at (2, 2) inside
+    red[2, 6, 6], red[2, 2, 2] = 255, 51
+    # image 3 (positive): 0.2 on rows 0-3, peak 1.0 at (3, 5) outside the region's columns
+    red[3, :4, :] = 51
+    red[3, 3, 5] = 255
+    # image 4 (negative): peak at (0, 3) inside
+    red[4, 0, 3] = 255
+    return _FakeDataset(red, positive=[1, 0, 1, 1, 0])
+
+
+def _region() -> torch.Tensor:
+    r = torch.zeros(S, S)
+    r[:4, :4] = 1.0
+    return r
+
+
+def test_attention_model_cam_is_the_red_channel() -> None:
+    from cocam.gradcam import grad_cam
+
+    ds = _hand_dataset()
+    x = torch.from_numpy(ds.pixels).permute(0, 3, 1, 2).float().div(255)
+    x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    cams = grad_cam(_cam_model(), x, A, output_size=S).cams[:, 0]
+    torch.testing.assert_close(cams, torch.from_numpy(ds.pixels[..., 0]).float() / 255, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch_size", [64, 2])
+def test_attention_metrics_hand_numbers(batch_size: int) -> None:
+    model = _cam_model().train()
+    m = attention_metrics(model, _hand_dataset(), A, _region(), batch_size=batch_size, device="cpu")
+    assert model.training  # mode restored
+    # soft IoU: image 0: I=1.2, U=1.2+16-1.2=16; image 2: I=0.2, U=1.2+16-0.2=17;
+    #           image 3: I=16*0.2=3.2, U=7.2+16-3.2=20
+    assert m["n"] == 3
+    assert m["soft_iou"] == pytest.approx((1.2 / 16 + 0.2 / 17 + 3.2 / 20) / 3, rel=1e-4)
+    assert m["pointing_game"] == pytest.approx(1 / 3)
+    assert m["energy_inside"] == pytest.approx((1.2 / 1.2 + 0.2 / 1.2 + 3.2 / 7.2) / 3, rel=1e-4)
+
+
+def test_attention_metrics_all_images() -> None:
+    m = attention_metrics(_cam_model(), _hand_dataset(), A, _region(), batch_size=3, device="cpu",
+                          positives_only=False)
+    # image 1: I=0, U=17.2, peak outside, energy 0; image 4: I=1, U=16, peak (0, 3) inside, energy 1
+    assert m["n"] == 5
+    assert m["soft_iou"] == pytest.approx((1.2 / 16 + 0 + 0.2 / 17 + 3.2 / 20 + 1 / 16) / 5, rel=1e-4)
+    assert m["pointing_game"] == pytest.approx(2 / 5)
+    assert m["energy_inside"] == pytest.approx((1 + 0 + 1 / 6 + 4 / 9 + 1) / 5, rel=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [64, 2])
+def test_attention_metrics_per_image_soft_regions(batch_size: int) -> None:
+    regions = torch.zeros(5, S, S)
+    regions[0, :4, :4] = 1.0
+    regions[0, 0, 0] = 0.5  # the peak sits on a half-covered pixel: not "inside" (> 0.5 needed)
+    regions[2, 4:, 4:] = 1.0  # around image 2's peak
+    regions[3] = 1.0
+    m = attention_metrics(_cam_model(), _hand_dataset(), A, regions, batch_size=batch_size, device="cpu")
+    # image 0: I = 0.5 + 0.2 = 0.7, U = 1.2 + 15.5 - 0.7 = 16; energy 0.7 / 1.2; no hit
+    # image 2: I = 1, U = 1.2 + 16 - 1 = 16.2; energy 1 / 1.2; hit
+    # image 3: I = 7.2, U = 64; energy 1; hit
+    assert m["n"] == 3
+    assert m["soft_iou"] == pytest.approx((0.7 / 16 + 1 / 16.2 + 7.2 / 64) / 3, rel=1e-4)
+    assert m["pointing_game"] == pytest.approx(2 / 3)
+    assert m["energy_inside"] == pytest.approx((0.7 / 1.2 + 1 / 1.2 + 1) / 3, rel=1e-4)
+
+
+def test_attention_metrics_no_positives_and_bad_regions() -> None:
+    ds = _hand_dataset()
+    ds.targets[:] = 0
+    m = attention_metrics(_cam_model(), ds, A, _region(), device="cpu")
+    assert m["n"] == 0 and all(math.isnan(m[k]) for k in ("soft_iou", "pointing_game", "energy_inside"))
+    with pytest.raises(ValueError, match="5 images"):
+        attention_metrics(_cam_model(), _hand_dataset(), A, torch.zeros(4, S, S), device="cpu")
+    with pytest.raises(UnknownAttributeError):
+        attention_metrics(_cam_model(), _hand_dataset(), "Lipstick", _region(), device="cpu")
+
+
+def test_attention_metrics_uses_grad_cam_of_the_attribute(monkeypatch) -> None:
+    """With grad_cam replaced by a known CAM, the metrics are computed from that CAM."""
+    import cocam.evaluate as ev
+    from cocam.gradcam import GradCAMResult
+
+    seen = []
+
+    def fake_grad_cam(model, images, targets, *, output_size=None, **kwargs):
+        seen.append((targets, output_size, len(images)))
+        cams = torch.zeros(len(images), 1, S, S)
+        cams[:, 0, 0, :] = 1.0  # the top row: 4 of its 8 pixels are in the region
+        z = torch.zeros(len(images), 1)
+        return GradCAMResult(cams, cams, z, z, z, (targets,))
+
+    monkeypatch.setattr(ev, "grad_cam", fake_grad_cam)
+    m = attention_metrics(_cam_model(), _hand_dataset(), A, _region(), device="cpu")
+    assert seen == [(attribute_index(A), S, 3)]
+    assert m["soft_iou"] == pytest.approx(4 / 20)  # I = 4, U = 8 + 16 - 4
+    assert m["pointing_game"] == 1.0
+    assert m["energy_inside"] == pytest.approx(0.5)

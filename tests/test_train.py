@@ -1,0 +1,500 @@
+"""Tests for cocam.train: the baseline, guided fine-tuning, the control, resuming and safety nets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+import cocam.train as train_module
+from cocam import UnknownAttributeError, attribute_index
+from cocam.checkpoint import ModelSpec, load_checkpoint, load_model
+from cocam.dataset import CelebADataset, normalize_uint8
+from cocam.gradcam import grad_cam
+from cocam.losses import guided_loss
+from cocam.masks import default_mask, mask_to_feature, mask_to_input
+from cocam.train import (
+    FitResult,
+    Guidance,
+    RunLockedError,
+    TrainConfig,
+    TrainingDivergedError,
+    fit,
+)
+
+SPEC = ModelSpec(image_size=64, hidden=32)
+LIPSTICK = "Wearing_Lipstick"
+RUN_FILES = {"last.pt", "best.pt", "history.csv", "run.json"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and a busy machine makes them stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(synthetic_root) -> tuple[CelebADataset, CelebADataset]:
+    train = CelebADataset(synthetic_root, "train", image_size=SPEC.image_size, progress=False)
+    valid = CelebADataset(synthetic_root, "valid", image_size=SPEC.image_size, progress=False)
+    assert (len(train), len(valid)) == (96, 32)
+    return train, valid
+
+
+@pytest.fixture(scope="module")
+def lipstick_mask():
+    return default_mask(LIPSTICK)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(data, tmp_path_factory) -> Path:
+    """A baseline trained for one epoch: the starting point of every fine-tuning test."""
+    train, valid = data
+    result = fit(_model(), train, valid, _config(), spec=SPEC, run_dir=tmp_path_factory.mktemp("base"),
+                 progress=False)
+    return result.last_path
+
+
+def _model(seed: int = 0, spec: ModelSpec = SPEC):
+    torch.manual_seed(seed)
+    return spec.build()
+
+
+def _load(path: Path, spec: ModelSpec = SPEC):
+    model = spec.build()
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return model
+
+
+def _config(**overrides) -> TrainConfig:
+    values = dict(epochs=1, batch_size=32, lr=1e-3, device="cpu", patience=None, seed=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _guidance(mask, **kwargs) -> Guidance:
+    return Guidance(attributes=(LIPSTICK,), masks=(mask,), **kwargs)
+
+
+def _history(history: pd.DataFrame | list) -> pd.DataFrame:
+    """The history without its wall-clock column."""
+    return pd.DataFrame(history).drop(columns=["seconds"]).reset_index(drop=True)
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str) -> bool:
+    return any(not torch.equal(v, after[k]) for k, v in before.items() if k.startswith(prefix))
+
+
+# --------------------------------------------------------------------------------------------
+# Baseline
+# --------------------------------------------------------------------------------------------
+
+
+def test_baseline_writes_the_run_and_bce_decreases(data, tmp_path: Path) -> None:
+    train, valid = data
+    run = tmp_path / "run"
+    config = _config(epochs=4)
+    seen = []
+    result = fit(_model(), train, valid, config, spec=SPEC, run_dir=run, progress=False, on_epoch=seen.append)
+    assert isinstance(result, FitResult)
+    assert {p.name for p in run.iterdir()} == RUN_FILES  # no lock, no temporary file left
+    assert result.run_dir == run and result.last_path == run / "last.pt" and result.best_path == run / "best.pt"
+    assert result.steps == 12  # 96 images / 32 = 3 steps per epoch
+
+    h = result.history
+    assert list(h["epoch"]) == [0, 1, 2, 3] and list(h["step"]) == [3, 6, 9, 12]
+    assert {"train_bce", "valid_bce", "valid_accuracy", "seconds"} <= set(h.columns)
+    assert "train_loss_g" not in h.columns
+    assert h[["train_bce", "valid_bce", "valid_accuracy"]].notna().all().all()
+    assert h["train_bce"].iloc[-1] < h["train_bce"].iloc[0]
+    assert h["valid_bce"].iloc[-1] < h["valid_bce"].iloc[0]
+    assert [r["epoch"] for r in seen] == [0, 1, 2, 3]
+
+    on_disk = pd.read_csv(run / "history.csv")
+    pd.testing.assert_frame_equal(on_disk, h, check_dtype=False)
+
+    info = json.loads((run / "run.json").read_text())
+    assert info["config"] == dataclasses.asdict(config)
+    assert info["spec"] == SPEC.to_dict()
+    assert info["guidance"] is None
+    assert (info["train_images"], info["valid_images"], info["device"]) == (96, 32, "cpu")
+
+    last = load_checkpoint(run / "last.pt")
+    assert (last["epoch"], last["step"]) == (3, 12)
+    assert last["config"] == dataclasses.asdict(config)
+    pd.testing.assert_frame_equal(pd.DataFrame(last["history"]), h)
+    assert last["best_valid_bce"] == pytest.approx(h["valid_bce"].min())
+    assert isinstance(last["rng"], torch.Tensor) and "state" in last["optimizer"]
+    _assert_same_params(last["model"], _params(result.model), atol=0)
+
+    best_model, best_spec, best = load_model(run / "best.pt")
+    assert best_spec == SPEC
+    assert best["epoch"] == int(h["valid_bce"].idxmin())
+    assert "optimizer" not in best
+
+
+def test_without_run_dir_nothing_is_written(data, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    train, _ = data
+    result = fit(_model(), train, None, _config(max_steps=1), spec=SPEC, progress=False)
+    assert (result.run_dir, result.best_path, result.last_path) == (None, None, None)
+    assert result.steps == 1 and list(result.history.columns) == ["epoch", "step", "train_bce", "seconds"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _scripted_validation(monkeypatch, values: list[float]) -> None:
+    it = iter(values)
+    monkeypatch.setattr(train_module, "validation_metrics",
+                        lambda model, dataset, device, batch_size=256: {"valid_bce": next(it), "valid_accuracy": 0.5})
+
+
+def test_early_stopping_with_patience(data, tmp_path: Path, monkeypatch) -> None:
+    train, valid = data
+    _scripted_validation(monkeypatch, [0.50, 0.40, 0.45, 0.41, 0.30, 0.20])
+    run = tmp_path / "run"
+    result = fit(_model(), train, valid, _config(epochs=10, patience=2, batch_size=96), spec=SPEC, run_dir=run,
+                 progress=False)
+    # epoch 0 and 1 improve, 2 and 3 do not: two stale epochs = patience -> stop
+    assert list(result.history["valid_bce"]) == [0.50, 0.40, 0.45, 0.41]
+    assert result.steps == 4
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert best["epoch"] == 1 and best["best_valid_bce"] == 0.40
+    assert (last["epoch"], last["stale_epochs"], last["best_valid_bce"]) == (3, 2, 0.40)
+    # The returned model holds the last weights (not the best ones).
+    _assert_same_params(last["model"], _params(result.model), atol=0)
+
+    # Resuming an early-stopped run trains no further.
+    again = fit(_model(5), train, valid, _config(epochs=10, patience=2, batch_size=96), spec=SPEC, run_dir=run,
+                resume=True, progress=False)
+    assert again.steps == 4
+    pd.testing.assert_frame_equal(again.history, result.history)
+    _assert_same_params(_params(again.model), last["model"], atol=0)
+
+
+def test_no_early_stopping_without_patience(data, monkeypatch) -> None:
+    train, valid = data
+    _scripted_validation(monkeypatch, [0.5, 0.6, 0.7, 0.8, 0.9])
+    result = fit(_model(), train, valid, _config(epochs=5, patience=None, batch_size=96), spec=SPEC, progress=False)
+    assert len(result.history) == 5 and result.steps == 5
+
+
+def test_max_steps_is_respected_exactly(data, tmp_path: Path) -> None:
+    train, _ = data
+    run = tmp_path / "run"
+    result = fit(_model(), train, None, _config(epochs=5, max_steps=4), spec=SPEC, run_dir=run, progress=False)
+    assert result.steps == 4
+    assert list(result.history["step"]) == [3, 4]  # one full epoch, then one step of the next
+    last = load_checkpoint(run / "last.pt")
+    assert last["step"] == 4
+    assert all(int(s["step"]) == 4 for s in last["optimizer"]["state"].values())  # optimizer steps taken
+    # Without a validation split, every epoch's weights are the "best" ones.
+    assert load_checkpoint(run / "best.pt")["epoch"] == 1
+
+
+def test_configuration_errors(data, lipstick_mask) -> None:
+    train, _ = data
+    for bad in (dict(epochs=0), dict(batch_size=0), dict(max_steps=0)):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        fit(_model(), train, None, _config(batch_size=97), spec=SPEC, progress=False)
+    with pytest.raises(ValueError, match="72px"):
+        fit(_model(), train, None, _config(), spec=ModelSpec(image_size=72, hidden=32), progress=False)
+    with pytest.raises(ValueError, match="one each"):
+        Guidance(attributes=(LIPSTICK, "High_Cheekbones"), masks=(lipstick_mask,))
+    with pytest.raises(ValueError, match="positive"):
+        _guidance(lipstick_mask, target="negative")
+    with pytest.raises(ValueError, match="resolution"):
+        _guidance(lipstick_mask, resolution="output")
+    with pytest.raises(UnknownAttributeError, match="Wearing_Lipstick"):
+        Guidance(attributes=("Wearing_Lipstik",), masks=(lipstick_mask,))
+    described = _guidance(lipstick_mask, w_g=2.0).describe()
+    assert described["attributes"] == [LIPSTICK] and described["w_g"] == 2.0
+    assert described["mask_pixels"] == [int(lipstick_mask.sum())]
+    json.dumps(described)
+
+
+def test_guidance_needs_at_least_one_attribute() -> None:
+    with pytest.raises(ValueError, match="attribute"):
+        Guidance(attributes=(), masks=())
+
+
+def test_default_spec_describes_the_model(data, tmp_path: Path) -> None:
+    train, _ = data
+    model = ModelSpec(image_size=64, hidden=32, dropout=0.25).build()
+    result = fit(model, train, None, _config(max_steps=1), run_dir=tmp_path / "run", progress=False)
+    loaded, spec, _ = load_model(result.last_path)
+    assert (spec.hidden, spec.dropout) == (32, 0.25)
+    _assert_same_params(_params(loaded), _params(result.model), atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism and resuming
+# --------------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_runs(data, tmp_path: Path) -> None:
+    train, valid = data
+    first = fit(_model(0), train, valid, _config(), spec=SPEC, progress=False)
+    # resume=True on a folder without last.pt is an ordinary fresh start
+    second = fit(_model(0), train, valid, _config(), spec=SPEC, run_dir=tmp_path / "new", resume=True,
+                 progress=False)
+    pd.testing.assert_frame_equal(_history(first.history), _history(second.history))
+    _assert_same_params(_params(first.model), _params(second.model), atol=0)
+    # Another seed (same initial weights): another shuffle order and other dropout masks.
+    other = fit(_model(0), train, valid, _config(seed=1), spec=SPEC, progress=False)
+    assert other.history["train_bce"].iloc[0] != first.history["train_bce"].iloc[0]
+
+
+def test_resume_equals_an_uninterrupted_run(data, tmp_path: Path) -> None:
+    train, valid = data
+    full = fit(_model(0), train, valid, _config(epochs=2), spec=SPEC, run_dir=tmp_path / "full", progress=False)
+
+    part = tmp_path / "part"
+    first = fit(_model(0), train, valid, _config(epochs=1), spec=SPEC, run_dir=part, progress=False)
+    assert first.steps == 3
+    torch.manual_seed(1234)  # the global RNG state of the resuming process does not matter
+    resumed = fit(_model(99), train, valid, _config(epochs=2), spec=SPEC, run_dir=part, resume=True,
+                  progress=False)  # other initial weights: they are replaced by last.pt's
+
+    assert resumed.steps == full.steps == 6
+    pd.testing.assert_frame_equal(_history(resumed.history), _history(full.history))
+    _assert_same_params(_params(resumed.model), _params(full.model), atol=1e-6)
+    a, b = load_checkpoint(part / "last.pt"), load_checkpoint(tmp_path / "full" / "last.pt")
+    for key in ("epoch", "step", "best_valid_bce", "stale_epochs"):
+        assert a[key] == b[key], key
+    assert torch.equal(a["rng"], b["rng"])
+    for i, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            torch.testing.assert_close(v, b["optimizer"]["state"][i][k], atol=1e-6, rtol=0)
+    pd.testing.assert_frame_equal(_history(pd.read_csv(part / "history.csv")),
+                                  _history(pd.read_csv(tmp_path / "full" / "history.csv")), check_dtype=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Guided fine-tuning and the control
+# --------------------------------------------------------------------------------------------
+
+
+def _loss_g(model, images, targets, mask, resolution: str = "input") -> float:
+    """loss_g of the "both" target on one batch, with the public Grad-CAM and loss functions."""
+    i = attribute_index(LIPSTICK)
+    signs = 2 * targets[:, [i]] - 1
+    if resolution == "input":
+        region = mask_to_input(mask, images.shape[-1])
+        res = grad_cam(model, images, [i], signs=signs, output_size=images.shape[-1])
+    else:
+        region = mask_to_feature(mask, model.feature_shape(images.shape[-1])[1])
+        res = grad_cam(model, images, [i], signs=signs)
+    return guided_loss(res.logits, targets, res.cams, region[None]).guidance.item()
+
+
+@pytest.mark.parametrize("exact, resolution", [(True, "input"), (False, "input"), (True, "feature")])
+def test_one_guided_step_reduces_loss_g_on_a_fixed_batch(data, base_checkpoint, lipstick_mask, exact,
+                                                         resolution) -> None:
+    """Pure guidance (w_a = 0), no dropout, one batch: one step of fit lowers that batch's loss_g.
+
+    The first-order mode (exact=False) detaches the Grad-CAM weights, so the classifier head gets
+    no gradient and does not move; the exact mode trains the head too.
+    """
+    train, _ = data
+    spec = dataclasses.replace(SPEC, dropout=0.0)  # train mode == eval mode: loss_g is deterministic
+    model = _load(base_checkpoint, spec)
+    batch = train.subset_names(train.names[:32])
+    images_u8, targets, _ = batch.get_batch(range(len(batch)))
+    images = normalize_uint8(images_u8)
+    before, params = _loss_g(model, images, targets, lipstick_mask, resolution), _params(model)
+    assert before < -math.log(1e-6) - 1e-3  # the CAMs are not degenerate: there is a gradient
+
+    guidance = _guidance(lipstick_mask, w_a=0.0, target="both", exact=exact, resolution=resolution)
+    result = fit(model, batch, None, _config(lr=1e-4, weight_decay=0.0), spec=spec, guidance=guidance,
+                 progress=False)
+    assert result.steps == 1
+    # fit's guidance term is the same loss_g (the batch order is shuffled, the mean is not)
+    assert result.history["train_loss_g"].iloc[0] == pytest.approx(before, rel=1e-5)
+    after = _loss_g(model, images, targets, lipstick_mask, resolution)
+    assert after < before
+    after_params = _params(model)
+    assert _changed(params, after_params, "trunk.")
+    assert _changed(params, after_params, "head.") is exact
+
+
+def test_control_and_guided_from_the_same_checkpoint(data, base_checkpoint, lipstick_mask, tmp_path: Path) -> None:
+    """Same start, seed and steps: the control and w_g = 0 coincide; only the guidance term differs."""
+    train, _ = data
+    config = _config(epochs=2, max_steps=2, batch_size=16)
+    runs = {}
+    for name, guidance in (("control", None), ("zero", _guidance(lipstick_mask, w_g=0.0)),
+                           ("guided", _guidance(lipstick_mask))):
+        runs[name] = fit(_load(base_checkpoint), train, None, config, spec=SPEC, guidance=guidance,
+                         run_dir=tmp_path / name, progress=False)
+    assert {r.steps for r in runs.values()} == {2}
+    assert "train_loss_g" not in runs["control"].history.columns
+    assert runs["guided"].history["train_loss_g"].notna().all()
+
+    control_json = json.loads((tmp_path / "control" / "run.json").read_text())
+    guided_json = json.loads((tmp_path / "guided" / "run.json").read_text())
+    assert control_json["guidance"] is None
+    assert guided_json["guidance"]["attributes"] == [LIPSTICK]
+    assert guided_json["guidance"]["w_g"] == 1.0 and guided_json["guidance"]["target"] == "both"
+    assert control_json["config"] == guided_json["config"]
+    assert load_checkpoint(tmp_path / "guided" / "last.pt")["guidance"] == guided_json["guidance"]
+
+    # Same batches, same dropout masks, same BCE: w_g = 0 is the control.
+    assert list(runs["zero"].history["train_bce"]) == pytest.approx(list(runs["control"].history["train_bce"]),
+                                                                      abs=1e-6)
+    _assert_same_params(_params(runs["zero"].model), _params(runs["control"].model), atol=1e-6)
+    # The guidance term changes the trunk.
+    assert _changed(_params(runs["control"].model), _params(runs["guided"].model), "trunk.")
+
+
+def test_target_positive_and_both(data, base_checkpoint, lipstick_mask) -> None:
+    """"positive" guides only images with the attribute (CAM of +logit); "both" every image (sign(y)·logit)."""
+    train, _ = data
+    spec = dataclasses.replace(SPEC, dropout=0.0)
+    model = _load(base_checkpoint, spec).train()
+    images_u8, targets, _ = train.get_batch(range(32))
+    images = normalize_uint8(images_u8)
+    i = attribute_index(LIPSTICK)
+    positive, both = _guidance(lipstick_mask, target="positive"), _guidance(lipstick_mask, target="both")
+    masks = train_module._masks_for(positive, model, 64, torch.device("cpu"))
+
+    def terms(guidance, y):
+        return train_module._guided_terms(model, images, y, guidance, [i], masks)
+
+    mixed_pos, mixed_both = terms(positive, targets), terms(both, targets)
+    has = targets[:, i] > 0
+    assert 0 < int(has.sum()) < 32
+    # positive: the mean loss_g over the images that have the attribute
+    assert mixed_pos.guidance.item() == pytest.approx(mixed_pos.per_sample[has].mean().item(), rel=1e-6)
+    # on those images both targets compute the same CAM (sign +1)
+    torch.testing.assert_close(mixed_pos.per_sample[has], mixed_both.per_sample[has])
+    assert mixed_both.guidance.item() == pytest.approx(mixed_both.per_sample.mean().item(), rel=1e-6)
+    torch.testing.assert_close(mixed_pos.bce, mixed_both.bce)
+
+    none = targets.clone()
+    none[:, i] = 0
+    assert terms(positive, none).guidance.item() == 0.0  # nobody to guide
+    assert terms(both, none).guidance.item() > 0.0
+    everyone = targets.clone()
+    everyone[:, i] = 1
+    torch.testing.assert_close(terms(positive, everyone).total, terms(both, everyone).total)
+
+    # Both run end to end and record the guidance term.
+    for guidance in (positive, both):
+        result = fit(_load(base_checkpoint), train, None, _config(max_steps=1, batch_size=16), spec=SPEC,
+                     guidance=guidance, progress=False)
+        assert result.steps == 1 and math.isfinite(result.history["train_loss_g"].iloc[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Divergence and the run lock
+# --------------------------------------------------------------------------------------------
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run.iterdir())}
+
+
+def test_nan_guidance_term_stops_training_and_keeps_the_checkpoint(data, base_checkpoint, lipstick_mask,
+                                                                   tmp_path: Path) -> None:
+    train, _ = data
+    run = tmp_path / "run"
+    fit(_load(base_checkpoint), train, None, _config(epochs=1), spec=SPEC, run_dir=run, progress=False)
+    before = _snapshot(run)
+    assert set(before) == RUN_FILES
+
+    with pytest.raises(TrainingDivergedError) as info:
+        fit(_load(base_checkpoint), train, None, _config(epochs=2), spec=SPEC, run_dir=run, resume=True,
+            guidance=_guidance(lipstick_mask, w_g=float("nan")), progress=False)
+    message = str(info.value)
+    assert "step 4" in message and "epoch 1" in message  # the first step after the 3 good ones
+    assert "guidance (loss_g)" in message and "BCE" not in message
+    assert str(run / "last.pt") in message
+    # Nothing was overwritten (run.json is rewritten with the new settings; the rest is intact).
+    after = _snapshot(run)
+    assert set(after) == RUN_FILES
+    for name in ("last.pt", "best.pt", "history.csv"):
+        assert after[name] == before[name], name
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+
+
+def test_infinite_bce_stops_training(data, tmp_path: Path, monkeypatch) -> None:
+    train, _ = data
+    fake_f = SimpleNamespace(binary_cross_entropy_with_logits=lambda *a, **k: torch.tensor(float("inf")))
+    monkeypatch.setattr(train_module, "F", fake_f)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError, match=r"step 1 \(epoch 0\): the BCE term") as info:
+        fit(_model(), train, None, _config(), spec=SPEC, run_dir=run, progress=False)
+    assert "inf" in str(info.value) and "last good checkpoint" not in str(info.value)
+    assert not (run / "last.pt").exists() and not (run / ".lock").exists()
+
+
+def test_a_live_lock_is_refused(data, tmp_path: Path) -> None:
+    train, _ = data
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(str(os.getpid()))
+    with pytest.raises(RunLockedError, match=str(os.getpid())):
+        fit(_model(), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, progress=False)
+    assert (run / ".lock").read_text() == str(os.getpid())  # the other run's lock is left alone
+    assert [p.name for p in run.iterdir()] == [".lock"]
+
+
+def test_a_concurrent_run_in_the_same_folder_is_refused(data, tmp_path: Path) -> None:
+    train, _ = data
+    run = tmp_path / "run"
+    errors = []
+
+    def second_run(record):
+        assert (run / ".lock").read_text() == str(os.getpid())
+        try:
+            fit(_model(), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, progress=False)
+        except RunLockedError as err:
+            errors.append(err)
+
+    fit(_model(), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, progress=False, on_epoch=second_run)
+    assert len(errors) == 1 and "in use" in str(errors[0])
+    assert not (run / ".lock").exists()  # released when the first run ended
+
+
+def _dead_pid() -> int:
+    out = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                         check=True)
+    pid = int(out.stdout)
+    if train_module._pid_alive(pid):  # reused already: vanishingly unlikely
+        pytest.skip("the PID of the finished process was reused")
+    return pid
+
+
+@pytest.mark.parametrize("content", ["dead", "not a pid", ""])
+def test_a_stale_lock_is_taken_over(data, tmp_path: Path, content: str) -> None:
+    train, _ = data
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(str(_dead_pid()) if content == "dead" else content)
+    result = fit(_model(), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, progress=False)
+    assert result.steps == 1
+    assert {p.name for p in run.iterdir()} == RUN_FILES  # lock taken over, then released

@@ -161,51 +161,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_checkpoints(root: Path, checkpoints: dict[str, Path], pairs, *, split: str = "test",
-                         attention: bool = True, mask_dir: Path | None = Path("data/masks"),
-                         ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Paper-layout table and long-form results of several checkpoints on one split."""
-    from cocam.checkpoint import load_model
-    from cocam.dataset import CelebADataset
-    from cocam.evaluate import attention_metrics, pair_accuracy, paper_table, predict
-    from cocam.masks import mask_to_input, resolve_mask
-
-    results, attn = {}, []
-    dataset = None
-    regions = None
-    for name, path in checkpoints.items():
-        model, spec, _ = load_model(path)
-        if dataset is None or dataset.image_size != spec.image_size:
-            dataset = CelebADataset(root, split, image_size=spec.image_size)
-            try:
-                from cocam.synthetic import EvidenceRegions
-
-                regions = EvidenceRegions(root)
-            except FileNotFoundError:
-                regions = None
-        results[name] = pair_accuracy(predict(model, dataset), dataset.attributes, pairs)
-        if attention:
-            for a, _ in pairs:
-                positives = dataset.subset({a: 1})
-                if len(positives) == 0:
-                    continue
-                mask, _ = resolve_mask(a, mask_dir)
-                row = {"model": name, "attribute": a}
-                m = attention_metrics(model, positives, a, mask_to_input(mask, spec.image_size))
-                row.update({f"mask {k}": v for k, v in m.items() if k != "n"})
-                if regions is not None:
-                    truth = regions.masks(list(positives.names), a, spec.image_size).float()
-                    m = attention_metrics(model, positives, a, truth)
-                    row.update({f"truth {k}": v for k, v in m.items() if k != "n"})
-                row["n"] = m["n"]
-                attn.append(row)
-    table = paper_table(results)
-    if attn:
-        table = table.merge(pd.DataFrame(attn), on=["model", "attribute"], how="left")
-    long = pd.concat([df.assign(model=name) for name, df in results.items()], ignore_index=True)
-    return table, long
-
-
 def _format_table(table: pd.DataFrame) -> str:
     cols = [c for c in ["attribute", "model", "test %", "conflict A∧¬B %", "conflict 95% CI", "n conflict",
                         "reverse ¬A∧B %", "worst group %", "truth soft_iou", "mask soft_iou"] if c in table.columns]
@@ -220,6 +175,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for item in args.checkpoint:
         name, _, path = item.rpartition("=")
         checkpoints[name or Path(path).parent.name] = Path(path)
+    from cocam.evaluate import evaluate_checkpoints
+
     table, long = evaluate_checkpoints(args.root, checkpoints, _pairs(args.pair), split=args.split,
                                        attention=not args.no_attention, mask_dir=args.mask_dir)
     print(_format_table(table))
@@ -273,6 +230,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 spec=spec, guidance=g, run_dir=out / name, resume=True)
         times[name] = time.perf_counter() - t
         tuned[name] = r.last_path
+    from cocam.evaluate import evaluate_checkpoints
+
     t = time.perf_counter()
     table, long = evaluate_checkpoints(args.root, {"pre-trained": base.best_path, "BCE-only control": tuned["control"],
                                                    "fine-tuned (guided)": tuned["guided"]}, list(PAPER_PAIRS))
@@ -368,15 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic default")
-    training_options(d, 10)
+    training_options(d, 8)
     d.add_argument("--preset", choices=sorted(PRESETS), default="default")
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
     d.add_argument("--image-size", type=int, default=112)
     d.add_argument("--hidden", type=int, default=512)
     d.add_argument("--patience", type=int, default=3)
-    d.add_argument("--finetune-epochs", type=int, default=2)
-    d.add_argument("--finetune-lr", type=float, default=1e-4)
+    d.add_argument("--finetune-epochs", type=int, default=1)
+    d.add_argument("--finetune-lr", type=float, default=3e-4)
     guidance_options(d)
     d.set_defaults(func=cmd_demo)
     return parser

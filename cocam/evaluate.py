@@ -14,6 +14,7 @@ game (is the CAM's maximum inside the region?) and the share of CAM energy insid
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from cocam.model import SplitModel
 __all__ = [
     "attention_metrics",
     "bootstrap_interval",
+    "evaluate_checkpoints",
     "pair_accuracy",
     "paper_table",
     "predict",
@@ -200,3 +202,59 @@ def attention_metrics(model: SplitModel, dataset: CelebADataset, attribute: str,
         return {"soft_iou": float("nan"), "pointing_game": float("nan"), "energy_inside": float("nan"), "n": 0}
     return {"soft_iou": float(torch.cat(iou).mean()), "pointing_game": float(torch.cat(point).float().mean()),
             "energy_inside": float(torch.cat(energy).mean()), "n": n}
+
+
+def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str | os.PathLike],
+                         pairs: Sequence[tuple[str, str]], *, split: str = "test", attention: bool = True,
+                         mask_dir: str | os.PathLike | None = "data/masks",
+                         device: str | torch.device | None = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The before/after table of several checkpoints on one split of the dataset at ``root``.
+
+    Args:
+        checkpoints: model name (e.g. ``"pre-trained"``, ``"fine-tuned"``) → checkpoint path.
+        pairs: (A, B) pairs to report.
+        attention: add Grad-CAM attention metrics of A on the images with A: against the
+            user's mask (``mask …`` columns, from ``mask_dir`` or the built-in region) and, on
+            the synthetic dataset, against each image's true evidence region (``truth …``).
+
+    Returns:
+        ``(table, long)``: :func:`paper_table` (plus attention columns), and the long format of
+        :func:`pair_accuracy` with a ``model`` column.
+    """
+    from cocam.checkpoint import load_model
+    from cocam.masks import mask_to_input, resolve_mask
+
+    try:
+        from cocam.synthetic import EvidenceRegions
+
+        regions = EvidenceRegions(root) if attention else None
+    except FileNotFoundError:  # real CelebA: no ground truth
+        regions = None
+    results, attn = {}, []
+    dataset: CelebADataset | None = None
+    for name, path in checkpoints.items():
+        model, spec, _ = load_model(path)
+        if dataset is None or dataset.image_size != spec.image_size:
+            dataset = CelebADataset(root, split, image_size=spec.image_size)
+        results[name] = pair_accuracy(predict(model, dataset, device=device), dataset.attributes, pairs)
+        if not attention:
+            continue
+        for a, _ in pairs:
+            positives = dataset.subset({a: 1})
+            if len(positives) == 0:
+                continue
+            mask, _ = resolve_mask(a, mask_dir)
+            row: dict = {"model": name, "attribute": a}
+            m = attention_metrics(model, positives, a, mask_to_input(mask, spec.image_size), device=device)
+            row.update({f"mask {k}": v for k, v in m.items() if k != "n"})
+            if regions is not None:
+                truth = regions.masks(list(positives.names), a, spec.image_size).float()
+                m = attention_metrics(model, positives, a, truth, device=device)
+                row.update({f"truth {k}": v for k, v in m.items() if k != "n"})
+            row["n positives"] = m["n"]
+            attn.append(row)
+    table = paper_table(results)
+    if attn:
+        table = table.merge(pd.DataFrame(attn), on=["model", "attribute"], how="left")
+    long = pd.concat([df.assign(model=name) for name, df in results.items()], ignore_index=True)
+    return table, long

@@ -170,7 +170,7 @@ def test_evaluate_writes_the_paper_table(root: Path, baseline: Path, guided: Pat
                  "--out", str(out)]) == 0
     table = pd.read_csv(out)
     assert list(table.columns[: len(PAPER_COLUMNS)]) == PAPER_COLUMNS
-    assert {"mask soft_iou", "truth soft_iou", "n"} <= set(table.columns)
+    assert {"mask soft_iou", "truth soft_iou", "n positives"} <= set(table.columns)
     assert list(dict.fromkeys(table["model"])) == ["pre", "guided", "control"]  # name from the folder
     assert list(dict.fromkeys(table["attribute"])) == [a for a, _ in PAPER_PAIRS]
     assert len(table) == 3 * len(PAPER_PAIRS)

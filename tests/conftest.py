@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cocam.synthetic import PRESETS, generate_synthetic_celeba
 
@@ -13,3 +14,12 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate_synthetic_celeba(root, PRESETS["smoke"], workers=2, progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from more, and a busy machine makes them stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,12 +23,7 @@ PAPER_COLUMNS = ["attribute", "shortcut", "model", "test %", "conflict A∧¬B %
 TINY = ["--epochs", "1", "--batch-size", "16", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -19,13 +19,7 @@ from cocam.model import SplitModel
 A, B = "Wearing_Lipstick", "Heavy_Makeup"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the models here are tiny, and a busy machine makes extra threads stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 A2, B2 = "Double_Chin", "Chubby"
 
 

@@ -36,13 +36,7 @@ LIPSTICK = "Wearing_Lipstick"
 RUN_FILES = {"last.pt", "best.pt", "history.csv", "run.json"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models gain nothing from more, and a busy machine makes them stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

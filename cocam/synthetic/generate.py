@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from cocam.attributes import CELEBA_ATTRIBUTES, validate_attribute
 from cocam.celeba import (
+    BBOX_COLUMNS,
+    LANDMARK_COLUMNS,
     write_attributes,
     write_bbox,
     write_identity,
@@ -60,8 +62,6 @@ __all__ = [
 
 MARKER_FILE = "cocam_synthetic.json"
 EVIDENCE_FILE = "evidence_regions.npz"
-_LANDMARK_COLUMNS = ["lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x", "nose_y",
-                     "leftmouth_x", "leftmouth_y", "rightmouth_x", "rightmouth_y"]
 
 
 @dataclass(frozen=True)
@@ -261,10 +261,10 @@ def _write_dataset(folder: Path, config: SyntheticConfig, *, workers: int | None
     write_partition(folder / "list_eval_partition.txt", split)
     write_landmarks(folder / "list_landmarks_align_celeba.txt",
                     pd.DataFrame(np.rint(landmarks.reshape(-1, 10)).astype(np.int64), index=labels.index,
-                                 columns=_LANDMARK_COLUMNS))
+                                 columns=list(LANDMARK_COLUMNS)))
     write_bbox(folder / "list_bbox_celeba.txt",
                pd.DataFrame(np.rint(boxes).astype(np.int64), index=labels.index,
-                            columns=["x_1", "y_1", "width", "height"]))
+                            columns=list(BBOX_COLUMNS)))
     write_identity(folder / "identity_CelebA.txt", pd.Series(np.arange(1, config.n_images + 1), index=labels.index))
     with open(folder / EVIDENCE_FILE, "wb") as fh:
         np.savez_compressed(fh, images=np.array(names), attributes=np.array(REGION_ATTRIBUTES),

@@ -236,14 +236,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     table, long = evaluate_checkpoints(args.root, {"pre-trained": base.best_path, "BCE-only control": tuned["control"],
                                                    "fine-tuned (guided)": tuned["guided"]}, list(PAPER_PAIRS))
     times["evaluate"] = time.perf_counter() - t
+    figures = _demo_figures(args.root, out, {"pre-trained": base.best_path, "BCE-only control": tuned["control"],
+                                             "fine-tuned (guided)": tuned["guided"]})
     atomic_write_text(out / "results.csv", table.to_csv(index=False))
     atomic_write_text(out / "results_long.csv", long.to_csv(index=False))
     print("\nBefore/after on the synthetic test split (accuracy on attribute A, %; conflict = A without B):")
     print(_format_table(table))
     print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) +
           f"; total {sum(times.values()):.0f}")
-    print(f"results: {out / 'results.csv'}")
+    print(f"results: {out / 'results.csv'}; Grad-CAM before/after: {', '.join(str(f) for f in figures)}")
     return 0
+
+
+def _demo_figures(root: Path, out: Path, checkpoints: dict[str, Path], n: int = 6) -> list[Path]:
+    """Grad-CAM of each guided attribute on the same conflict-subset test images, per model."""
+    from cocam.checkpoint import load_model
+    from cocam.dataset import CelebADataset
+    from cocam.io import atomic_write
+    from cocam.notebook import show_cam_comparison
+
+    loaded = {name: load_model(path) for name, path in checkpoints.items()}
+    models = {name: model for name, (model, _, _) in loaded.items()}
+    image_size = next(iter(loaded.values()))[1].image_size
+    test = CelebADataset(root, "test", image_size=image_size, progress=False)
+    written = []
+    for a, b in PAPER_PAIRS:
+        conflict = test.subset({a: 1, b: 0})
+        if len(conflict) == 0:
+            continue
+        fig = show_cam_comparison(models, conflict, a, n=n)
+        path = out / f"gradcam_{a}.png"
+        with atomic_write(path) as fh:
+            fig.savefig(fh, format="png", dpi=80)
+        written.append(path)
+    return written
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["LockedError", "atomic_write", "atomic_write_bytes", "atomic_write_text", "exclusive_lock", "pid_alive"]
 
 
 @contextlib.contextmanager
@@ -57,3 +57,58 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = T
     """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically."""
     with atomic_write(path, "w", overwrite=overwrite) as fh:
         fh.write(text)
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock."""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, wait: float = 0.0, what: str = "") -> Iterator[None]:
+    """Hold ``path`` (a file created exclusively, holding our PID) for the duration of the block.
+
+    A lock left by a process that no longer exists (or holding no PID) is taken over. If a live process holds it,
+    wait up to ``wait`` seconds (polling each second, saying so once), then raise
+    :class:`LockedError` naming the holder.
+    """
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start, told = time.monotonic(), False
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if not pid or not pid_alive(pid):
+                path.unlink(missing_ok=True)  # stale: its process is gone (or it holds no PID)
+                continue
+            if time.monotonic() - start >= wait:
+                raise LockedError(f"{path.parent} is in use by process {pid}{' ' + what if what else ''}. "
+                                  f"Wait for it, or use another folder.") from None
+            if not told:
+                print(f"waiting for process {pid}{' ' + what if what else ''}...", flush=True)
+                told = True
+            time.sleep(1.0)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

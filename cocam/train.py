@@ -49,7 +49,7 @@ from cocam.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from cocam.dataset import BatchLoader, CelebADataset
 from cocam.evaluate import predict, resolve_device
 from cocam.gradcam import grad_cam
-from cocam.io import atomic_write_text
+from cocam.io import LockedError, atomic_write_text, exclusive_lock
 from cocam.losses import guided_loss
 from cocam.masks import mask_to_feature, mask_to_input
 from cocam.model import SplitModel
@@ -144,7 +144,7 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(LockedError):
     """Another process is writing to the same run folder."""
 
 
@@ -165,35 +165,11 @@ def _run_lock(run_dir: Path | None):
     if run_dir is None:
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / ".lock"
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = lock.read_text().strip() if lock.exists() else "?"
-        alive = pid.isdigit() and _pid_alive(int(pid))
-        if alive:
-            raise RunLockedError(
-                f"{run_dir} is in use by process {pid}. Use another output folder, or wait for that run."
-            ) from None
-        lock.unlink(missing_ok=True)  # a stale lock of a process that no longer exists
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with exclusive_lock(run_dir / ".lock"):
+            yield
+    except LockedError as err:
+        raise RunLockedError(str(err)) from None
 
 
 def _spec_of(model: SplitModel, image_size: int) -> ModelSpec | None:
@@ -305,7 +281,7 @@ def fit(
             state = load_checkpoint(last_path, map_location=device)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
+            torch.set_rng_state(state["rng"].cpu())  # map_location may have moved it to the GPU
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
             best, stale = float(state["best_valid_bce"]), int(state["stale_epochs"])
             history = list(state["history"])

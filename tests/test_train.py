@@ -20,6 +20,7 @@ from cocam import UnknownAttributeError, attribute_index
 from cocam.checkpoint import ModelSpec, load_checkpoint, load_model
 from cocam.dataset import CelebADataset, normalize_uint8
 from cocam.gradcam import grad_cam
+from cocam.io import pid_alive
 from cocam.losses import guided_loss
 from cocam.masks import default_mask, mask_to_feature, mask_to_input
 from cocam.train import (
@@ -478,7 +479,7 @@ def _dead_pid() -> int:
     out = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                          check=True)
     pid = int(out.stdout)
-    if train_module._pid_alive(pid):  # reused already: vanishingly unlikely
+    if pid_alive(pid):  # reused already: vanishingly unlikely
         pytest.skip("the PID of the finished process was reused")
     return pid
 

@@ -1,0 +1,899 @@
+"""What the notebooks call: settings, a shared workspace, training shortcuts, figures, a verdict.
+
+The four notebooks (discover the bias → draw the region → fine-tune → evaluate) keep their
+code cells to one or two library calls; this module holds the glue they share:
+
+* :func:`smoke_mode` / :func:`default_settings` — the real settings, or tiny ones for a quick
+  headless run (``COCAM_SMOKE=1``);
+* :class:`Workspace` — where the dataset, the runs and the masks live, so every notebook finds
+  what the others wrote (and can make it itself when run alone: every training call resumes);
+* :func:`train_baseline`, :func:`fine_tune`, :func:`ensure_checkpoints`,
+  :func:`evaluate_models` — the pipeline of ``cocam demo``, one step per call;
+* figures that return a :class:`matplotlib.figure.Figure` (shown by Jupyter, saved or ignored
+  headless): :func:`plot_cooccurrence_heatmap`, :func:`show_cam_grid`,
+  :func:`show_cam_comparison`, :func:`show_mask_on_images`, :func:`show_masks`,
+  :func:`plot_history` and :class:`LivePlot` for curves that grow while training runs;
+* :func:`verdict` — the before/after table in plain words.
+
+Paths given as relative (``"runs/notebooks"``) are taken relative to the project folder (the
+nearest folder above the working directory with a ``pyproject.toml`` and a ``notebooks/``
+folder, or ``$COCAM_PROJECT_DIR``), so a notebook finds the same files whether Jupyter was
+started in the project or in ``notebooks/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cocam.attributes import CELEBA_ATTRIBUTES, PAPER_PAIRS, attribute_index, validate_attribute, validate_attributes
+from cocam.checkpoint import ModelSpec, load_model
+from cocam.io import exclusive_lock
+from cocam.dataset import CelebADataset, normalize_uint8
+from cocam.model import SplitModel
+from cocam.train import FitResult, Guidance, RunLockedError, TrainConfig, fit
+
+__all__ = [
+    "BASELINE",
+    "CONTROL",
+    "GUIDED",
+    "SMOKE_ENV",
+    "LivePlot",
+    "NotebookOrderError",
+    "Settings",
+    "Workspace",
+    "conflict_mistakes",
+    "default_settings",
+    "ensure_checkpoints",
+    "ensure_dataset",
+    "evaluate_models",
+    "fine_tune",
+    "guidance_for",
+    "load_models",
+    "mask_sources",
+    "paint_with_strokes",
+    "plot_cooccurrence_heatmap",
+    "plot_history",
+    "project_dir",
+    "require",
+    "results_table",
+    "show_cam_comparison",
+    "show_cam_grid",
+    "show_mask_on_images",
+    "show_masks",
+    "smoke_mode",
+    "train_baseline",
+    "verdict",
+]
+
+#: Environment variable that switches the notebooks to their quick smoke settings.
+SMOKE_ENV = "COCAM_SMOKE"
+#: Model names used in tables (as in ``cocam demo``).
+BASELINE = "pre-trained"
+CONTROL = "BCE-only control"
+GUIDED = "fine-tuned (guided)"
+
+
+class NotebookOrderError(RuntimeError):
+    """A cell needs something an earlier cell makes (e.g. a drawn mask)."""
+
+
+def require(condition: Any, message: str) -> None:
+    """Stop a cell with ``message`` unless ``condition`` holds (guards cells run out of order)."""
+    if not condition:
+        raise NotebookOrderError(message)
+
+
+def smoke_mode() -> bool:
+    """Whether ``COCAM_SMOKE`` asks for the quick settings (``1``, ``true``, ``yes`` or ``on``)."""
+    return os.environ.get(SMOKE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and the workspace
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Dataset preset, model size and training budget used by the notebooks.
+
+    Attributes:
+        smoke: the quick settings (tiny data, one epoch) for headless checks.
+        preset: synthetic dataset preset (:data:`cocam.synthetic.PRESETS`).
+        image_size, hidden: model input side and classifier width (:class:`~cocam.checkpoint.ModelSpec`).
+        epochs, patience, lr: baseline training.
+        finetune_epochs, finetune_lr: guided fine-tuning and its control (same steps for both).
+        batch_size, seed, device: as in :class:`~cocam.train.TrainConfig`.
+        workers: processes used to render the synthetic dataset (``None``: all cores).
+    """
+
+    smoke: bool = False
+    preset: str = "default"
+    image_size: int = 112
+    hidden: int = 512
+    epochs: int = 10
+    finetune_epochs: int = 2
+    batch_size: int = 64
+    lr: float = 3e-4
+    finetune_lr: float = 1e-4
+    patience: int | None = 3
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None
+
+    def spec(self) -> ModelSpec:
+        """The model to build."""
+        return ModelSpec(image_size=self.image_size, hidden=self.hidden)
+
+    def train_config(self) -> TrainConfig:
+        """Baseline training: early stopping on the validation BCE."""
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, patience=self.patience,
+                           seed=self.seed, device=self.device)
+
+    def finetune_config(self, n_train: int) -> TrainConfig:
+        """Fine-tuning and control: a fixed number of steps, no early stopping."""
+        steps = max(1, self.finetune_epochs * (n_train // self.batch_size))
+        return TrainConfig(epochs=self.finetune_epochs, max_steps=steps, batch_size=self.batch_size,
+                           lr=self.finetune_lr, patience=None, seed=self.seed, device=self.device)
+
+
+def default_settings(smoke: bool | None = None) -> Settings:
+    """The notebooks' settings: ``smoke=None`` reads :func:`smoke_mode`.
+
+    Real: the ``default`` synthetic preset (18,000 faces), 112 px AlexNet with a 512-wide head,
+    up to 10 epochs, 2 fine-tuning epochs. Smoke: the ``smoke`` preset (192 faces), 64 px, a
+    32-wide head, one epoch each — minutes for the four notebooks on two CPU cores.
+    """
+    smoke = smoke_mode() if smoke is None else bool(smoke)
+    if smoke:
+        return Settings(smoke=True, preset="smoke", image_size=64, hidden=32, epochs=1, finetune_epochs=1,
+                        batch_size=32, patience=None, workers=1)
+    return Settings()
+
+
+def project_dir() -> Path:
+    """The folder relative paths are resolved against (see the module docstring)."""
+    env = os.environ.get("COCAM_PROJECT_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
+            return folder
+    return here
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else project_dir() / p
+
+
+def ensure_dataset(root: str | os.PathLike | None, settings: Settings, *, progress: bool = True) -> Path:
+    """The dataset root to use, generating the synthetic default on first use.
+
+    Args:
+        root: ``None`` for the synthetic CelebA at ``data/synthetic`` (``data/synthetic/smoke``
+            in smoke mode), written once and reused; or the folder holding a real ``celeba/``
+            (checked, never written to).
+        settings: :func:`default_settings`; its ``preset`` picks the synthetic size.
+
+    Returns:
+        The folder that contains ``celeba/``.
+    """
+    if root is None:
+        from cocam.synthetic import generate_synthetic_celeba, is_synthetic_complete
+
+        root = _resolve("data/synthetic") / ("smoke" if settings.smoke else "")
+        if not is_synthetic_complete(root):
+            with exclusive_lock(root / ".generate.lock", wait=6 * 3600, what=f"generating {root}"):
+                if not is_synthetic_complete(root):  # another process may have finished it meanwhile
+                    generate_synthetic_celeba(root, settings.preset, workers=settings.workers, progress=progress)
+        return root
+    from cocam.celeba import load_annotations
+
+    root = _resolve(root)
+    load_annotations(root)  # a clear error now if this is not a CelebA folder
+    return root
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where one series of notebooks keeps its data, runs and masks.
+
+    Create it with :meth:`create` in every notebook with the same parameters; each notebook
+    then finds what the others wrote: ``run_dir/baseline``, ``run_dir/guided-<hash>`` (one per
+    guidance setting, see :func:`guided_run_name`), ``run_dir/control`` and the masks in
+    ``mask_dir``.
+    """
+
+    settings: Settings
+    data_root: Path
+    run_dir: Path
+    mask_dir: Path
+    _datasets: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def create(cls, data_root: str | os.PathLike | None = None, run_dir: str | os.PathLike = "runs/notebooks", *,
+               smoke: bool | None = None, mask_dir: str | os.PathLike | None = None,
+               settings: Settings | None = None, progress: bool = True) -> Workspace:
+        """Resolve the folders and make sure the dataset exists.
+
+        Args:
+            data_root: see :func:`ensure_dataset`.
+            run_dir: checkpoints and histories (smoke runs go to ``run_dir/smoke``).
+            smoke: ``None`` reads :func:`smoke_mode`.
+            mask_dir: where masks are saved and looked up; ``None`` is the project's
+                ``data/masks`` (``run_dir/smoke/masks`` in smoke mode, so a quick run never
+                touches the shipped masks).
+            settings: overrides :func:`default_settings`.
+        """
+        settings = settings if settings is not None else default_settings(smoke)
+        runs = _resolve(run_dir) / ("smoke" if settings.smoke else "")
+        masks = _resolve(mask_dir) if mask_dir is not None else (
+            runs / "masks" if settings.smoke else project_dir() / "data" / "masks")
+        root = ensure_dataset(data_root, settings, progress=progress)
+        return cls(settings=settings, data_root=root, run_dir=runs, mask_dir=masks)
+
+    @property
+    def baseline_dir(self) -> Path:
+        return self.run_dir / "baseline"
+
+    @property
+    def control_dir(self) -> Path:
+        return self.run_dir / "control"
+
+    def guided_dir(self, guidance: Guidance) -> Path:
+        """The run folder of guided fine-tuning with ``guidance``."""
+        return self.run_dir / guided_run_name(guidance)
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the dataset is cocam's synthetic CelebA (it has ground-truth regions)."""
+        from cocam.synthetic import is_synthetic_complete
+
+        return is_synthetic_complete(self.data_root)
+
+    def dataset(self, split: str) -> CelebADataset:
+        """A split at the model's input size (built once per workspace)."""
+        if split not in self._datasets:
+            self._datasets[split] = CelebADataset(self.data_root, split, image_size=self.settings.image_size)
+        return self._datasets[split]
+
+    def describe(self) -> str:
+        """A few lines saying what this workspace uses."""
+        s = self.settings
+        kind = "synthetic CelebA" if self.synthetic else "CelebA"
+        return "\n".join([
+            f"mode      : {'SMOKE (tiny data, 1 epoch: checks that everything runs)' if s.smoke else 'full'}",
+            f"dataset   : {kind} at {self.data_root}",
+            f"runs      : {self.run_dir}",
+            f"masks     : {self.mask_dir}",
+            f"model     : {s.spec().arch}, {s.image_size}px input, head width {s.hidden}",
+            f"training  : baseline up to {s.epochs} epochs, fine-tuning {s.finetune_epochs} epoch(s), "
+            f"batch {s.batch_size}, device {s.device}",
+        ])
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def guided_run_name(guidance: Guidance) -> str:
+    """``guided-<hash>``: a new drawing, attribute or weight gives a new run (never a stale one)."""
+    digest = hashlib.sha256(repr(sorted((k, v) for k, v in guidance.describe().items()
+                                        if k != "mask_pixels")).encode())
+    for mask in guidance.masks:
+        digest.update(np.packbits(np.asarray(mask, dtype=bool)).tobytes())
+    return f"guided-{digest.hexdigest()[:10]}"
+
+
+def _fit_when_free(run_dir: Path, make_model: Callable[[], tuple[SplitModel, ModelSpec]], train: CelebADataset,
+                   valid: CelebADataset, config: TrainConfig, **kwargs: Any) -> FitResult:
+    """:func:`cocam.train.fit` with ``resume=True``, waiting while another process trains the same run.
+
+    A run that already finished is reloaded from its checkpoint without calling ``fit``.
+    """
+    told = False
+    while True:
+        finished = _finished_run(run_dir, config, len(train))
+        if finished is not None:
+            return finished
+        model, spec = make_model()
+        try:
+            return fit(model, train, valid, config, spec=spec, run_dir=run_dir, resume=True, **kwargs)
+        except RunLockedError:
+            if not told:
+                print(f"{run_dir} is being trained by another process; waiting for it to finish...", flush=True)
+                told = True
+            time.sleep(2.0)
+
+
+def _finished_run(run_dir: Path, config: TrainConfig, n_train: int) -> FitResult | None:
+    """The result of a run in ``run_dir`` that has nothing left to do under ``config``, else ``None``.
+
+    Mirrors the stopping rule of :func:`cocam.train.fit`: all steps done, all epochs done, or
+    early stopping's patience exhausted.
+    """
+    from cocam.checkpoint import CheckpointError, load_checkpoint
+
+    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    if not last.is_file() or (run_dir / ".lock").exists():
+        return None
+    try:
+        state = load_checkpoint(last, map_location="cpu")
+    except CheckpointError:
+        return None
+    total = config.epochs * (n_train // config.batch_size)
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    step, epoch = int(state["step"]), int(state["epoch"])
+    stale = int(state.get("stale_epochs", 0))
+    done = (step >= total or epoch + 1 >= config.epochs
+            or (config.patience is not None and stale >= config.patience))
+    if not done:
+        return None
+    model, _, _ = load_model(last)
+    return FitResult(model=model, history=pd.DataFrame(state["history"]), steps=step, run_dir=run_dir,
+                     best_path=best if best.is_file() else None, last_path=last)
+
+
+def train_baseline(ws: Workspace, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                   progress: bool = True) -> FitResult:
+    """Train (or resume, or just reload) the baseline into ``ws.baseline_dir``."""
+    spec = ws.settings.spec()
+    return _fit_when_free(ws.baseline_dir, lambda: (spec.build(), spec), ws.dataset("train"), ws.dataset("valid"),
+                          ws.settings.train_config(), on_epoch=on_epoch, progress=progress)
+
+
+def _baseline_checkpoint(ws: Workspace, progress: bool) -> Path:
+    best = ws.baseline_dir / "best.pt"
+    result = train_baseline(ws, progress=progress)
+    return result.best_path or best
+
+
+def mask_sources(ws: Workspace, attributes: Sequence[str]) -> pd.DataFrame:
+    """For each attribute: the mask that will be used (the saved drawing, or the built-in region)."""
+    from cocam.masks import resolve_mask
+
+    rows = []
+    for a in validate_attributes(attributes):
+        mask, source = resolve_mask(a, ws.mask_dir)
+        rows.append({"attribute": a, "mask": source, "pixels": int(mask.sum()),
+                     "% of the face": round(100 * float(mask.mean()), 1)})
+    return pd.DataFrame(rows)
+
+
+def guidance_for(ws: Workspace, attributes: Sequence[str], *, w_a: float = 1.0, w_g: float = 1.0,
+                 target: str = "both") -> Guidance:
+    """A :class:`~cocam.train.Guidance` with each attribute's mask from ``ws.mask_dir`` (or built-in)."""
+    from cocam.masks import resolve_mask
+
+    attributes = validate_attributes(attributes)
+    masks = tuple(resolve_mask(a, ws.mask_dir)[0] for a in attributes)
+    return Guidance(tuple(attributes), masks, w_a=w_a, w_g=w_g, target=target)
+
+
+def fine_tune(ws: Workspace, guidance: Guidance | None, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+              progress: bool = True) -> FitResult:
+    """Fine-tune the baseline's best checkpoint: guided, or the BCE-only control (``guidance=None``).
+
+    Both use :meth:`Settings.finetune_config` (same steps, same seed), so they differ only by the
+    guidance term. Runs resume: a finished run is just reloaded. The baseline is trained first
+    if it does not exist yet.
+    """
+    checkpoint = _baseline_checkpoint(ws, progress=False)
+    train, valid = ws.dataset("train"), ws.dataset("valid")
+    run_dir = ws.guided_dir(guidance) if guidance is not None else ws.control_dir
+
+    def make() -> tuple[SplitModel, ModelSpec]:
+        model, spec, _ = load_model(checkpoint)
+        return model, spec
+
+    return _fit_when_free(run_dir, make, train, valid, ws.settings.finetune_config(len(train)), guidance=guidance,
+                          on_epoch=on_epoch, progress=progress)
+
+
+def ensure_checkpoints(ws: Workspace, guidance: Guidance, *, progress: bool = False) -> dict[str, Path]:
+    """The three checkpoints to compare, training whatever is missing: name → path."""
+    baseline = _baseline_checkpoint(ws, progress=progress)
+    control = fine_tune(ws, None, progress=progress).last_path
+    guided = fine_tune(ws, guidance, progress=progress).last_path
+    return {BASELINE: baseline, CONTROL: control, GUIDED: guided}
+
+
+def load_models(checkpoints: Mapping[str, Path]) -> dict[str, SplitModel]:
+    """Load each checkpoint (eval mode, CPU)."""
+    return {name: load_model(path)[0].eval() for name, path in checkpoints.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_models(ws: Workspace, checkpoints: Mapping[str, Path], pairs: Sequence[tuple[str, str]] = PAPER_PAIRS,
+                    *, split: str = "test", attention: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Before/after table (:func:`cocam.evaluate.paper_table`) with attention metrics.
+
+    Attention is the Grad-CAM of A on the images with A, scored against the mask in
+    ``ws.mask_dir`` (``mask …`` columns) and, on the synthetic dataset, against each image's
+    true evidence region (``truth …`` columns).
+
+    Returns:
+        ``(table, long)``: one row per (attribute, model), and :func:`~cocam.evaluate.pair_accuracy`'s
+        long format with a ``model`` column.
+    """
+    from cocam.evaluate import evaluate_checkpoints
+
+    return evaluate_checkpoints(ws.data_root, checkpoints, pairs, split=split, attention=attention,
+                                mask_dir=ws.mask_dir)
+
+
+def results_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The columns worth reading, rounded, indexed by (attribute, model)."""
+    cols = [c for c in ["attribute", "shortcut", "model", "test %", "conflict A∧¬B %", "conflict 95% CI",
+                        "n conflict", "reverse ¬A∧B %", "worst group %", "mask soft_iou", "mask energy_inside",
+                        "truth soft_iou", "truth pointing_game"] if c in table.columns]
+    out = table[cols].copy()
+    for c in out.columns:
+        if c.endswith("%"):
+            out[c] = out[c].round(1)
+        elif c.startswith(("mask ", "truth ")):
+            out[c] = out[c].round(3)
+    return out.set_index(["attribute", "model"])
+
+
+def _interval(text: Any) -> tuple[float, float]:
+    match = re.match(r"\s*\[\s*([-\d.naNinf]+)\s*,\s*([-\d.naNinf]+)\s*\]", str(text))
+    if not match:
+        return float("nan"), float("nan")
+    return float(match.group(1)), float(match.group(2))
+
+
+def verdict(table: pd.DataFrame, *, guided: str = GUIDED, baseline: str = BASELINE, control: str = CONTROL,
+            cost_points: float = 2.0) -> str:
+    """The before/after table in plain words.
+
+    For each attribute A (shortcut B) the guided model's accuracy on the conflict subset A∧¬B
+    is compared with the BCE-only control (or, without one, the pre-trained model): *helped*
+    when it lies above the control's 95 % interval, *hurt* when below, *no clear change*
+    otherwise; a drop of more than ``cost_points`` in overall test accuracy is reported as a
+    cost. The attention change (soft IoU of the Grad-CAM with the mask) is added when the
+    table has it.
+
+    Args:
+        table: :func:`evaluate_models` or :func:`cocam.evaluate.paper_table` output.
+    """
+    required = {"attribute", "model", "test %", "conflict A∧¬B %", "conflict 95% CI", "n conflict"}
+    missing = required - set(table.columns)
+    if missing:
+        raise ValueError(f"the table lacks the columns {sorted(missing)}; pass evaluate_models()[0] or paper_table().")
+    lines, outcomes = [], []
+    for attribute, rows in table.groupby("attribute", sort=False):
+        by_model = rows.drop_duplicates("model").set_index("model")
+        if guided not in by_model.index or baseline not in by_model.index:
+            lines.append(f"• {attribute}: the table needs both '{baseline}' and '{guided}' rows to judge it.")
+            continue
+        g, b = by_model.loc[guided], by_model.loc[baseline]
+        has_control = control in by_model.index
+        ref = by_model.loc[control] if has_control else b
+        ref_name = "the BCE-only control" if has_control else "the pre-trained model"
+        shortcut = g.get("shortcut", "its shortcut")
+        n = int(g["n conflict"]) if pd.notna(g["n conflict"]) else 0
+        subset = f"{attribute} without {shortcut}"
+        if n == 0 or pd.isna(g["conflict A∧¬B %"]):
+            lines.append(f"• {attribute}: the test split has no image with {subset}, so the shortcut cannot be "
+                         f"judged here.")
+            outcomes.append("unknown")
+            continue
+        lo, hi = _interval(ref["conflict 95% CI"])
+        gc, bc, rc = float(g["conflict A∧¬B %"]), float(b["conflict A∧¬B %"]), float(ref["conflict A∧¬B %"])
+        if not math.isnan(hi) and gc > hi:
+            outcome = "helped"
+        elif not math.isnan(lo) and gc < lo:
+            outcome = "hurt"
+        else:
+            outcome = "no clear change"
+        outcomes.append(outcome)
+        cost = float(b["test %"]) - float(g["test %"])
+        images = f"{n} test image{'s' if n != 1 else ''}"
+        text = (f"• {attribute}: on the {images} with {subset}, accuracy went from {bc:.1f} % "
+                f"(pre-trained) to {gc:.1f} % with guidance ({gc - bc:+.1f} points)")
+        text += f"; {ref_name} reached {rc:.1f} % [95 % interval {lo:.1f}–{hi:.1f}]." if has_control else "."
+        text += {"helped": " The guidance helped: the gain is beyond what the extra training alone gives.",
+                 "hurt": f" The guidance hurt: the result is below {ref_name}'s interval.",
+                 "no clear change": f" No clear change: the result lies within {ref_name}'s interval."}[outcome]
+        text += (f" Overall test accuracy {float(b['test %']):.1f} % → {float(g['test %']):.1f} %"
+                 + (f", a cost of {cost:.1f} points." if cost > cost_points else " (no real cost)."))
+        if "mask soft_iou" in by_model.columns and pd.notna(g["mask soft_iou"]) and pd.notna(b["mask soft_iou"]):
+            iou_b, iou_g = float(b["mask soft_iou"]), float(g["mask soft_iou"])
+            moved = "moved into" if iou_g > iou_b + 0.02 else ("moved away from" if iou_g < iou_b - 0.02 else
+                                                                "barely changed relative to")
+            text += f" Its Grad-CAM {moved} the drawn region (soft IoU {iou_b:.2f} → {iou_g:.2f})."
+        if n < 30:
+            text += (f" With only {n} image{'s' if n != 1 else ''} the interval is wide: treat this as a hint, "
+                     f"not a result.")
+        lines.append(text)
+    judged = [o for o in outcomes if o != "unknown"]
+    helped = sum(o == "helped" for o in judged)
+    if not judged:
+        head = "No attribute could be judged."
+    elif helped == len(judged):
+        head = f"Guided fine-tuning helped on all {len(judged)} attribute(s): the model relies less on the shortcut."
+    elif helped:
+        head = f"Guided fine-tuning helped on {helped} of {len(judged)} attributes."
+    elif any(o == "hurt" for o in judged):
+        head = "Guided fine-tuning did not help here; on some attributes it made the conflict cases worse."
+    else:
+        head = "Guided fine-tuning made no clear difference on the conflict cases here."
+    return "\n".join([head, *lines])
+
+
+def conflict_mistakes(model: SplitModel, dataset: CelebADataset, attribute: str, shortcut: str,
+                      logits: np.ndarray | None = None) -> CelebADataset:
+    """Images with ``attribute`` but without ``shortcut`` that the model gets wrong on ``attribute``.
+
+    ``logits`` are :func:`cocam.evaluate.predict` outputs for ``dataset`` (computed if omitted).
+    """
+    from cocam.evaluate import predict
+
+    a, b = validate_attribute(attribute), validate_attribute(shortcut)
+    if logits is None:
+        logits = predict(model, dataset)
+    labels = dataset.attributes
+    wrong = (labels[a].to_numpy() == 1) & (labels[b].to_numpy() == 0) & (logits[:, attribute_index(a)] <= 0)
+    return dataset.subset_names(dataset.names[wrong])
+
+
+def paint_with_strokes(editor: Any, region: np.ndarray, *, brush: float = 6.0) -> None:
+    """Fill ``region`` (template coordinates) with the editor's own brush, as a hand would.
+
+    Horizontal strokes ``0.7 · brush`` apart sweep every run of region pixels, through
+    :meth:`~cocam.widget.MaskEditor.press` / ``drag`` / ``release`` — what a notebook does
+    when nobody is at the mouse.
+    """
+    region = np.asarray(region, dtype=bool)
+    editor.set_mode("brush")
+    editor.set_brush(brush)
+    s = editor.scale
+    rows = np.flatnonzero(region.any(axis=1))
+    if rows.size == 0:
+        return
+    step = max(1, int(round(0.7 * brush)))
+    for r in range(int(rows[0]), int(rows[-1]) + 1, step):
+        line = region[r].astype(np.int8)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], line, [0]])))
+        for start, stop in zip(edges[::2], edges[1::2], strict=True):
+            y = (r + 0.5) * s
+            editor.press((start + 0.5) * s, y)
+            editor.drag((stop - 0.5) * s, y)
+            editor.release()
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    _register_figure_display()
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _png(fig: Any, dpi: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def _register_figure_display() -> None:
+    """Let IPython show a returned Figure as a PNG, whatever matplotlib backend is active.
+
+    The figures here are not managed by pyplot (so they never show twice, and nothing piles up
+    in memory); IPython only knows how to show them once a formatter is registered.
+    """
+    if not _in_ipython():
+        return
+    from IPython import get_ipython
+    from matplotlib.figure import Figure
+
+    formatter = get_ipython().display_formatter.formatters["image/png"]
+    try:
+        formatter.lookup_by_type(Figure)
+    except KeyError:
+        formatter.for_type(Figure, _png)
+
+
+def plot_cooccurrence_heatmap(stats: pd.DataFrame, split: str = "train", *,
+                              highlight: Sequence[tuple[str, str]] = PAPER_PAIRS):
+    """The 40×40 matrix of P(B | A) (row A, column B) of one split, paper pairs outlined.
+
+    Args:
+        stats: :func:`cocam.cooccurrence.cooccurrence` (or :func:`~cocam.cooccurrence.celeba_reference`).
+        split: ``"train"``, ``"valid"``, ``"test"`` (or ``"all"``).
+    """
+    from matplotlib.patches import Rectangle
+
+    s = stats[stats["split"] == split]
+    if s.empty:
+        raise ValueError(f"no statistics for split {split!r}; splits present: {sorted(stats['split'].unique())}.")
+    names = list(CELEBA_ATTRIBUTES)
+    matrix = s.pivot(index="a", columns="b", values="p_b_given_a").reindex(index=names, columns=names)
+    fig = _figure(10.5, 9.5)
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix.to_numpy(dtype=float), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("B")
+    ax.set_ylabel("A")
+    for a, b in highlight:
+        i, j = names.index(a), names.index(b)
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#00e5ff", linewidth=2))
+        ax.annotate(f"{matrix.loc[a, b]:.2f}", (j, i), color="#00e5ff", fontsize=7, ha="left", va="bottom",
+                    xytext=(6, 4), textcoords="offset points", fontweight="bold")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="P(B | A)")
+    n = int(s["n_images"].iloc[0])
+    ax.set_title(f"How often B is present when A is ({split} split, {n} images); outlined: the guided pairs")
+    return fig
+
+
+def _model_device(model: SplitModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cams(model: SplitModel, dataset: CelebADataset, attribute: str, indices: Sequence[int]):
+    """(uint8 images (N,S,S,3), cams (N,S,S), probabilities (N,), labels (N,)) of ``indices``."""
+    from cocam.gradcam import grad_cam
+
+    idx = attribute_index(attribute)
+    pixels, targets, _ = dataset.get_batch_numpy(np.asarray(indices, dtype=np.int64))
+    images = normalize_uint8(torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            res = grad_cam(model, images.to(_model_device(model)), attribute, output_size=dataset.image_size)
+    finally:
+        model.train(was_training)
+    probs = torch.sigmoid(res.logits[:, idx].float()).cpu().numpy()
+    return pixels, res.cams[:, 0].float().cpu().numpy(), probs, targets[:, idx]
+
+
+def _empty_figure(message: str):
+    fig = _figure(6, 1.2)
+    ax = fig.add_subplot()
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11)
+    return fig
+
+
+def show_cam_grid(model: SplitModel, dataset: CelebADataset, attribute: str, n: int = 8, *,
+                  indices: Sequence[int] | None = None, cols: int = 4, title: str | None = None):
+    """Grad-CAM overlays (:func:`cocam.gradcam.overlay`) of ``attribute`` on ``n`` images.
+
+    Each panel is titled with the true label and the predicted probability, green when the
+    prediction is right and red when it is wrong.
+    """
+    from cocam.gradcam import overlay
+
+    attribute = validate_attribute(attribute)
+    indices = list(indices) if indices is not None else list(range(min(n, len(dataset))))
+    if not indices:
+        return _empty_figure(f"no images to show for {attribute}")
+    pixels, cams, probs, labels = _cams(model, dataset, attribute, indices)
+    cols = max(1, min(cols, len(indices)))
+    rows = math.ceil(len(indices) / cols)
+    fig = _figure(2.4 * cols, 2.6 * rows)
+    for k in range(len(indices)):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.imshow(overlay(pixels[k], cams[k]))
+        right = (probs[k] > 0.5) == (labels[k] > 0.5)
+        ax.set_title(f"{dataset.names[indices[k]]}\ny={int(labels[k])}  p={probs[k]:.2f}", fontsize=8,
+                     color="#1b7f3b" if right else "#c62828")
+        ax.axis("off")
+    fig.suptitle(title or f"Grad-CAM of {attribute}: where the model looks", fontsize=11)
+    return fig
+
+
+def show_cam_comparison(models: Mapping[str, SplitModel], dataset: CelebADataset, attribute: str, n: int = 6, *,
+                        indices: Sequence[int] | None = None):
+    """The same images under several models: one row per model, the image itself on top."""
+    from cocam.gradcam import overlay
+
+    attribute = validate_attribute(attribute)
+    indices = list(indices) if indices is not None else list(range(min(n, len(dataset))))
+    if not indices or not models:
+        return _empty_figure(f"no images to show for {attribute}")
+    rows = len(models) + 1
+    fig = _figure(2.2 * len(indices), 2.3 * rows)
+    axes = fig.subplots(rows, len(indices), squeeze=False)
+    pixels = dataset.get_batch_numpy(np.asarray(indices, dtype=np.int64))[0]
+    for k, ax in enumerate(axes[0]):
+        ax.imshow(pixels[k])
+        ax.set_title(str(dataset.names[indices[k]]), fontsize=8)
+    axes[0, 0].set_ylabel("image", fontsize=9)
+    for r, (name, model) in enumerate(models.items(), start=1):
+        _, cams, probs, labels = _cams(model, dataset, attribute, indices)
+        for k, ax in enumerate(axes[r]):
+            ax.imshow(overlay(pixels[k], cams[k]))
+            right = (probs[k] > 0.5) == (labels[k] > 0.5)
+            ax.set_title(f"p={probs[k]:.2f}", fontsize=8, color="#1b7f3b" if right else "#c62828")
+        axes[r, 0].set_ylabel(name, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"Grad-CAM of {attribute}, same images, before and after", fontsize=11)
+    return fig
+
+
+def _tint(image: np.ndarray, region: np.ndarray, colour=(64, 230, 96), alpha: float = 0.45) -> np.ndarray:
+    img = np.asarray(image, dtype=np.float64) / (255.0 if np.asarray(image).dtype == np.uint8 else 1.0)
+    r = np.clip(np.asarray(region, dtype=np.float64), 0, 1)[..., None] * alpha
+    return np.clip(img * (1 - r) + np.asarray(colour, dtype=np.float64) / 255.0 * r, 0, 1)
+
+
+def show_masks(masks: Mapping[str, np.ndarray], *, titles: Mapping[str, str] | None = None):
+    """Masks (template coordinates) on the template face, one panel each."""
+    from cocam.synthetic import render_template
+
+    face = np.asarray(render_template()[0].convert("RGB"))
+    if not masks:
+        return _empty_figure("no masks")
+    fig = _figure(2.6 * len(masks), 3.4)
+    for k, (name, mask) in enumerate(masks.items()):
+        ax = fig.add_subplot(1, len(masks), k + 1)
+        ax.imshow(_tint(face, mask))
+        ax.set_title((titles or {}).get(name, name), fontsize=9)
+        ax.axis("off")
+    return fig
+
+
+def show_mask_on_images(mask: np.ndarray, dataset: CelebADataset, n: int = 6, *,
+                        indices: Sequence[int] | None = None):
+    """The template mask on the template, then carried onto dataset images (:func:`cocam.masks.mask_to_input`).
+
+    This is the region the guidance asks the Grad-CAM to fall into, at the model's input size.
+    """
+    from cocam.masks import mask_to_input
+    from cocam.synthetic import render_template
+
+    face = np.asarray(render_template()[0].convert("RGB"))
+    region = mask_to_input(mask, dataset.image_size).numpy()
+    indices = list(indices) if indices is not None else list(range(min(n, len(dataset))))
+    pixels = dataset.get_batch_numpy(np.asarray(indices, dtype=np.int64))[0] if indices else []
+    fig = _figure(2.3 * (len(indices) + 1), 2.9)
+    ax = fig.add_subplot(1, len(indices) + 1, 1)
+    ax.imshow(_tint(face, mask))
+    ax.set_title("drawn on the template", fontsize=9)
+    ax.axis("off")
+    for k in range(len(indices)):
+        ax = fig.add_subplot(1, len(indices) + 1, k + 2)
+        ax.imshow(_tint(pixels[k], region))
+        ax.contour(region, levels=[0.5], colors=["#ffffff"], linewidths=0.8)
+        ax.set_title(str(dataset.names[indices[k]]), fontsize=8)
+        ax.axis("off")
+    return fig
+
+
+_CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("BCE", ("train_bce", "valid_bce")),
+    ("loss_g = -ln softIoU", ("train_loss_g",)),
+    ("validation accuracy", ("valid_accuracy",)),
+)
+
+
+def _draw_curves(fig, histories: Mapping[str, pd.DataFrame], x: str = "step") -> None:
+    present = [(title, keys) for title, keys in _CURVES
+               if any(k in h.columns and h[k].notna().any() for h in histories.values() for k in keys)]
+    if not present:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "waiting for the first epoch...", ha="center", va="center")
+        return
+    for p, (title, keys) in enumerate(present):
+        ax = fig.add_subplot(1, len(present), p + 1)
+        for run, h in histories.items():
+            for key in keys:
+                if key in h.columns and h[key].notna().any():
+                    label = key if len(histories) == 1 else f"{run}: {key}"
+                    ax.plot(h[x], h[key], marker="o", markersize=3, label=label,
+                            linestyle="--" if key.startswith("valid_") and "bce" in key else "-")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+
+def plot_history(histories: Mapping[str, pd.DataFrame] | pd.DataFrame, *, x: str = "step"):
+    """Training curves of one or several runs (``FitResult.history`` or ``history.csv``)."""
+    if isinstance(histories, pd.DataFrame):
+        histories = {"run": histories}
+    fig = _figure(12, 3.3)
+    _draw_curves(fig, histories, x)
+    return fig
+
+
+def _in_ipython() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return get_ipython() is not None
+
+
+class LivePlot:
+    """Curves that grow while :func:`cocam.train.fit` runs: pass ``on_epoch=live.update``.
+
+    In Jupyter the figure is redrawn in place after every epoch (BCE, ``loss_g`` when guiding,
+    validation accuracy); elsewhere nothing is displayed and :attr:`figure` / :attr:`history`
+    hold the result.
+
+    Args:
+        title: shown above the curves.
+        display: show the figure in the notebook (default: when running under IPython).
+    """
+
+    def __init__(self, title: str = "", *, display: bool | None = None) -> None:
+        self.title = title
+        self._records: list[dict[str, Any]] = []
+        self._display = _in_ipython() if display is None else display
+        self._handle: Any = None
+        self._figure = None
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """The records received so far."""
+        return pd.DataFrame(self._records)
+
+    @property
+    def figure(self):
+        """The current figure (a :class:`matplotlib.figure.Figure`)."""
+        if self._figure is None:
+            self._redraw()
+        return self._figure
+
+    def update(self, record: Mapping[str, Any]) -> None:
+        """Add one epoch's record (as given to ``fit``'s ``on_epoch``) and redraw."""
+        self._records.append(dict(record))
+        self._show()
+
+    __call__ = update
+
+    def complete(self, history: pd.DataFrame) -> None:
+        """Show a run's whole history once it returns (also when it was resumed or already finished)."""
+        self._records = [dict(r) for r in history.to_dict("records")]
+        self._show()
+
+    def _show(self) -> None:
+        self._redraw()
+        if self._display:
+            from IPython.display import Image, display
+
+            image = Image(data=_png(self._figure), format="png")
+            if self._handle is None:
+                self._handle = display(image, display_id=True)
+            else:
+                self._handle.update(image)
+
+    def _redraw(self) -> None:
+        fig = _figure(12, 3.3)
+        _draw_curves(fig, {self.title or "run": self.history})
+        if self.title:
+            fig.suptitle(self.title, fontsize=11)
+        self._figure = fig

@@ -1,0 +1,327 @@
+"""The notebooks: committed clean, and runnable top to bottom headless in smoke mode.
+
+Plus the helpers of :mod:`cocam.notebook` they rely on (settings, workspace, verdict, figures).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cocam.notebook as nb
+from cocam.masks import default_mask, load_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _nbformat():
+    return pytest.importorskip("nbformat", reason="nbformat is not installed (pip install 'cocam[notebooks]')")
+
+
+def test_the_four_notebooks_exist() -> None:
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_discover_bias.ipynb", "02_draw_region.ipynb", "03_fine_tune.ipynb", "04_evaluate.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_committed_without_outputs(path: Path) -> None:
+    nbformat = _nbformat()
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.metadata.get("kernelspec", {}).get("name") == "python3"
+    assert "widgets" not in notebook.metadata, "strip the saved widget state"
+    for i, cell in enumerate(notebook.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"cell {i} has outputs: clear them before committing"
+            assert cell.execution_count is None, f"cell {i} has an execution count"
+        assert "execution" not in cell.metadata, f"cell {i} carries execution timing metadata"
+    tagged = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters' (papermill)"
+    params = tagged[0].source
+    for name in ("DATA_ROOT", "RUN_DIR", "SMOKE"):
+        assert f"{name} =" in params
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    markdown = [c for c in notebook.cells if c.cell_type == "markdown"]
+    assert len(markdown) >= len(code) // 2, "tell the story: explain what the user sees"
+    assert all(len(c.source.splitlines()) <= 12 for c in code), "keep code cells thin: call the library"
+
+
+# -- running them ---------------------------------------------------------------------------------
+
+
+def _execute(path: Path, project: Path):
+    from nbclient import NotebookClient
+
+    notebook = _nbformat().read(path, as_version=4)
+    env = dict(os.environ, COCAM_SMOKE="1", COCAM_PROJECT_DIR=str(project), MPLBACKEND="agg",
+               PYTHONWARNINGS="ignore")
+    client = NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(project / "notebooks")}})
+    client.execute(env=env)
+    return notebook
+
+
+def _text(notebook) -> str:
+    parts = []
+    for cell in notebook.cells:
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", ""))
+            parts.append(out.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def _images(notebook) -> int:
+    return sum("image/png" in out.get("data", {}) for cell in notebook.cells for out in cell.get("outputs", []))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A scratch copy of the project folder: the runs never write into the repository."""
+    pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("ipycanvas")
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(ROOT / "notebooks", root / "notebooks")
+    (root / "pyproject.toml").write_text("# marks the project folder for cocam.notebook.project_dir\n")
+    return root
+
+
+def test_notebooks_run_headless_in_smoke_mode(project: Path) -> None:
+    """All four, in one scratch project: 1 and 2, then 4 *before* 3.
+
+    Notebook 4 thus finds only the baseline and the drawing and must train the guided run and
+    the control itself (each notebook is self-sufficient); notebook 3 then resumes those runs.
+    """
+    runs = project / "runs" / "notebooks" / "smoke"
+    order = ["01_discover_bias.ipynb", "02_draw_region.ipynb", "04_evaluate.ipynb", "03_fine_tune.ipynb"]
+    assert sorted(order) == [p.name for p in NOTEBOOKS]
+    ran = {}
+
+    ran["01"] = _execute(ROOT / "notebooks" / order[0], project)
+    assert (runs / "baseline" / "best.pt").is_file()
+    assert _images(ran["01"]) >= 4  # heatmap, live curves, two Grad-CAM grids
+    assert "SMOKE" in _text(ran["01"])
+
+    ran["02"] = _execute(ROOT / "notebooks" / order[1], project)
+    mask_path = runs / "masks" / "Wearing_Lipstick.png"
+    assert mask_path.is_file(), "notebook 2 saves the drawing (into the run folder in smoke mode)"
+    drawn = load_mask(mask_path)
+    lips = default_mask("Wearing_Lipstick")
+    assert (drawn & lips).sum() >= 0.95 * lips.sum()  # painted stroke by stroke, covering the lips
+    assert not (project / "data" / "masks").exists()  # the shipped masks are never touched
+    assert _images(ran["02"]) >= 1
+
+    assert not list(runs.glob("guided-*"))
+    ran["04"] = _execute(ROOT / "notebooks" / order[2], project)
+    guided = list(runs.glob("guided-*/last.pt"))
+    assert len(guided) == 1 and (runs / "control" / "last.pt").is_file()
+    results = pd.read_csv(runs / "results.csv")
+    assert set(results["model"]) == {nb.BASELINE, nb.CONTROL, nb.GUIDED}
+    assert "Wearing_Lipstick: on the" in _text(ran["04"])  # the verdict
+    assert _images(ran["04"]) >= 1
+
+    stamp = guided[0].stat().st_mtime_ns
+    ran["03"] = _execute(ROOT / "notebooks" / order[3], project)
+    assert list(runs.glob("guided-*/last.pt")) == guided  # same drawing: the same run, resumed
+    assert guided[0].stat().st_mtime_ns == stamp  # finished already: reloaded, not retrained
+    assert _images(ran["03"]) >= 3
+
+
+# -- the helpers ------------------------------------------------------------------------------------
+
+
+def test_smoke_mode_reads_the_environment(monkeypatch) -> None:
+    for value, expected in (("1", True), ("true", True), ("yes", True), ("0", False), ("", False)):
+        monkeypatch.setenv(nb.SMOKE_ENV, value)
+        assert nb.smoke_mode() is expected
+    monkeypatch.delenv(nb.SMOKE_ENV)
+    assert nb.smoke_mode() is False
+    assert nb.default_settings().smoke is False
+
+
+def test_default_settings() -> None:
+    real, smoke = nb.default_settings(False), nb.default_settings(True)
+    assert (real.preset, real.image_size, real.hidden) == ("default", 112, 512)
+    assert (real.epochs, real.finetune_epochs) == (10, 2)
+    assert (smoke.preset, smoke.image_size, smoke.hidden, smoke.epochs) == ("smoke", 64, 32, 1)
+    config = smoke.finetune_config(n_train=96)
+    assert config.max_steps == 3 and config.patience is None and config.lr == smoke.finetune_lr
+    assert real.train_config().patience == 3 and real.spec().image_size == 112
+
+
+def test_require_explains_what_to_do() -> None:
+    nb.require(True, "unused")
+    with pytest.raises(nb.NotebookOrderError, match="draw a mask first"):
+        nb.require(np.zeros(3, bool).any(), "draw a mask first (run the cell above)")
+
+
+def test_project_dir(tmp_path, monkeypatch) -> None:
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.delenv("COCAM_PROJECT_DIR", raising=False)
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert nb.project_dir() == tmp_path.resolve()
+    monkeypatch.setenv("COCAM_PROJECT_DIR", str(tmp_path / "elsewhere"))
+    assert nb.project_dir() == (tmp_path / "elsewhere").resolve()
+
+
+@pytest.fixture
+def workspace(synthetic_root, tmp_path) -> nb.Workspace:
+    return nb.Workspace.create(synthetic_root, tmp_path / "runs", settings=nb.default_settings(True), progress=False)
+
+
+def test_workspace_layout(workspace, tmp_path) -> None:
+    assert workspace.run_dir == tmp_path / "runs" / "smoke"
+    assert workspace.mask_dir == tmp_path / "runs" / "smoke" / "masks"  # smoke never uses data/masks
+    assert workspace.synthetic
+    assert workspace.dataset("test") is workspace.dataset("test")
+    assert "SMOKE" in workspace.describe()
+    with pytest.raises(FileNotFoundError):
+        nb.ensure_dataset(tmp_path / "nothing", workspace.settings)
+
+
+def test_guided_runs_are_named_by_their_masks(workspace) -> None:
+    a = nb.guidance_for(workspace, ["Wearing_Lipstick"])
+    b = nb.guidance_for(workspace, ["Wearing_Lipstick"])
+    assert workspace.guided_dir(a) == workspace.guided_dir(b)
+    from cocam.masks import save_mask
+
+    other = default_mask("Wearing_Lipstick")
+    other[:, :89] = False  # the left half of the lips
+    save_mask(workspace.mask_dir / "Wearing_Lipstick.png", other)
+    assert nb.mask_sources(workspace, ["Wearing_Lipstick"])["mask"][0].endswith("Wearing_Lipstick.png")
+    c = nb.guidance_for(workspace, ["Wearing_Lipstick"])
+    assert workspace.guided_dir(c) != workspace.guided_dir(a)  # a new drawing: a new run
+    assert workspace.guided_dir(nb.guidance_for(workspace, ["Wearing_Lipstick"], w_g=2.0)) != workspace.guided_dir(c)
+
+
+def test_training_waits_for_another_process_on_the_same_run(workspace, capsys, monkeypatch) -> None:
+    lock = workspace.baseline_dir / ".lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(str(os.getpid()))  # a live process "holds" the run
+    timer = threading.Timer(1.0, lock.unlink)
+    timer.start()
+    try:
+        result = nb.train_baseline(workspace, progress=False)
+    finally:
+        timer.cancel()
+    assert result.best_path is not None and "waiting" in capsys.readouterr().out
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run must be reloaded, not resumed")
+
+    monkeypatch.setattr(nb, "fit", no_training)
+    again = nb.train_baseline(workspace, progress=False)  # finished: just reloaded
+    assert again.steps == result.steps and len(again.history) == len(result.history)
+    assert again.best_path == result.best_path and again.last_path == result.last_path
+    first = dict(result.model.state_dict())
+    assert all(np.array_equal(first[k].cpu().numpy(), v.numpy()) for k, v in again.model.state_dict().items())
+
+
+def test_paint_with_strokes_covers_the_region(tmp_path) -> None:
+    from cocam.widget import MaskEditor
+
+    editor = MaskEditor("Double_Chin", mask_dir=tmp_path, scale=3)
+    region = default_mask("Double_Chin")
+    nb.paint_with_strokes(editor, region, brush=6)
+    assert (editor.mask & region).sum() == region.sum()
+    assert editor.mask.sum() < 1.6 * region.sum()
+    assert editor.can_undo
+
+
+def _table(guided_conflict: float, control_ci: str = "[40.0, 60.0]", n: int = 200, test_drop: float = 0.0,
+           iou: tuple[float, float] = (0.1, 0.4)) -> pd.DataFrame:
+    rows = []
+    for model, conflict, ci, test, soft in (
+        (nb.BASELINE, 45.0, "[38.0, 52.0]", 90.0, iou[0]),
+        (nb.CONTROL, 50.0, control_ci, 90.5, iou[0]),
+        (nb.GUIDED, guided_conflict, "[60.0, 75.0]", 90.0 - test_drop, iou[1]),
+    ):
+        rows.append({"attribute": "Wearing_Lipstick", "shortcut": "Heavy_Makeup", "model": model, "test %": test,
+                     "conflict A∧¬B %": conflict, "conflict 95% CI": ci, "n conflict": n, "reverse ¬A∧B %": 80.0,
+                     "worst group %": conflict, "n test": 4000, "mask soft_iou": soft})
+    return pd.DataFrame(rows)
+
+
+def test_verdict_in_plain_words() -> None:
+    helped = nb.verdict(_table(70.0))
+    assert helped.startswith("Guided fine-tuning helped on all 1 attribute")
+    assert "45.0 % (pre-trained) to 70.0 %" in helped and "+25.0 points" in helped
+    assert "control reached 50.0 %" in helped and "moved into the drawn region" in helped
+    assert "no real cost" in helped
+
+    same = nb.verdict(_table(55.0))
+    assert "no clear difference" in same and "within the BCE-only control's interval" in same
+
+    hurt = nb.verdict(_table(30.0, test_drop=5.0))
+    assert "did not help" in hurt and "a cost of 5.0 points" in hurt
+
+    small = nb.verdict(_table(70.0, n=12))
+    assert "only 12 images" in small
+
+    empty = _table(float("nan"), n=0)
+    assert "cannot be judged" in nb.verdict(empty)
+
+    no_control = _table(70.0)
+    no_control = no_control[no_control["model"] != nb.CONTROL]
+    text = nb.verdict(no_control)
+    assert "helped" in text and "control" not in text.split("\n", 1)[1]
+
+    with pytest.raises(ValueError, match="columns"):
+        nb.verdict(pd.DataFrame({"attribute": ["x"]}))
+
+
+def test_figures_are_returned_headless(workspace) -> None:
+    from matplotlib.figure import Figure
+
+    from cocam.celeba import load_annotations
+    from cocam.cooccurrence import cooccurrence
+
+    ann = load_annotations(workspace.data_root)
+    stats = cooccurrence(ann.attributes, ann.split)
+    assert isinstance(nb.plot_cooccurrence_heatmap(stats, "train"), Figure)
+    with pytest.raises(ValueError, match="split"):
+        nb.plot_cooccurrence_heatmap(stats, "nope")
+
+    spec = workspace.settings.spec()
+    model = spec.build().eval()
+    test = workspace.dataset("test")
+    fig = nb.show_cam_grid(model, test, "Wearing_Lipstick", n=3)
+    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    assert isinstance(nb.show_cam_grid(model, test.subset_names([]), "Wearing_Lipstick"), Figure)
+    fig = nb.show_cam_comparison({"a": model, "b": model}, test, "Smiling", n=2)
+    assert len(fig.axes) == 6
+    assert len(nb.show_mask_on_images(default_mask("Wearing_Lipstick"), test, n=2).axes) == 3
+    assert len(nb.show_masks({"x": default_mask("Double_Chin")}).axes) == 1
+    mistakes = nb.conflict_mistakes(model, test, "Wearing_Lipstick", "Heavy_Makeup")
+    labels = mistakes.attributes
+    assert ((labels["Wearing_Lipstick"] == 1) & (labels["Heavy_Makeup"] == 0)).all()
+
+    live = nb.LivePlot("t", display=False)
+    assert isinstance(live.figure, Figure)  # "waiting for the first epoch"
+    live.update({"epoch": 0, "step": 3, "train_bce": 0.7, "valid_bce": 0.6, "valid_accuracy": 0.6})
+    live({"epoch": 1, "step": 6, "train_bce": 0.6, "train_loss_g": 2.0, "valid_bce": 0.5, "valid_accuracy": 0.7})
+    assert len(live.history) == 2 and len(live.figure.axes) == 3
+    live.complete(pd.DataFrame([{"epoch": 0, "step": 3, "train_bce": 0.7}]))
+    assert len(live.history) == 1
+    assert isinstance(nb.plot_history({"a": live.history}), Figure)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork-based rendering")
+def test_evaluate_models_and_results_table(workspace) -> None:
+    result = nb.train_baseline(workspace, progress=False)
+    checkpoints = {nb.BASELINE: result.best_path, nb.GUIDED: result.last_path}
+    table, long = nb.evaluate_models(workspace, checkpoints, [("Wearing_Lipstick", "Heavy_Makeup")])
+    assert set(table["model"]) == {nb.BASELINE, nb.GUIDED}
+    assert {"mask soft_iou", "truth soft_iou", "n positives"} <= set(table.columns)
+    shown = nb.results_table(table)
+    assert shown.index.names == ["attribute", "model"]
+    assert "No clear" in nb.verdict(table) or "no clear" in nb.verdict(table)

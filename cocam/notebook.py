@@ -128,7 +128,7 @@ class Settings:
     finetune_epochs: int = 2
     batch_size: int = 64
     lr: float = 3e-4
-    finetune_lr: float = 1e-4
+    finetune_lr: float = 3e-4
     patience: int | None = 3
     seed: int = 0
     device: str = "auto"
@@ -153,7 +153,7 @@ class Settings:
 def default_settings(smoke: bool | None = None) -> Settings:
     """The notebooks' settings: ``smoke=None`` reads :func:`smoke_mode`.
 
-    Real: the ``default`` synthetic preset (18,000 faces), 112 px AlexNet with a 512-wide head,
+    Real: the ``default`` synthetic preset (14,000 faces), 112 px AlexNet with a 512-wide head,
     up to 10 epochs, 2 fine-tuning epochs. Smoke: the ``smoke`` preset (192 faces), 64 px, a
     32-wide head, one epoch each — minutes for the four notebooks on two CPU cores.
     """

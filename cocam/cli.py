@@ -169,8 +169,6 @@ def _format_table(table: pd.DataFrame) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cocam.io import atomic_write_text
-
     checkpoints = {}
     for item in args.checkpoint:
         name, _, path = item.rpartition("=")
@@ -181,8 +179,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                        attention=not args.no_attention, mask_dir=args.mask_dir)
     print(_format_table(table))
     if args.out:
-        atomic_write_text(args.out, table.to_csv(index=False))
-        print(f"results written to {args.out}")
+        from cocam.evaluate import write_results
+
+        _, sidecar = write_results(args.out, table, checkpoints)
+        print(f"results written to {args.out} (provenance: {sidecar})")
     return 0
 
 
@@ -230,15 +230,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 spec=spec, guidance=g, run_dir=out / name, resume=True)
         times[name] = time.perf_counter() - t
         tuned[name] = r.last_path
-    from cocam.evaluate import evaluate_checkpoints
+    from cocam.evaluate import evaluate_checkpoints, write_results
 
     t = time.perf_counter()
-    table, long = evaluate_checkpoints(args.root, {"pre-trained": base.best_path, "BCE-only control": tuned["control"],
-                                                   "fine-tuned (guided)": tuned["guided"]}, list(PAPER_PAIRS))
+    checkpoints = {"pre-trained": base.best_path, "BCE-only control": tuned["control"],
+                   "fine-tuned (guided)": tuned["guided"]}
+    table, long = evaluate_checkpoints(args.root, checkpoints, list(PAPER_PAIRS))
     times["evaluate"] = time.perf_counter() - t
-    figures = _demo_figures(args.root, out, {"pre-trained": base.best_path, "BCE-only control": tuned["control"],
-                                             "fine-tuned (guided)": tuned["guided"]})
-    atomic_write_text(out / "results.csv", table.to_csv(index=False))
+    figures = _demo_figures(args.root, out, checkpoints)
+    write_results(out / "results.csv", table, checkpoints)
     atomic_write_text(out / "results_long.csv", long.to_csv(index=False))
     print("\nBefore/after on the synthetic test split (accuracy on attribute A, %; conflict = A without B):")
     print(_format_table(table))

@@ -34,6 +34,7 @@ import operator
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,13 +126,28 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
 _decode_image = decode_image
 
 
-def _decode_chunk(task: tuple[str, list[str], int, int]) -> tuple[int, np.ndarray]:
-    """Worker: decode ``names`` from ``image_dir``; returns (offset, (n, S, S, 3) uint8)."""
-    image_dir, names, offset, size = task
-    out = np.empty((len(names), size, size, 3), dtype=np.uint8)
+def _decode_or_skip(path: str | os.PathLike, size: int, skip: bool) -> np.ndarray | None:
+    """Decode one image; with ``skip``, ``None`` for a missing or undecodable file instead of an error."""
+    try:
+        return _decode_image(path, size)
+    except (ImageReadError, DatasetNotFoundError):
+        if not skip:
+            raise
+        return None
+
+
+def _decode_chunk(task: tuple[str, list[str], int, int, bool]) -> tuple[int, np.ndarray, list[int]]:
+    """Worker: decode ``names`` from ``image_dir``; returns (offset, (n, S, S, 3) uint8, unreadable positions)."""
+    image_dir, names, offset, size, skip = task
+    out = np.zeros((len(names), size, size, 3), dtype=np.uint8)
+    bad: list[int] = []
     for j, name in enumerate(names):
-        out[j] = _decode_image(os.path.join(image_dir, name), size)
-    return offset, out
+        pixels = _decode_or_skip(os.path.join(image_dir, name), size, skip)
+        if pixels is None:
+            bad.append(offset + j)
+        else:
+            out[j] = pixels
+    return offset, out, bad
 
 
 def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
@@ -208,8 +224,13 @@ def _build_cache(
     num_workers: int,
     progress: bool,
     desc: str,
-) -> None:
-    """Decode every image into ``data_path``: temporary file, fsync, rename, then the sidecar."""
+    skip_unreadable: bool = False,
+) -> list[str]:
+    """Decode every image into ``data_path``: temporary file, fsync, rename, then the sidecar.
+
+    With ``skip_unreadable``, a missing or undecodable image is left as zeros and its name is
+    recorded in the sidecar's ``"unreadable"`` list (returned); otherwise it is an error.
+    """
     n = len(names)
     nbytes = n * image_size * image_size * 3
     cache_dir = data_path.parent
@@ -230,18 +251,28 @@ def _build_cache(
             os.chmod(tmp, mode)  # mkstemp's 0600 would hide a shared cache from other users
         array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, image_size, image_size, 3))
         with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+            bad: list[int] = []
             if num_workers <= 1 or n < _MIN_IMAGES_FOR_POOL:
                 for i, name in enumerate(names):
-                    array[i] = _decode_image(image_dir / name, image_size)
+                    pixels = _decode_or_skip(image_dir / name, image_size, skip_unreadable)
+                    if pixels is None:
+                        bad.append(i)
+                        array[i] = 0
+                    else:
+                        array[i] = pixels
                     bar.update(1)
             else:
                 tasks = [
-                    (str(image_dir), list(names[i : i + _CHUNK]), i, image_size) for i in range(0, n, _CHUNK)
+                    (str(image_dir), list(names[i : i + _CHUNK]), i, image_size, skip_unreadable)
+                    for i in range(0, n, _CHUNK)
                 ]
                 with multiprocessing.get_context().Pool(num_workers) as pool:
-                    for offset, block in pool.imap_unordered(_decode_chunk, tasks):
+                    for offset, block, block_bad in pool.imap_unordered(_decode_chunk, tasks):
                         array[offset : offset + len(block)] = block
+                        bad.extend(block_bad)
                         bar.update(len(block))
+        unreadable = [names[i] for i in sorted(bad)]
+        meta = {**meta, "unreadable": unreadable}
         array.flush()
         del array
         with open(tmp, "rb+") as fh:
@@ -260,6 +291,7 @@ def _build_cache(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    return unreadable
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +329,14 @@ class CelebADataset(torch.utils.data.Dataset):
         cache_dir: where the decoded-image cache lives (default ``<celeba>/.cocam_cache``).
         num_workers: decode processes used when the cache is built (``<= 1``: in-process).
         progress: show a progress bar while building the cache.
+        skip_unreadable: what to do with a listed image that is missing or cannot be decoded
+            while the cache is built. ``False`` (default): raise (:class:`ImageReadError` or
+            :class:`~cocam.celeba.DatasetNotFoundError`, naming the file). ``True``: warn
+            (:class:`UserWarning` naming each such file) and leave it out of the dataset. The
+            names are recorded in the cache's sidecar, so a later construction with the same
+            cache leaves out the same images (and warns again); a construction with
+            ``skip_unreadable=False`` over such a cache rebuilds it and raises. An image passed
+            in ``images`` that is unreadable is left out as well.
 
     Items are ``(image, target, landmarks)``: float32 ``(3, S, S)`` ImageNet-normalised,
     float32 ``(40,)`` 0/1 in :data:`~cocam.attributes.CELEBA_ATTRIBUTES` order, float32 ``(5, 2)``
@@ -314,6 +354,7 @@ class CelebADataset(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None = None,
         num_workers: int = 2,
         progress: bool = True,
+        skip_unreadable: bool = False,
     ) -> None:
         split = validate_split(split)
         try:
@@ -346,14 +387,23 @@ class CelebADataset(torch.utils.data.Dataset):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else annotations.root / _CACHE_DIRNAME
         self._cache_path = self.cache_dir / f"{split}_{image_size}px.uint8"
         self._meta_path = self.cache_dir / f"{split}_{image_size}px.json"
-        self._ensure_cache(num_workers=num_workers, progress=progress)
+        unreadable = self._ensure_cache(num_workers=num_workers, progress=progress, skip_unreadable=skip_unreadable)
         self._memmap: np.ndarray | None = None
         rows = np.arange(len(split_names)) if images is None else self._rows_for(images, split_names)
+        if unreadable:
+            warnings.warn(
+                f"Skipping {len(unreadable)} unreadable image(s) in {self._annotations.image_dir}: "
+                + ", ".join(unreadable),
+                UserWarning,
+                stacklevel=2,
+            )
+            rows = rows[~np.isin(rows, split_names.get_indexer(unreadable))]
         self._set_rows(rows)
 
     # -- construction helpers ----------------------------------------------------------------
 
-    def _ensure_cache(self, *, num_workers: int, progress: bool) -> None:
+    def _ensure_cache(self, *, num_workers: int, progress: bool, skip_unreadable: bool = False) -> list[str]:
+        """Build the split cache if needed; the names of the images it could not read (skipped)."""
         names = self._split_names.tolist()
         size = self._image_size
         meta = {
@@ -368,8 +418,15 @@ class CelebADataset(torch.utils.data.Dataset):
             "resample": "bilinear",
             "fingerprint": _fingerprint(self._annotations.image_dir, names, size),
         }
-        if not names or _cache_is_valid(self._cache_path, self._meta_path, meta):
-            return
+        if not names:
+            return []
+        if _cache_is_valid(self._cache_path, self._meta_path, meta):
+            try:
+                unreadable = list(json.loads(self._meta_path.read_text(encoding="utf-8")).get("unreadable") or [])
+            except (OSError, ValueError):
+                unreadable = None
+            if unreadable is not None and (skip_unreadable or not unreadable):
+                return unreadable
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -377,7 +434,7 @@ class CelebADataset(torch.utils.data.Dataset):
                 f"Cannot create the image cache folder {self.cache_dir} ({exc}); pass cache_dir= to "
                 "CelebADataset to put the cache somewhere writable."
             ) from exc
-        _build_cache(
+        return _build_cache(
             self._annotations.image_dir,
             names,
             size,
@@ -387,6 +444,7 @@ class CelebADataset(torch.utils.data.Dataset):
             num_workers=num_workers,
             progress=progress,
             desc=f"Caching CelebA {self.split} at {size}px",
+            skip_unreadable=skip_unreadable,
         )
 
     def _rows_for(self, names: Iterable[str], within: pd.Index) -> np.ndarray:

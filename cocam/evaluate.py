@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ __all__ = [
     "paper_table",
     "predict",
     "resolve_device",
+    "write_results",
 ]
 
 
@@ -224,6 +226,9 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
     from cocam.checkpoint import load_model
     from cocam.masks import mask_to_input, resolve_mask
 
+    if not checkpoints:
+        raise ValueError("No checkpoints to evaluate: train the baseline and fine-tune first "
+                         "(or pass at least one name → checkpoint path).")
     try:
         from cocam.synthetic import EvidenceRegions
 
@@ -258,3 +263,29 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
         table = table.merge(pd.DataFrame(attn), on=["model", "attribute"], how="left")
     long = pd.concat([df.assign(model=name) for name, df in results.items()], ignore_index=True)
     return table, long
+
+
+def write_results(path: str | os.PathLike, table: pd.DataFrame,
+                  checkpoints: Mapping[str, str | os.PathLike]) -> tuple[Path, Path]:
+    """Write ``table`` as CSV to ``path`` and its provenance as JSON next to it (``<name>.json``).
+
+    The JSON sidecar holds the library versions (:func:`cocam.checkpoint.versions`) and, for
+    each checkpoint, its path and the ``spec``, ``config`` and ``guidance`` it stores. Both files
+    are written atomically. Returns ``(csv_path, json_path)``.
+    """
+    import json
+
+    from cocam.checkpoint import load_checkpoint, versions
+    from cocam.io import atomic_write_text
+
+    path = Path(path)
+    record: dict = {"results": path.name, "versions": versions(), "checkpoints": {}}
+    for name, ckpt in checkpoints.items():
+        payload = load_checkpoint(ckpt)
+        record["checkpoints"][str(name)] = {"path": os.fspath(ckpt), "spec": payload.get("spec"),
+                                            "config": payload.get("config"), "guidance": payload.get("guidance")}
+    sidecar = path.with_suffix(".json")
+    text = json.dumps(record, indent=2, default=str) + "\n"  # validate before writing anything
+    atomic_write_text(path, table.to_csv(index=False))
+    atomic_write_text(sidecar, text)
+    return path, sidecar

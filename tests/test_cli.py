@@ -271,3 +271,6 @@ def test_demo_end_to_end_smoke(tmp_path: Path, capsys, monkeypatch) -> None:
     control = load_checkpoint(tmp_path / "runs" / "control" / "last.pt")
     assert guided["step"] == control["step"] > 0  # equal-step control
     assert guided["guidance"]["attributes"] == [a for a, _ in PAPER_PAIRS] and control["guidance"] is None
+    provenance = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert set(provenance["checkpoints"]) == set(table["model"]) and "torch" in provenance["versions"]
+    assert provenance["checkpoints"]["fine-tuned (guided)"]["guidance"]["attributes"] == [a for a, _ in PAPER_PAIRS]

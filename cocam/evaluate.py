@@ -31,6 +31,7 @@ from cocam.model import SplitModel
 
 __all__ = [
     "attention_metrics",
+    "attention_scores",
     "bootstrap_interval",
     "evaluate_checkpoints",
     "pair_accuracy",
@@ -172,17 +173,31 @@ def attention_metrics(model: SplitModel, dataset: CelebADataset, attribute: str,
     Returns:
         ``{"soft_iou", "pointing_game", "energy_inside", "n"}`` averaged over the scored images.
     """
+    return attention_scores(model, dataset, attribute, {"region": region}, batch_size=batch_size, device=device,
+                            positives_only=positives_only)["region"]
+
+
+def attention_scores(model: SplitModel, dataset: CelebADataset, attribute: str,
+                     regions: Mapping[str, torch.Tensor], *, batch_size: int = 64,
+                     device: str | torch.device | None = "auto",
+                     positives_only: bool = True) -> dict[str, dict[str, float]]:
+    """:func:`attention_metrics` against several regions at once, from one Grad-CAM pass.
+
+    Returns one ``{"soft_iou", "pointing_game", "energy_inside", "n"}`` dict per region name.
+    """
     device = resolve_device(device)
     idx = attribute_index(attribute)
-    region = torch.as_tensor(region, dtype=torch.float32)
-    per_image = region.ndim == 3
-    if per_image and region.shape[0] != len(dataset):
-        raise ValueError(f"region has {region.shape[0]} masks for {len(dataset)} images.")
+    regions = {name: torch.as_tensor(r, dtype=torch.float32) for name, r in regions.items()}
+    for name, r in regions.items():
+        if r.ndim == 3 and r.shape[0] != len(dataset):
+            raise ValueError(f"region {name!r} has {r.shape[0]} masks for {len(dataset)} images.")
     labels = torch.tensor(np.asarray(dataset.targets)[:, idx])  # a copy: targets may be a read-only view
     was_training = model.training
     model.eval()
     model.to(device)
-    iou, point, energy, n = [], [], [], 0
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {name: {"iou": [], "point": [], "energy": []}
+                                                      for name in regions}
+    n = 0
     try:
         start = 0
         for images, _, _ in iterate_batches(dataset, batch_size, device=device):
@@ -191,19 +206,23 @@ def attention_metrics(model: SplitModel, dataset: CelebADataset, attribute: str,
             if keep.any():
                 res = grad_cam(model, images[keep.to(device)], idx, output_size=images.shape[-1])
                 cam = res.cams[:, 0].detach().float().cpu()
-                r = region[start:stop][keep] if per_image else region.expand_as(cam)
-                iou.append(soft_iou(cam, r))
                 flat = cam.flatten(1)
-                point.append(r.flatten(1).gather(1, flat.argmax(1, keepdim=True))[:, 0] > 0.5)
-                energy.append((flat * r.flatten(1)).sum(1) / flat.sum(1).clamp_min(1e-12))
+                for name, region in regions.items():
+                    r = region[start:stop][keep] if region.ndim == 3 else region.expand_as(cam)
+                    parts[name]["iou"].append(soft_iou(cam, r))
+                    parts[name]["point"].append(r.flatten(1).gather(1, flat.argmax(1, keepdim=True))[:, 0] > 0.5)
+                    parts[name]["energy"].append((flat * r.flatten(1)).sum(1) / flat.sum(1).clamp_min(1e-12))
                 n += int(keep.sum())
             start = stop
     finally:
         model.train(was_training)
     if n == 0:
-        return {"soft_iou": float("nan"), "pointing_game": float("nan"), "energy_inside": float("nan"), "n": 0}
-    return {"soft_iou": float(torch.cat(iou).mean()), "pointing_game": float(torch.cat(point).float().mean()),
-            "energy_inside": float(torch.cat(energy).mean()), "n": n}
+        empty = {"soft_iou": float("nan"), "pointing_game": float("nan"), "energy_inside": float("nan"), "n": 0}
+        return {name: dict(empty) for name in regions}
+    return {name: {"soft_iou": float(torch.cat(p["iou"]).mean()),
+                   "pointing_game": float(torch.cat(p["point"]).float().mean()),
+                   "energy_inside": float(torch.cat(p["energy"]).mean()), "n": n}
+            for name, p in parts.items()}
 
 
 def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str | os.PathLike],
@@ -249,14 +268,14 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
             if len(positives) == 0:
                 continue
             mask, _ = resolve_mask(a, mask_dir)
-            row: dict = {"model": name, "attribute": a}
-            m = attention_metrics(model, positives, a, mask_to_input(mask, spec.image_size), device=device)
-            row.update({f"mask {k}": v for k, v in m.items() if k != "n"})
+            targets = {"mask": mask_to_input(mask, spec.image_size)}
             if regions is not None:
-                truth = regions.masks(list(positives.names), a, spec.image_size).float()
-                m = attention_metrics(model, positives, a, truth, device=device)
-                row.update({f"truth {k}": v for k, v in m.items() if k != "n"})
-            row["n positives"] = m["n"]
+                targets["truth"] = regions.masks(list(positives.names), a, spec.image_size).float()
+            scores = attention_scores(model, positives, a, targets, device=device)
+            row: dict = {"model": name, "attribute": a}
+            for kind, m in scores.items():
+                row.update({f"{kind} {k}": v for k, v in m.items() if k != "n"})
+            row["n positives"] = scores["mask"]["n"]
             attn.append(row)
     table = paper_table(results)
     if attn:

@@ -13,7 +13,14 @@ from torch import nn
 from cocam import CELEBA_ATTRIBUTES, UnknownAttributeError, attribute_index
 from cocam.checkpoint import ModelSpec
 from cocam.dataset import CelebADataset
-from cocam.evaluate import attention_metrics, bootstrap_interval, pair_accuracy, paper_table, predict
+from cocam.evaluate import (
+    attention_metrics,
+    attention_scores,
+    bootstrap_interval,
+    pair_accuracy,
+    paper_table,
+    predict,
+)
 from cocam.model import SplitModel
 
 A, B = "Wearing_Lipstick", "Heavy_Makeup"
@@ -381,6 +388,21 @@ def test_attention_metrics_per_image_soft_regions(batch_size: int) -> None:
     assert m["soft_iou"] == pytest.approx((0.7 / 16 + 1 / 16.2 + 7.2 / 64) / 3, rel=1e-4)
     assert m["pointing_game"] == pytest.approx(2 / 3)
     assert m["energy_inside"] == pytest.approx((0.7 / 1.2 + 1 / 1.2 + 1) / 3, rel=1e-4)
+
+
+def test_attention_scores_one_pass_equals_separate_calls(monkeypatch) -> None:
+    import cocam.evaluate as ev
+
+    calls = []
+    real = ev.grad_cam
+    monkeypatch.setattr(ev, "grad_cam", lambda *a, **k: calls.append(1) or real(*a, **k))
+    per_image = torch.zeros(5, S, S)
+    per_image[:, 4:, 4:] = 1.0
+    both = attention_scores(_cam_model(), _hand_dataset(), A, {"mask": _region(), "truth": per_image},
+                            batch_size=64, device="cpu")
+    assert len(calls) == 1  # one Grad-CAM pass for both regions
+    assert both["mask"] == attention_metrics(_cam_model(), _hand_dataset(), A, _region(), device="cpu")
+    assert both["truth"] == attention_metrics(_cam_model(), _hand_dataset(), A, per_image, device="cpu")
 
 
 def test_attention_metrics_no_positives_and_bad_regions() -> None:

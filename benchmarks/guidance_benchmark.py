@@ -78,7 +78,6 @@ def main() -> None:
                run_dir=args.out / "baseline", resume=True)
     print(f"baseline: {len(base.history)} epochs, best valid BCE {base.history.valid_bce.min():.4f} "
           f"({time.perf_counter() - t0:.0f}s)")
-    steps = args.finetune_epochs * (len(train) // 64)
 
     def score(name: str, seed: int, path: Path) -> list[dict]:
         model, _, _ = load_model(path)
@@ -103,8 +102,8 @@ def main() -> None:
             guidance = None if setting is None else Guidance(tuple(attrs), masks, **setting)
             model, _, _ = load_model(base.best_path)
             t = time.perf_counter()
-            cfg = TrainConfig(epochs=args.finetune_epochs, max_steps=steps, lr=args.finetune_lr, patience=None,
-                              seed=seed, device=args.device)
+            cfg = TrainConfig.fine_tuning(len(train), args.finetune_epochs, lr=args.finetune_lr, seed=seed,
+                                          device=args.device)
             tag = "control" if setting is None else f"setting{list(SETTINGS).index(name)}"
             r = fit(model, train, valid, cfg, spec=spec, guidance=guidance, run_dir=args.out / f"{tag}_seed{seed}",
                     resume=True, progress=False)

@@ -191,6 +191,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import torch
 
+    from cocam.train import TrainConfig
+
     from cocam.checkpoint import ModelSpec
     from cocam.io import atomic_write_text
     from cocam.synthetic import PRESETS, generate_synthetic_celeba
@@ -219,15 +221,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.attribute = [a for a, _ in PAPER_PAIRS]
     args.mask, args.mask_dir = None, "data/masks"
     guidance = _guidance(args)
-    steps = args.finetune_epochs * (len(train) // args.batch_size)
     tuned = {}
+    config = TrainConfig.fine_tuning(len(train), args.finetune_epochs, batch_size=args.batch_size,
+                                     lr=args.finetune_lr, seed=args.seed, device=args.device)
     for name, g in (("guided", guidance), ("control", None)):
         print(f"\n{'2/3 guided fine-tuning (w_a*BCE + w_g*loss_g)' if g else '3/3 BCE-only control, same steps'}")
         model, _, _ = load_model(base.best_path)
         t = time.perf_counter()
-        r = fit(model, train, valid, _train_config(args, epochs=args.finetune_epochs, max_steps=steps, patience=None,
-                                                   lr=args.finetune_lr),
-                spec=spec, guidance=g, run_dir=out / name, resume=True)
+        r = fit(model, train, valid, config, spec=spec, guidance=g, run_dir=out / name, resume=True)
         times[name] = time.perf_counter() - t
         tuned[name] = r.last_path
     from cocam.evaluate import evaluate_checkpoints, write_results

@@ -145,9 +145,8 @@ class Settings:
 
     def finetune_config(self, n_train: int) -> TrainConfig:
         """Fine-tuning and control: a fixed number of steps, no early stopping."""
-        steps = max(1, self.finetune_epochs * (n_train // self.batch_size))
-        return TrainConfig(epochs=self.finetune_epochs, max_steps=steps, batch_size=self.batch_size,
-                           lr=self.finetune_lr, patience=None, seed=self.seed, device=self.device)
+        return TrainConfig.fine_tuning(n_train, self.finetune_epochs, batch_size=self.batch_size,
+                                       lr=self.finetune_lr, seed=self.seed, device=self.device)
 
 
 def default_settings(smoke: bool | None = None) -> Settings:

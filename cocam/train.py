@@ -87,6 +87,16 @@ class TrainConfig:
     amp: bool | None = None
     channels_last: bool | None = None
 
+    @classmethod
+    def fine_tuning(cls, n_train: int, epochs: int = 2, *, batch_size: int = 64, **kwargs: Any) -> TrainConfig:
+        """Fine-tuning (guided or control) on ``n_train`` images: a fixed step budget, no early stop.
+
+        ``max_steps = epochs × ⌊n_train / batch_size⌋`` is recorded in the config, so two runs
+        (the guided one and its control) provably take the same number of steps.
+        """
+        steps = max(1, epochs * (n_train // batch_size))
+        return cls(epochs=epochs, max_steps=steps, batch_size=batch_size, patience=None, **kwargs)
+
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1.")

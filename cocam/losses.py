@@ -28,6 +28,29 @@ Numerical rules
   (the CAM is exactly 0 on ``S``).
 * A mask ``S`` without any positive pixel is a user error (nothing to point at):
   ``iou_loss`` raises :class:`ValueError`.
+
+Other guidance losses (:data:`GUIDANCE_LOSSES`, selected by name)
+-----------------------------------------------------------------
+The paper's IoU is one way to say "the evidence is in S". All of these take the same CAM ``G``
+(per-image min–max normalised, so none can be satisfied by shrinking the map as a whole) and
+the same region ``S``, and return one value per (image, target):
+
+* ``"iou"`` — the paper's ``-ln(soft IoU(G, S))`` (:func:`iou_loss`): rewards overlap, and
+  also penalises a CAM that covers only part of ``S``.
+* ``"energy"`` — ``-ln(Σ g·s / Σ g)`` (:func:`energy_loss`): the share of the CAM's mass that
+  lies inside ``S`` (the "energy-based pointing game"); indifferent to how much of ``S`` is
+  covered, so a small focused CAM inside the region is optimal.
+* ``"rrr_cam"`` — ``mean((g · (1 − s))²)`` (:func:`rrr_cam_loss`): "right for the right
+  reasons" on Grad-CAM (Schramowski et al., 2020): penalises CAM energy *outside* the region
+  and nothing else. cocam applies it to the normalised CAM (the raw one could be driven to
+  zero everywhere) and averages over pixels, so its scale does not depend on the resolution.
+* ``"rrr_input"`` — right for the right reasons on input gradients (Ross et al., 2017), the
+  classic baseline: ``Σ ((1 − s) · ∂(Σ_k log p_k)/∂x)²`` over the pixels and colour channels,
+  with ``Σ_k log p_k = log σ(z) + log σ(−z)`` summed over the two classes of the guided
+  binary attribute. It needs the model and the images, not the CAM:
+  :func:`rrr_input_loss`. Its scale depends on the model and the input normalisation; Ross
+  et al. choose its weight so the two terms have similar magnitudes (see
+  :data:`DEFAULT_GUIDANCE_WEIGHTS`).
 """
 
 from __future__ import annotations
@@ -41,7 +64,42 @@ from torch import Tensor
 
 from cocam.gradcam import resolve_targets
 
-__all__ = ["GuidedLoss", "guided_loss", "iou_loss", "positive_sample_weight", "soft_iou"]
+__all__ = [
+    "CAM_LOSSES",
+    "DEFAULT_GUIDANCE_WEIGHTS",
+    "GUIDANCE_LOSSES",
+    "GuidedLoss",
+    "check_guidance_loss",
+    "energy_loss",
+    "guided_loss",
+    "guided_objective",
+    "input_gradients",
+    "iou_loss",
+    "positive_sample_weight",
+    "region_loss",
+    "rrr_cam_loss",
+    "rrr_input_loss",
+    "soft_iou",
+]
+
+#: Guidance losses selectable by name (``Guidance(loss=...)``, ``cocam finetune --loss``).
+GUIDANCE_LOSSES: tuple[str, ...] = ("iou", "energy", "rrr_cam", "rrr_input")
+#: The losses computed from the Grad-CAM (the others need input gradients).
+CAM_LOSSES: tuple[str, ...] = ("iou", "energy", "rrr_cam")
+#: A starting ``w_g`` per loss, with ``w_a = 1``. ``iou`` and ``energy`` are ``-ln`` of a
+#: share and sit in the BCE's range with weight 1. ``rrr_cam`` is a mean of squares in
+#: ``[0, 1]`` that starts near 0.05–0.2 on a biased model, hence 10. ``rrr_input`` follows
+#: Ross et al.'s rule (both terms of similar magnitude at the start of fine-tuning); the value
+#: is for cocam's normalised inputs and AlexNet at 112–224 px: check the first ``loss_g``
+#: values printed by the training loop and adjust it for other models.
+DEFAULT_GUIDANCE_WEIGHTS: dict[str, float] = {"iou": 1.0, "energy": 1.0, "rrr_cam": 10.0, "rrr_input": 1000.0}
+
+
+def check_guidance_loss(name: str) -> str:
+    """``name`` if it is one of :data:`GUIDANCE_LOSSES`, else a :class:`ValueError` listing them."""
+    if name not in GUIDANCE_LOSSES:
+        raise ValueError(f"unknown guidance loss {name!r}; choose one of {', '.join(GUIDANCE_LOSSES)}.")
+    return name
 
 
 def soft_iou(cam: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
@@ -56,12 +114,7 @@ def soft_iou(cam: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
     Returns:
         ``Σ g·s / max(Σ (g + s − g·s), eps)`` with shape ``broadcast(cam, mask).shape[:-2]``.
     """
-    if cam.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(
-            f"cam and mask must have the same spatial size, got {tuple(cam.shape[-2:])} and "
-            f"{tuple(mask.shape[-2:])}; resize the mask with cocam.masks.mask_to_input / "
-            f"mask_to_feature."
-        )
+    _check_spatial(cam, mask)
     mask = mask.to(cam.dtype)
     inter = (cam * mask).sum(dim=(-2, -1))
     union = (cam + mask - cam * mask).sum(dim=(-2, -1))
@@ -77,7 +130,123 @@ def _check_mask_not_empty(mask: Tensor) -> None:
         )
 
 
-def iou_loss(cam: Tensor, mask: Tensor, eps: float = 1e-6, reduction: str = "mean") -> Tensor:
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
+
+
+def _check_spatial(cam: Tensor, mask: Tensor) -> None:
+    if cam.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(
+            f"cam and mask must have the same spatial size, got {tuple(cam.shape[-2:])} and "
+            f"{tuple(mask.shape[-2:])}; resize the mask with cocam.masks.mask_to_input / mask_to_feature."
+        )
+
+
+def energy_loss(cam: Tensor, mask: Tensor, eps: float = 1e-6, reduction: str = "mean",
+                validate: bool = True) -> Tensor:
+    """``-ln(max(Σ g·s / max(Σ g, eps), eps))``: minus the log-share of the CAM's mass inside ``S``.
+
+    Same shapes, ``eps`` rule and reductions as :func:`iou_loss`; an all-zero CAM has share 0
+    and the bounded loss ``-ln(eps)``.
+    """
+    _check_spatial(cam, mask)
+    if validate:
+        _check_mask_not_empty(mask)
+    mask = mask.to(cam.dtype)
+    share = (cam * mask).sum(dim=(-2, -1)) / cam.sum(dim=(-2, -1)).clamp_min(eps)
+    return _reduce(-torch.log(share.clamp_min(eps)), reduction)
+
+
+def rrr_cam_loss(cam: Tensor, mask: Tensor, reduction: str = "mean", validate: bool = True) -> Tensor:
+    """``mean over pixels of (g · (1 − s))²``: the CAM's energy outside the region ``S``.
+
+    Zero when the CAM lies inside ``S``; at most 1. Same shapes and reductions as
+    :func:`iou_loss`.
+    """
+    _check_spatial(cam, mask)
+    if validate:
+        _check_mask_not_empty(mask)
+    outside = cam * (1 - mask.to(cam.dtype))
+    return _reduce(outside.square().mean(dim=(-2, -1)), reduction)
+
+
+def region_loss(cam: Tensor, mask: Tensor, loss: str = "iou", *, eps: float = 1e-6, reduction: str = "mean",
+                validate: bool = True) -> Tensor:
+    """The CAM-based guidance loss called ``loss`` (one of :data:`CAM_LOSSES`).
+
+    Args:
+        cam: ``(..., H, W)`` Grad-CAM in ``[0, 1]``.
+        mask: ``(..., H, W)`` region in ``[0, 1]``, broadcastable against ``cam``.
+        loss: ``"iou"`` (the paper), ``"energy"`` or ``"rrr_cam"``.
+        eps: the numerical floor of ``iou``/``energy``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        validate: check that every mask has a positive pixel (a device sync; training checks
+            its masks once instead).
+    """
+    if loss == "iou":
+        return iou_loss(cam, mask, eps, reduction, validate=validate)
+    if loss == "energy":
+        return energy_loss(cam, mask, eps, reduction, validate=validate)
+    if loss == "rrr_cam":
+        return rrr_cam_loss(cam, mask, reduction, validate=validate)
+    if loss == "rrr_input":
+        raise ValueError("'rrr_input' is computed from input gradients, not from a CAM: use rrr_input_loss.")
+    check_guidance_loss(loss)
+    raise AssertionError("unreachable")
+
+
+def input_gradients(model: torch.nn.Module, images: Tensor, targets: Sequence[int], *,
+                    create_graph: bool = True) -> tuple[Tensor, Tensor]:
+    """``∂(log σ(z_t) + log σ(−z_t))/∂x`` for each target ``t``, and the logits of the same forward.
+
+    Returns ``(grads (B, T, C, H, W), logits (B, num_outputs))``. With ``create_graph=True``
+    (needed to train on a penalty of the gradients) both stay attached to the graph. Like
+    :func:`cocam.gradcam.grad_cam`, it only uses :func:`torch.autograd.grad`: parameters'
+    ``.grad`` and the model's mode are left alone.
+    """
+    with torch.enable_grad():
+        x = images.detach().requires_grad_(True)
+        logits = model(x)
+        z = logits[:, list(targets)].float()
+        log_probs = F.logsigmoid(z) + F.logsigmoid(-z)  # (B, T): both classes of each attribute
+        t = log_probs.shape[1]
+        if t == 1:
+            (g,) = torch.autograd.grad(log_probs.sum(), x, create_graph=create_graph)
+            grads = g[:, None]
+        else:
+            eye = torch.eye(t, dtype=log_probs.dtype, device=log_probs.device)
+            grad_outputs = eye[:, None, :].expand(t, *log_probs.shape)
+            (g,) = torch.autograd.grad(log_probs, x, grad_outputs=grad_outputs, create_graph=create_graph,
+                                       is_grads_batched=True)
+            grads = g.transpose(0, 1)
+    return grads, logits
+
+
+def rrr_input_loss(input_grads: Tensor, mask: Tensor, reduction: str = "mean", validate: bool = True) -> Tensor:
+    """Ross et al.'s penalty ``Σ_{c,i,j} ((1 − s_ij) · ∂_{c,i,j})²`` per (image, target).
+
+    Args:
+        input_grads: ``(B, T, C, H, W)`` from :func:`input_gradients`.
+        mask: ``(T, H, W)`` or ``(B, T, H, W)`` region at input size (``(H, W)``: shared).
+    """
+    if input_grads.ndim != 5:
+        raise ValueError(f"input_grads must be (B, T, C, H, W), got {tuple(input_grads.shape)}.")
+    _check_spatial(input_grads, mask)
+    if validate:
+        _check_mask_not_empty(mask)
+    outside = 1 - mask.to(input_grads.dtype)
+    outside = outside.unsqueeze(-3)  # broadcast over colour channels
+    return _reduce((input_grads * outside).square().sum(dim=(-3, -2, -1)), reduction)
+
+
+def iou_loss(cam: Tensor, mask: Tensor, eps: float = 1e-6, reduction: str = "mean",
+             validate: bool = True) -> Tensor:
     """``loss_g = -ln(max(soft_iou(cam, mask), eps))``.
 
     Args:
@@ -86,16 +255,13 @@ def iou_loss(cam: Tensor, mask: Tensor, eps: float = 1e-6, reduction: str = "mea
             least one positive pixel (else :class:`ValueError`).
         eps: IoU floor (bounds the loss by ``-ln(eps)``) and union floor.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``broadcast(...).shape[:-2]``).
+        validate: check that every mask has a positive pixel (one device sync).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
-    _check_mask_not_empty(mask)
-    loss = -torch.log(soft_iou(cam, mask, eps).clamp_min(eps))
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    if validate:
+        _check_mask_not_empty(mask)
+    return _reduce(-torch.log(soft_iou(cam, mask, eps).clamp_min(eps)), reduction)
 
 
 @dataclass(frozen=True)
@@ -134,8 +300,10 @@ def guided_loss(
     w_a: float = 1.0,
     w_g: float = 1.0,
     sample_weight: Tensor | None = None,
+    loss: str = "iou",
+    validate: bool = True,
 ) -> GuidedLoss:
-    """``total = w_a · BCE(logits, targets_bce) + w_g · loss_g``.
+    """``total = w_a · BCE(logits, targets_bce) + w_g · loss_g`` for a CAM-based ``loss_g``.
 
     Args:
         logits: ``(B, C)`` all attribute logits (reuse ``GradCAMResult.logits``).
@@ -143,41 +311,73 @@ def guided_loss(
             ``(y + 1) / 2``).
         cam: ``(B, T, H, W)`` Grad-CAMs in ``[0, 1]`` of the ``T`` guided attributes
             (``(B, H, W)`` is read as ``T = 1``).
-        mask: ``(T, H, W)`` one region per guided attribute (``(H, W)`` is shared by all).
+        mask: ``(T, H, W)`` one region per guided attribute (``(H, W)`` is shared by all), or
+            ``(B, T, H, W)`` one per image (e.g. moved by landmarks, :mod:`cocam.masks`).
         w_a, w_g: weights of the two terms.
         sample_weight: ``(B, T)`` (or ``(B,)`` when ``T = 1``) non-negative weights selecting
             which (image, attribute) pairs are guided; ``None`` guides all. The paper's variant
             guides positives only: ``positive_sample_weight(labels, targets)``. For negatives
             the CAM of ``+logit`` shows evidence *for* an absent attribute; to guide them
             meaningfully compute the CAM with ``signs=signs_from_labels(...)``.
+        loss: which of :data:`CAM_LOSSES` is ``loss_g`` (``"iou"``: the paper's).
+        validate: check the inputs' values (labels in ``[0, 1]``, non-empty masks,
+            non-negative weights). Each check is a device sync; the training loop checks its
+            masks once and turns this off.
 
     Returns:
         :class:`GuidedLoss`. ``guidance = Σ w·loss_g / Σ w`` (the mean over guided pairs for
         0/1 weights); if no pair is guided it is an exact, differentiable 0.
     """
-    if logits.shape != targets_bce.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} and targets_bce {tuple(targets_bce.shape)} differ in shape."
-        )
-    targets_bce = targets_bce.to(logits.dtype)
-    if bool(((targets_bce < 0) | (targets_bce > 1)).any()):
-        raise ValueError(
-            "targets_bce must be in [0, 1]; CelebA's -1/1 labels convert with (y + 1) / 2."
-        )
     if cam.ndim == 3:
         cam = cam[:, None]
     if cam.ndim != 4 or cam.shape[0] != logits.shape[0]:
         raise ValueError(
             f"cam must be (B, T, H, W) with B = {logits.shape[0]}, got {tuple(cam.shape)}."
         )
-    b, t = cam.shape[:2]
+    mask = _check_mask_shape(mask, cam.shape[0], cam.shape[1])
+    per_sample = region_loss(cam, mask.to(cam), loss, reduction="none", validate=validate)  # (B, T)
+    return guided_objective(logits, targets_bce, per_sample, w_a=w_a, w_g=w_g, sample_weight=sample_weight,
+                            validate=validate)
+
+
+def _check_mask_shape(mask: Tensor, b: int, t: int) -> Tensor:
     if mask.ndim == 2:
         mask = mask[None]
-    if mask.ndim != 3 or mask.shape[0] not in (1, t):
-        raise ValueError(f"mask must be (T, H, W) with T = {t} or (H, W), got {tuple(mask.shape)}.")
+    if not ((mask.ndim == 3 and mask.shape[0] in (1, t)) or (mask.ndim == 4 and mask.shape[:2] == (b, t))):
+        raise ValueError(
+            f"mask must be (T, H, W) with T = {t}, (H, W), or (B, T, H, W) = ({b}, {t}, H, W); "
+            f"got {tuple(mask.shape)}."
+        )
+    return mask
 
+
+def guided_objective(
+    logits: Tensor,
+    targets_bce: Tensor,
+    per_sample: Tensor,
+    *,
+    w_a: float = 1.0,
+    w_g: float = 1.0,
+    sample_weight: Tensor | None = None,
+    validate: bool = True,
+) -> GuidedLoss:
+    """Combine the BCE with per-(image, target) guidance losses ``per_sample (B, T)``.
+
+    The common last step of every guidance loss (:func:`guided_loss` for the CAM-based ones;
+    ``rrr_input_loss(..., reduction="none")`` for input gradients). Arguments as in
+    :func:`guided_loss`.
+    """
+    if logits.shape != targets_bce.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets_bce {tuple(targets_bce.shape)} differ in shape."
+        )
+    targets_bce = targets_bce.to(logits.dtype)
+    if validate and bool(((targets_bce < 0) | (targets_bce > 1)).any()):
+        raise ValueError(
+            "targets_bce must be in [0, 1]; CelebA's -1/1 labels convert with (y + 1) / 2."
+        )
+    b, t = per_sample.shape
     bce = F.binary_cross_entropy_with_logits(logits, targets_bce)
-    per_sample = iou_loss(cam, mask.to(cam), reduction="none")  # (B, T)
     if sample_weight is None:
         weight = torch.ones_like(per_sample)
     else:
@@ -186,7 +386,7 @@ def guided_loss(
             weight = weight[:, None]
         if tuple(weight.shape) != (b, t):
             raise ValueError(f"sample_weight must be (B, T) = {(b, t)}, got {tuple(weight.shape)}.")
-        if bool((weight < 0).any()):
+        if validate and bool((weight < 0).any()):
             raise ValueError("sample_weight must be non-negative.")
     denom = weight.sum()
     guidance = (weight * per_sample).sum() / torch.where(denom > 0, denom, torch.ones_like(denom))

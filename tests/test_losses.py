@@ -10,7 +10,21 @@ import torch
 from torch import nn
 
 from cocam.gradcam import grad_cam
-from cocam.losses import GuidedLoss, guided_loss, iou_loss, positive_sample_weight, soft_iou
+from cocam.losses import (
+    DEFAULT_GUIDANCE_WEIGHTS,
+    GUIDANCE_LOSSES,
+    GuidedLoss,
+    energy_loss,
+    guided_loss,
+    guided_objective,
+    input_gradients,
+    iou_loss,
+    positive_sample_weight,
+    region_loss,
+    rrr_cam_loss,
+    rrr_input_loss,
+    soft_iou,
+)
 from cocam.model import SplitModel
 
 
@@ -226,3 +240,149 @@ def test_one_sgd_step_reduces_guidance_loss(create_graph: bool) -> None:
     after, _ = evaluate()
     assert after.guidance.item() < before.guidance.item() - 1e-4
     assert after.total.item() < before.total.item()
+
+
+# --------------------------------------------------------------------------------------------
+# Other guidance losses, selected by name
+# --------------------------------------------------------------------------------------------
+
+
+def test_energy_loss_hand_computation() -> None:
+    cam = torch.tensor([[0.5, 1.0], [0.0, 0.5]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # inside = 0.5, total = 2.0: share 0.25
+    assert energy_loss(cam, mask).item() == pytest.approx(-math.log(0.25))
+    # a CAM entirely inside the region has loss 0, whatever its extent
+    assert energy_loss(cam * mask, mask).item() == pytest.approx(0.0, abs=1e-7)
+    # an all-zero CAM has share 0: the bounded loss -ln(eps), not NaN
+    assert energy_loss(torch.zeros(2, 2), mask).item() == pytest.approx(-math.log(1e-6))
+
+
+def test_rrr_cam_loss_hand_computation() -> None:
+    cam = torch.tensor([[0.5, 1.0], [0.0, 0.5]])
+    mask = torch.tensor([[1.0, 0.0], [0.5, 0.0]])
+    # outside: g·(1-s) = [[0, 1], [0, 0.5]] -> squares 1 + 0.25, mean over 4 pixels
+    assert rrr_cam_loss(cam, mask).item() == pytest.approx(1.25 / 4)
+    assert rrr_cam_loss(cam * mask, torch.ones(2, 2) * (mask > 0)).item() == 0.0
+
+
+def test_region_loss_selects_by_name_and_rejects_unknown_names() -> None:
+    gen = torch.Generator().manual_seed(3)
+    cam = torch.rand(4, 2, 6, 6, generator=gen)
+    mask = (torch.rand(2, 6, 6, generator=gen) > 0.5).float()
+    torch.testing.assert_close(region_loss(cam, mask, "iou", reduction="none"), iou_loss(cam, mask, reduction="none"))
+    torch.testing.assert_close(region_loss(cam, mask, "energy"), energy_loss(cam, mask))
+    torch.testing.assert_close(region_loss(cam, mask, "rrr_cam"), rrr_cam_loss(cam, mask))
+    with pytest.raises(ValueError, match="iou, energy, rrr_cam, rrr_input"):
+        region_loss(cam, mask, "dice")
+    with pytest.raises(ValueError, match="input gradients"):
+        region_loss(cam, mask, "rrr_input")
+    assert set(GUIDANCE_LOSSES) == set(DEFAULT_GUIDANCE_WEIGHTS)
+    with pytest.raises(ValueError, match="no positive pixel"):
+        region_loss(cam, torch.zeros(2, 6, 6), "energy")
+
+
+@pytest.mark.parametrize("name", ["iou", "energy", "rrr_cam"])
+def test_cam_losses_have_finite_gradients_for_degenerate_maps(name: str) -> None:
+    mask = torch.zeros(5, 5)
+    mask[1:3, 1:3] = 1
+    for cam in (torch.zeros(5, 5), torch.ones(5, 5), mask.clone()):
+        cam = cam.requires_grad_(True)
+        loss = region_loss(cam, mask, name)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(cam.grad).all()
+
+
+@pytest.mark.parametrize("name", ["iou", "energy", "rrr_cam"])
+def test_cam_losses_prefer_the_cam_inside_the_region(name: str) -> None:
+    mask = torch.zeros(8, 8)
+    mask[2:5, 2:5] = 1
+    inside, outside = mask.clone(), torch.zeros(8, 8)
+    outside[6:, 6:] = 1
+    half = (inside + outside) / 2
+    values = [region_loss(c, mask, name).item() for c in (inside, half, outside)]
+    assert values[0] < values[1] < values[2]
+
+
+def test_guided_loss_with_one_mask_per_image_equals_per_image_calls() -> None:
+    gen = torch.Generator().manual_seed(4)
+    cam = torch.rand(3, 2, 6, 6, generator=gen)
+    masks = (torch.rand(3, 2, 6, 6, generator=gen) > 0.5).float()
+    logits = torch.randn(3, 40, generator=gen)
+    y = (torch.rand(3, 40, generator=gen) > 0.5).float()
+    for name in ("iou", "energy", "rrr_cam"):
+        out = guided_loss(logits, y, cam, masks, loss=name)
+        expected = torch.stack([region_loss(cam[b], masks[b], name, reduction="none") for b in range(3)])
+        torch.testing.assert_close(out.per_sample, expected)
+        torch.testing.assert_close(out.guidance, expected.mean())
+    with pytest.raises(ValueError, match=r"\(B, T, H, W\)"):
+        guided_loss(logits, y, cam, masks[:2])
+
+
+def test_guided_objective_combines_like_guided_loss() -> None:
+    gen = torch.Generator().manual_seed(5)
+    cam = torch.rand(4, 1, 5, 5, generator=gen)
+    mask = (torch.rand(1, 5, 5, generator=gen) > 0.4).float()
+    logits = torch.randn(4, 40, generator=gen)
+    y = (torch.rand(4, 40, generator=gen) > 0.5).float()
+    weight = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    a = guided_loss(logits, y, cam, mask, w_a=0.5, w_g=2.0, sample_weight=weight)
+    per = iou_loss(cam, mask, reduction="none")
+    b = guided_objective(logits, y, per, w_a=0.5, w_g=2.0, sample_weight=weight)
+    torch.testing.assert_close(a.total, b.total)
+    assert b.guidance.item() == pytest.approx((per[0, 0] + per[2, 0]).item() / 2)
+
+
+class _TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_input_gradients_match_the_chain_rule_and_a_per_target_reference() -> None:
+    """∂(log σ(z) + log σ(−z))/∂x = (1 − 2σ(z)) · ∂z/∂x, each target on its own."""
+    net = _TinyNet().double()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    targets = [2, 17]
+    grads, logits = input_gradients(net, x, targets, create_graph=False)
+    assert grads.shape == (3, 2, 3, 6, 6)
+    torch.testing.assert_close(logits, net(x))
+    for j, t in enumerate(targets):
+        xr = x.clone().requires_grad_(True)
+        z = net(xr)[:, t]
+        (dz,) = torch.autograd.grad(z.sum(), xr)
+        expected = (1 - 2 * torch.sigmoid(z.detach()))[:, None, None, None] * dz
+        torch.testing.assert_close(grads[:, j], expected)
+    single, _ = input_gradients(net, x, [17], create_graph=False)
+    torch.testing.assert_close(single[:, 0], grads[:, 1])
+    assert all(p.grad is None for p in net.parameters())  # hygiene: no .grad touched
+
+
+def test_rrr_input_loss_hand_computation_and_training_signal() -> None:
+    grads = torch.zeros(1, 1, 3, 2, 2)
+    grads[0, 0, :, 0, 1] = torch.tensor([1.0, 2.0, 2.0])  # outside the region: 1 + 4 + 4
+    grads[0, 0, :, 0, 0] = 5.0  # inside: not penalised
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    assert rrr_input_loss(grads, mask).item() == pytest.approx(9.0)
+    per_image = mask[None].expand(1, 1, 2, 2)
+    assert rrr_input_loss(grads, per_image).item() == pytest.approx(9.0)
+
+    net = _TinyNet().double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    region = torch.zeros(1, 6, 6, dtype=torch.float64)
+    region[:, :3] = 1
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    values = []
+    for _ in range(5):
+        grads, _ = input_gradients(net, x, [5], create_graph=True)
+        loss = rrr_input_loss(grads, region)
+        values.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert values[-1] < values[0]

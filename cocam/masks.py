@@ -14,31 +14,68 @@ rejected.
 For training, :func:`mask_to_input` maps the template mask to the model input exactly like the
 images (crop :data:`cocam.geometry.CROP_BOX`, then resize) and keeps the area-averaged, soft
 values in ``[0, 1]`` so thin regions do not vanish at low resolution.
+
+Mask transfer
+-------------
+The template mask marks the region on the *template* face. Faces in the dataset are aligned,
+but not perfectly: eyes and mouth move by a few pixels and faces differ in size. Two ways to
+place the region on an image (:data:`MASK_TRANSFERS`, :func:`masks_for_batch`):
+
+* ``"template"`` — reuse the template mask as is on every image (the paper's setting);
+* ``"landmarks"`` — move it with the similarity transform (rotation, uniform scale,
+  translation; :func:`cocam.geometry.similarity_transform`) that best maps the template's five
+  landmarks (:data:`cocam.geometry.TEMPLATE_LANDMARKS`) onto the image's five landmarks
+  (:func:`transfer_masks`).
+
+:func:`transfer_quality` measures, on the synthetic dataset, how well each one matches the true
+region of every image.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from cocam.geometry import ALIGNED_HEIGHT, ALIGNED_WIDTH, CROP_BOX
+from cocam.geometry import (
+    ALIGNED_HEIGHT,
+    ALIGNED_WIDTH,
+    CROP_BOX,
+    TEMPLATE_LANDMARKS,
+    aligned_to_input,
+    invert_affine,
+    similarity_transform,
+)
 from cocam.io import atomic_write
 
+if TYPE_CHECKING:
+    from cocam.dataset import CelebADataset
+
 __all__ = [
+    "MASK_TRANSFERS",
     "TEMPLATE_SHAPE",
     "as_template_mask",
     "default_mask",
     "load_mask",
-    "resolve_mask",
     "mask_to_feature",
     "mask_to_input",
+    "masks_for_batch",
+    "resolve_mask",
     "save_mask",
+    "transfer_masks",
+    "transfer_quality",
 ]
+
+#: How a template mask is placed on each image: reused as is, or moved by the landmarks.
+MASK_TRANSFERS: tuple[str, ...] = ("template", "landmarks")
 
 #: ``(height, width)`` of a mask in template coordinates.
 TEMPLATE_SHAPE: tuple[int, int] = (ALIGNED_HEIGHT, ALIGNED_WIDTH)
@@ -264,3 +301,189 @@ def resolve_mask(attribute: str, mask_dir: str | os.PathLike | None = "data/mask
         if path.is_file():
             return load_mask(path), str(path)
     return default_mask(attribute), "built-in"
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer of the template mask onto each image by its landmarks
+# --------------------------------------------------------------------------------------------
+
+
+def _input_to_normalised(matrix: Tensor, image_size: int) -> Tensor:
+    """Express ``(B, 2, 3)`` affine maps between model-input pixels in ``grid_sample`` coordinates.
+
+    With ``align_corners=False`` the normalised coordinate of pixel position ``x`` on an axis of
+    ``S`` pixels is ``u = (2x + 1) / S - 1``, i.e. ``x = c + u S / 2`` with ``c = (S - 1) / 2``.
+    Conjugating ``x ↦ L x + t`` by this gives ``u ↦ L u + 2 (L c + t - c) / S``; the linear
+    part of a similarity is unchanged because the normalisation scales both axes alike.
+    """
+    centre = torch.full((2, 1), (image_size - 1) / 2, dtype=matrix.dtype, device=matrix.device)
+    linear, shift = matrix[..., :2], matrix[..., 2:]
+    return torch.cat([linear, 2.0 * (linear @ centre + shift - centre) / image_size], dim=-1)
+
+
+def transfer_masks(masks: Tensor, landmarks: np.ndarray | Tensor, image_size: int, *,
+                   validate: bool = True) -> Tensor:
+    """Move template-placed masks onto each image with the similarity given by its landmarks.
+
+    For image ``b``, the similarity ``M_b`` (rotation, uniform scale, translation; least squares,
+    :func:`cocam.geometry.similarity_transform`) mapping the template's landmarks
+    (:data:`~cocam.geometry.TEMPLATE_LANDMARKS` through
+    :func:`~cocam.geometry.aligned_to_input`) onto the image's landmarks is estimated, and
+    output pixel ``p`` takes the mask's value at ``M_b⁻¹(p)``, sampled bilinearly
+    (``grid_sample`` with ``align_corners=False``, the pixel-centre convention of
+    :mod:`cocam.geometry`); outside the mask's square it is 0. When an image's landmarks equal
+    the template's the result equals ``masks`` (up to rounding).
+
+    Masks at **feature resolution** work the same way: a ``(h, w)`` mask from
+    :func:`mask_to_feature` covers the same ``image_size`` square as the input, and the warp is
+    done in ``grid_sample``'s normalised coordinates, which are shared by every resolution of
+    that square, so the transform estimated in input pixels is rescaled automatically (a
+    translation of ``d`` input pixels moves a ``h``-pixel mask by ``d · h / image_size`` of its
+    pixels). ``image_size`` is always the model-input size the landmarks are measured in.
+
+    Args:
+        masks: ``(T, h, w)`` float masks in ``[0, 1]`` (one per guided attribute, e.g. stacked
+            :func:`mask_to_input` / :func:`mask_to_feature` outputs), or ``(h, w)`` for
+            ``T = 1``.
+        landmarks: ``(B, 5, 2)`` landmarks ``(x, y)`` of the batch's images in model-input
+            pixels (as :meth:`cocam.dataset.CelebADataset.get_batch` returns them), a tensor or
+            array; moved to ``masks``' device.
+        image_size: side of the square model input the landmarks refer to.
+        validate: check that no image's landmarks all coincide (e.g. missing landmarks stored
+            as zeros). The check reads a value back from the device, a synchronisation per
+            batch on CUDA; a training loop over validated data may pass ``False`` (a degenerate
+            image then gets NaN values instead of an error).
+
+    Returns:
+        ``(B, T, h, w)`` tensor on ``masks``' device, with ``masks``' floating dtype (the
+        transform itself is computed in at least float32).
+
+    Raises:
+        ValueError: wrong shapes, a non-positive ``image_size`` or degenerate landmarks.
+    """
+    if not isinstance(masks, Tensor):
+        masks = torch.as_tensor(np.asarray(masks))
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (T, h, w) (or (h, w)), got shape {tuple(masks.shape)}; stack one "
+                         f"mask_to_input / mask_to_feature output per guided attribute.")
+    if int(image_size) < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}.")
+    image_size = int(image_size)
+    if not masks.is_floating_point():
+        masks = masks.to(torch.float32)
+    lm = landmarks if isinstance(landmarks, Tensor) else torch.from_numpy(np.array(landmarks))
+    if lm.ndim != 3 or tuple(lm.shape[1:]) != (5, 2):
+        raise ValueError(f"landmarks must be (B, 5, 2) (x, y) in model-input pixels, got shape {tuple(lm.shape)}.")
+    dtype = torch.promote_types(masks.dtype, torch.float32)
+    lm = lm.to(device=masks.device, dtype=dtype)
+    t, h, w = masks.shape
+    b = lm.shape[0]
+    if b == 0:
+        return masks.new_zeros((0, t, h, w))
+    template = torch.as_tensor(aligned_to_input(TEMPLATE_LANDMARKS, image_size), dtype=dtype, device=masks.device)
+    forward = similarity_transform(template, lm, check=False)  # template pixels -> image pixels, (B, 2, 3)
+    try:
+        inverse = invert_affine(forward, check=validate)
+    except ValueError:
+        raise ValueError("some images' landmarks all coincide (missing landmarks?): a mask cannot be moved onto "
+                         "them; check dataset.landmarks, or use transfer='template'.") from None
+    theta = _input_to_normalised(inverse, image_size)  # output grid -> template mask, normalised
+    grid = F.affine_grid(theta, [b, t, h, w], align_corners=False).to(masks.dtype)
+    return F.grid_sample(masks.expand(b, t, h, w), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
+def masks_for_batch(masks: Tensor, landmarks: np.ndarray | Tensor | None, transfer: str,
+                    image_size: int, *, validate: bool = True) -> Tensor:
+    """The guidance masks for one batch, placed by ``transfer`` (one of :data:`MASK_TRANSFERS`).
+
+    Args:
+        masks: ``(T, h, w)`` template-placed masks at input or feature resolution.
+        landmarks: ``(B, 5, 2)`` the batch's landmarks in model-input pixels (unused, may be
+            ``None``, for ``"template"``).
+        transfer: ``"template"`` or ``"landmarks"``.
+        image_size: side of the model input (see :func:`transfer_masks`).
+        validate: passed to :func:`transfer_masks`.
+
+    Returns:
+        ``"template"``: ``masks`` itself, ``(T, h, w)`` — the same region for every image; it
+        broadcasts against ``(B, T, h, w)`` CAMs (:func:`cocam.losses.soft_iou`).
+        ``"landmarks"``: ``(B, T, h, w)`` from :func:`transfer_masks`, one per image.
+
+    Raises:
+        ValueError: an unknown ``transfer`` (the message lists the valid ones), or
+            ``"landmarks"`` without landmarks.
+    """
+    if transfer not in MASK_TRANSFERS:
+        raise ValueError(f"unknown mask transfer {transfer!r}; choose one of "
+                         f"{', '.join(repr(name) for name in MASK_TRANSFERS)}.")
+    if transfer == "template":
+        return masks
+    if landmarks is None:
+        raise ValueError("the 'landmarks' transfer needs the batch's (B, 5, 2) landmarks; pass them (the third "
+                         "element of CelebADataset.get_batch) or use transfer='template'.")
+    return transfer_masks(masks, landmarks, image_size, validate=validate)
+
+
+def transfer_quality(dataset: CelebADataset, attribute: str, mask: np.ndarray | Tensor | None, *,
+                     transfers: Sequence[str] = MASK_TRANSFERS, batch_size: int = 256) -> pd.DataFrame:
+    """How well each mask transfer matches the true evidence region, on a synthetic dataset.
+
+    For every image of ``dataset`` that has ``attribute``, the template mask is placed on the
+    image by each transfer (:func:`masks_for_batch`, at the dataset's ``image_size``) and
+    compared with the image's ground-truth region of ``attribute`` (from the dataset's
+    ``evidence_regions.npz``, :class:`cocam.synthetic.EvidenceRegions`) by
+    :func:`cocam.losses.soft_iou`.
+
+    Args:
+        dataset: a split (or subset) of the synthetic dataset.
+        attribute: a localised attribute, e.g. ``"Wearing_Lipstick"``.
+        mask: the template mask (anything :func:`as_template_mask` accepts); ``None`` uses
+            :func:`default_mask` of ``attribute``.
+        transfers: which of :data:`MASK_TRANSFERS` to score.
+        batch_size: images per step.
+
+    Returns:
+        One row per transfer: ``transfer``, ``attribute``, ``soft_iou`` (mean over the
+        images), ``soft_iou_std`` and ``n`` (images scored; ``soft_iou`` is NaN when 0).
+
+    Raises:
+        FileNotFoundError: ``dataset`` has no ground-truth regions (real CelebA).
+        ValueError: an unknown transfer or an attribute without a localised region.
+        cocam.attributes.UnknownAttributeError: a misspelled attribute.
+    """
+    from cocam.attributes import attribute_index
+    from cocam.losses import soft_iou
+    from cocam.synthetic import EvidenceRegions
+
+    column = attribute_index(attribute)
+    transfers = list(transfers)
+    for name in transfers:
+        if name not in MASK_TRANSFERS:
+            raise ValueError(f"unknown mask transfer {name!r}; choose from "
+                             f"{', '.join(repr(n) for n in MASK_TRANSFERS)}.")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    regions = EvidenceRegions(dataset.root)
+    size = dataset.image_size
+    template = mask_to_input(default_mask(attribute) if mask is None else mask, size)[None]  # (1, S, S)
+    positives = np.flatnonzero(np.asarray(dataset.targets)[:, column] > 0)
+    names = dataset.names[positives]
+    landmarks = np.asarray(dataset.landmarks)[positives]
+    scores: dict[str, list[Tensor]] = {name: [] for name in transfers}
+    for start in range(0, len(positives), int(batch_size)):
+        stop = start + int(batch_size)
+        truth = regions.masks(list(names[start:stop]), attribute, size).float()  # (b, S, S)
+        for name in transfers:
+            placed = masks_for_batch(template, landmarks[start:stop], name, size)  # (1,S,S) or (b,1,S,S)
+            scores[name].append(soft_iou(placed.reshape(-1, size, size), truth))
+    rows = []
+    for name in transfers:
+        values = torch.cat(scores[name]) if scores[name] else torch.zeros(0)
+        n = int(values.numel())
+        rows.append({"transfer": name, "attribute": attribute,
+                     "soft_iou": float(values.mean()) if n else float("nan"),
+                     "soft_iou_std": float(values.std(unbiased=False)) if n else float("nan"), "n": n})
+    return pd.DataFrame(rows, columns=["transfer", "attribute", "soft_iou", "soft_iou_std", "n"])

@@ -6,6 +6,7 @@
     cocam train      train the baseline 40-attribute classifier
     cocam finetune   Grad-CAM guided fine-tuning from a checkpoint (or the BCE-only control)
     cocam evaluate   accuracy on the test split and the conflict subsets, before vs after
+    cocam compare    the guidance losses and the BCE-only control side by side (several seeds)
     cocam demo       the main job on the embedded default: all of the above, end to end
 """
 
@@ -141,7 +142,7 @@ def _guidance(args: argparse.Namespace):
             masks.append(mask)
             print(f"{a}: mask {source}")
     return Guidance(tuple(attributes), tuple(masks), w_a=args.w_a, w_g=args.w_g, target=args.target,
-                    exact=not args.first_order)
+                    exact=not args.first_order, loss=args.loss, transfer=args.transfer)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -158,6 +159,32 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                  run_dir=args.out, resume=args.resume)
     print(result.history.to_string(index=False))
     print(f"fine-tuned checkpoint: {result.last_path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cocam.compare import METHODS, ComparisonConfig, compare_guidance, comparison_table, select_settings
+
+    names = args.method or list(METHODS)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from: {', '.join(repr(m) for m in METHODS)}.")
+    config = ComparisonConfig(root=args.root, out=args.out, seeds=tuple(args.seeds), pairs=tuple(_pairs(args.pair)),
+                              image_size=args.image_size, hidden=args.hidden or None,
+                              baseline_epochs=args.epochs, patience=args.patience,
+                              finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                              batch_size=args.batch_size, mask_dir=args.mask_dir, device=args.device)
+    result = compare_guidance(config, {m: METHODS[m] for m in names}, progress=not args.quiet)
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 40):
+        for split in config.splits:
+            print(f"\n{split} split (mean over {len(config.seeds)} seeds, 95 % t-intervals; gain = conflict-subset "
+                  f"accuracy minus the same seed's BCE-only control):")
+            print(comparison_table(result.summary, split).to_string(index=False))
+        if "valid" in config.splits:
+            chosen = select_settings(result.summary, split="valid")
+            print("\nchosen on the valid split (largest conflict gain, ≤ 1 point of accuracy lost):")
+            print(chosen[["attribute", "setting", "gain", "test_change"]].to_string(index=False))
+    print(f"\nruns: {config.out / 'runs.csv'}; summary: {config.out / 'summary.csv'}")
     return 0
 
 
@@ -278,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS, GUIDANCE_LOSSES
+    from cocam.masks import MASK_TRANSFERS
     from cocam.synthetic import PRESETS
 
     g = sub.add_parser("generate", help="write the synthetic CelebA-format dataset")
@@ -315,9 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     def guidance_options(p):
         p.add_argument("--w-a", type=float, default=1.0, help="weight of the BCE term")
-        p.add_argument("--w-g", type=float, default=1.0, help="weight of the Grad-CAM term loss_g")
+        p.add_argument("--w-g", type=float, default=None,
+                       help="weight of the guidance term loss_g (default: the loss's own: "
+                            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_GUIDANCE_WEIGHTS.items()) + ")")
+        p.add_argument("--loss", choices=GUIDANCE_LOSSES, default="iou",
+                       help="guidance loss: iou (the paper's -ln IoU), energy (CAM mass inside the region), "
+                            "rrr_cam (CAM energy outside), rrr_input (input gradients outside; Ross et al.)")
         p.add_argument("--target", choices=["positive", "both"], default="both",
                        help="positive: the paper (CAM of the logit on positives); both: CAM of sign(y)*logit")
+        p.add_argument("--transfer", choices=MASK_TRANSFERS, default="template",
+                       help="template: the same mask pixels for every image; landmarks: moved by each image's "
+                            "5 landmarks")
         p.add_argument("--first-order", action="store_true", help="detach the Grad-CAM weights (cheaper)")
 
     tr = sub.add_parser("train", help="train the baseline classifier")
@@ -352,6 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mask-dir", type=Path, default=Path("data/masks"),
                     help="masks scored against: <mask-dir>/<Attribute>.png, else the built-in region")
     ev.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("compare", help="guidance losses vs the BCE-only control: same budget, several seeds")
+    c.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    c.add_argument("--out", type=Path, default=Path("runs/compare"))
+    c.add_argument("--method", action="append", metavar="NAME",
+                   help="a setting of cocam.compare.METHODS (repeatable; default: all)")
+    c.add_argument("--pair", action="append", metavar="A:B", help="guided pairs (default: the paper's three)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--image-size", type=int, default=112)
+    c.add_argument("--hidden", type=int, default=512, help="classifier width (0 = torchvision's 4096)")
+    c.add_argument("--epochs", type=int, default=40, help="baseline epochs at most (early stopping)")
+    c.add_argument("--patience", type=int, default=3)
+    c.add_argument("--finetune-epochs", type=int, default=2)
+    c.add_argument("--finetune-lr", type=float, default=3e-4)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--mask-dir", type=Path, default=Path("data/masks"))
+    c.add_argument("--device", default="auto")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic default")
     training_options(d, 8)

@@ -376,14 +376,19 @@ def mask_sources(ws: Workspace, attributes: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def guidance_for(ws: Workspace, attributes: Sequence[str], *, w_a: float = 1.0, w_g: float = 1.0,
-                 target: str = "both") -> Guidance:
-    """A :class:`~cocam.train.Guidance` with each attribute's mask from ``ws.mask_dir`` (or built-in)."""
+def guidance_for(ws: Workspace, attributes: Sequence[str], *, w_a: float = 1.0, w_g: float | None = None,
+                 target: str = "both", loss: str = "iou", transfer: str = "template") -> Guidance:
+    """A :class:`~cocam.train.Guidance` with each attribute's mask from ``ws.mask_dir`` (or built-in).
+
+    ``loss`` names the guidance loss (:data:`cocam.losses.GUIDANCE_LOSSES`; ``w_g=None`` takes its
+    default weight) and ``transfer`` how the mask reaches each image (``"template"`` or
+    ``"landmarks"``).
+    """
     from cocam.masks import resolve_mask
 
     attributes = validate_attributes(attributes)
     masks = tuple(resolve_mask(a, ws.mask_dir)[0] for a in attributes)
-    return Guidance(tuple(attributes), masks, w_a=w_a, w_g=w_g, target=target)
+    return Guidance(tuple(attributes), masks, w_a=w_a, w_g=w_g, target=target, loss=loss, transfer=transfer)
 
 
 def fine_tune(ws: Workspace, guidance: Guidance | None, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,

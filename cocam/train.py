@@ -50,8 +50,17 @@ from cocam.dataset import BatchLoader, CelebADataset
 from cocam.evaluate import predict, resolve_device
 from cocam.gradcam import grad_cam
 from cocam.io import LockedError, atomic_write_text, exclusive_lock
-from cocam.losses import guided_loss
-from cocam.masks import mask_to_feature, mask_to_input
+from cocam.losses import (
+    CAM_LOSSES,
+    DEFAULT_GUIDANCE_WEIGHTS,
+    GuidedLoss,
+    check_guidance_loss,
+    guided_loss,
+    guided_objective,
+    input_gradients,
+    rrr_input_loss,
+)
+from cocam.masks import MASK_TRANSFERS, mask_to_feature, mask_to_input, masks_for_batch
 from cocam.model import SplitModel
 
 __all__ = ["FitResult", "Guidance", "RunLockedError", "TrainConfig", "TrainingDivergedError", "fit"]
@@ -120,15 +129,28 @@ class Guidance:
         resolution: compare CAM and mask at the model ``"input"`` size (the CAM is upsampled;
             the paper's setting) or at the CAM's native ``"feature"`` size (the mask is
             area-averaged down; cheaper).
+        loss: the guidance loss, one of :data:`cocam.losses.GUIDANCE_LOSSES`: ``"iou"`` (the
+            paper's ``-ln IoU``), ``"energy"`` (share of CAM mass inside the region),
+            ``"rrr_cam"`` (CAM energy outside the region) or ``"rrr_input"`` (input gradients
+            outside the region; Ross et al.). See :mod:`cocam.losses`.
+        transfer: how the template mask reaches each image: ``"template"`` (the same pixels
+            for every image, the paper's) or ``"landmarks"`` (moved by the similarity
+            transform from the template's five landmarks to the image's; see
+            :mod:`cocam.masks`).
+
+    ``w_g=None`` takes the loss's default weight (:data:`cocam.losses.DEFAULT_GUIDANCE_WEIGHTS`:
+    1 for ``iou``, the paper's setting).
     """
 
     attributes: tuple[str, ...]
     masks: tuple[np.ndarray, ...] = field(repr=False)
     w_a: float = 1.0
-    w_g: float = 1.0
+    w_g: float | None = None
     target: str = "both"
     exact: bool = True
     resolution: str = "input"
+    loss: str = "iou"
+    transfer: str = "template"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attributes", tuple(validate_attributes(self.attributes)))
@@ -141,6 +163,14 @@ class Guidance:
             raise ValueError(f"target must be 'positive' (the paper) or 'both', not {self.target!r}.")
         if self.resolution not in ("input", "feature"):
             raise ValueError(f"resolution must be 'input' or 'feature', not {self.resolution!r}.")
+        check_guidance_loss(self.loss)
+        if self.loss not in CAM_LOSSES and (self.resolution != "input" or not self.exact):
+            raise ValueError(f"loss {self.loss!r} penalises input gradients: it needs resolution='input' and "
+                             f"exact=True (the penalty is trained through the gradients).")
+        if self.transfer not in MASK_TRANSFERS:
+            raise ValueError(f"transfer must be one of {', '.join(MASK_TRANSFERS)}, not {self.transfer!r}.")
+        if self.w_g is None:
+            object.__setattr__(self, "w_g", DEFAULT_GUIDANCE_WEIGHTS[self.loss])
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able settings (masks summarised by their area)."""
@@ -204,23 +234,42 @@ def _spec_of(model: SplitModel, image_size: int) -> ModelSpec | None:
 
 
 def _masks_for(guidance: Guidance, model: SplitModel, image_size: int, device: torch.device) -> torch.Tensor:
+    """The ``(T, h, w)`` template masks at the resolution the loss compares at (checked once here)."""
     if guidance.resolution == "input":
-        return torch.stack([mask_to_input(m, image_size, device=device) for m in guidance.masks])
-    _, h, w = model.feature_shape(image_size)
-    if h != w:
-        raise ValueError("feature resolution guidance needs a square feature map.")
-    return torch.stack([mask_to_feature(m, h, device=device) for m in guidance.masks])
+        masks = torch.stack([mask_to_input(m, image_size, device=device) for m in guidance.masks])
+    else:
+        _, h, w = model.feature_shape(image_size)
+        if h != w:
+            raise ValueError("feature resolution guidance needs a square feature map.")
+        masks = torch.stack([mask_to_feature(m, h, device=device) for m in guidance.masks])
+    empty = [a for a, m in zip(guidance.attributes, masks) if float(m.max()) <= 0]
+    if empty:
+        raise ValueError(f"the mask of {', '.join(empty)} has no pixel left at {tuple(masks.shape[1:])}: "
+                         f"draw a larger region.")
+    return masks
 
 
 def _guided_terms(model: SplitModel, images: torch.Tensor, targets: torch.Tensor, guidance: Guidance,
-                  target_idx: list[int], masks: torch.Tensor):
+                  target_idx: list[int], masks: torch.Tensor, landmarks: torch.Tensor | None = None) -> GuidedLoss:
+    """One step's loss terms: the BCE on all attributes and the guidance term on the guided ones.
+
+    ``masks`` come from :func:`_masks_for`; ``landmarks`` ``(B, 5, 2)`` (model-input pixels) are
+    needed for ``transfer="landmarks"``. Inputs are not re-validated here (no device sync per
+    step): the masks were checked once and the labels come from the dataset.
+    """
     labels = targets[:, target_idx]
+    weight = labels if guidance.target == "positive" else None
+    masks = masks_for_batch(masks, landmarks, guidance.transfer, images.shape[-1])
+    if guidance.loss == "rrr_input":
+        grads, logits = input_gradients(model, images, target_idx, create_graph=True)
+        per_sample = rrr_input_loss(grads.float(), masks, reduction="none", validate=False)
+        return guided_objective(logits.float(), targets, per_sample, w_a=guidance.w_a, w_g=guidance.w_g,
+                                sample_weight=weight, validate=False)
     signs = (2 * labels - 1) if guidance.target == "both" else None
     out_size = images.shape[-1] if guidance.resolution == "input" else None
     res = grad_cam(model, images, target_idx, signs=signs, create_graph=guidance.exact, output_size=out_size)
-    weight = labels if guidance.target == "positive" else None
     return guided_loss(res.logits.float(), targets, res.cams.float(), masks, w_a=guidance.w_a, w_g=guidance.w_g,
-                       sample_weight=weight)
+                       sample_weight=weight, loss=guidance.loss, validate=False)
 
 
 def validation_metrics(model: SplitModel, dataset: CelebADataset, device: torch.device,
@@ -320,10 +369,10 @@ def fit(
             loader.set_epoch(epoch)
             sums = {"bce": 0.0, "guidance": 0.0}
             n_batches, t0 = 0, time.perf_counter()
-            for images, targets, _ in loader:
+            for images, targets, landmarks in loader:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     if guidance is not None:
-                        terms = _guided_terms(model, images, targets, guidance, target_idx, masks)
+                        terms = _guided_terms(model, images, targets, guidance, target_idx, masks, landmarks)
                         loss, bce, g = terms.total, terms.bce, terms.guidance
                     else:
                         bce = F.binary_cross_entropy_with_logits(model(images).float(), targets)

@@ -21,7 +21,7 @@ from cocam.checkpoint import ModelSpec, load_checkpoint, load_model
 from cocam.dataset import CelebADataset, normalize_uint8
 from cocam.gradcam import grad_cam
 from cocam.io import pid_alive
-from cocam.losses import guided_loss
+from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS, guided_loss, iou_loss
 from cocam.masks import default_mask, mask_to_feature, mask_to_input
 from cocam.train import (
     FitResult,
@@ -493,3 +493,61 @@ def test_a_stale_lock_is_taken_over(data, tmp_path: Path, content: str) -> None:
     result = fit(_model(), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, progress=False)
     assert result.steps == 1
     assert {p.name for p in run.iterdir()} == RUN_FILES  # lock taken over, then released
+
+
+@pytest.mark.parametrize("loss", ["iou", "energy", "rrr_cam", "rrr_input"])
+def test_one_step_of_each_guidance_loss_reduces_it(data, base_checkpoint, lipstick_mask, loss) -> None:
+    """Pure guidance (w_a = 0), no dropout, one fixed batch: one step of fit lowers the chosen loss."""
+    train, _ = data
+    spec = dataclasses.replace(SPEC, dropout=0.0)
+    model = _load(base_checkpoint, spec)
+    batch = train.subset_names(train.names[:32])
+    images_u8, targets, landmarks = batch.get_batch(range(len(batch)))
+    images = normalize_uint8(images_u8)
+    guidance = _guidance(lipstick_mask, w_a=0.0, loss=loss)
+    assert guidance.w_g == DEFAULT_GUIDANCE_WEIGHTS[loss]
+    i = attribute_index(LIPSTICK)
+    masks = train_module._masks_for(guidance, model, 64, torch.device("cpu"))
+
+    def value() -> float:
+        return train_module._guided_terms(model, images, targets, guidance, [i], masks, landmarks).guidance.item()
+
+    before = value()
+    result = fit(model, batch, None, _config(lr=1e-4, weight_decay=0.0), spec=spec, guidance=guidance,
+                 progress=False)
+    assert result.history["train_loss_g"].iloc[0] == pytest.approx(before, rel=1e-4)
+    assert value() < before
+
+
+def test_landmark_transfer_guides_with_one_moved_mask_per_image(data, base_checkpoint, lipstick_mask) -> None:
+    """transfer="landmarks" equals the template loss on masks moved by each image's landmarks."""
+    from cocam.masks import transfer_masks
+
+    train, _ = data
+    spec = dataclasses.replace(SPEC, dropout=0.0)
+    model = _load(base_checkpoint, spec).eval()
+    images_u8, targets, landmarks = train.get_batch(range(16))
+    images = normalize_uint8(images_u8)
+    i = attribute_index(LIPSTICK)
+    moved = _guidance(lipstick_mask, transfer="landmarks")
+    masks = train_module._masks_for(moved, model, 64, torch.device("cpu"))
+    terms = train_module._guided_terms(model, images, targets, moved, [i], masks, landmarks)
+    res = grad_cam(model, images, [i], signs=2 * targets[:, [i]] - 1, output_size=64)
+    expected = iou_loss(res.cams, transfer_masks(masks, landmarks, 64), reduction="none")
+    torch.testing.assert_close(terms.per_sample, expected)
+    template = train_module._guided_terms(model, images, targets, _guidance(lipstick_mask), [i], masks, landmarks)
+    assert not torch.allclose(terms.per_sample, template.per_sample)  # the synthetic faces do move
+    result = fit(_load(base_checkpoint), train, None, _config(max_steps=1, batch_size=16), spec=SPEC,
+                 guidance=moved, progress=False)
+    assert result.steps == 1 and math.isfinite(result.history["train_loss_g"].iloc[0])
+
+
+def test_guidance_loss_and_transfer_are_validated(lipstick_mask) -> None:
+    with pytest.raises(ValueError, match="iou, energy, rrr_cam, rrr_input"):
+        _guidance(lipstick_mask, loss="dice")
+    with pytest.raises(ValueError, match="resolution='input' and exact=True"):
+        _guidance(lipstick_mask, loss="rrr_input", resolution="feature")
+    with pytest.raises(ValueError, match="landmarks"):
+        _guidance(lipstick_mask, transfer="warp")
+    assert _guidance(lipstick_mask, loss="rrr_cam", w_g=2.5).w_g == 2.5
+    assert _guidance(lipstick_mask).describe()["loss"] == "iou"

@@ -1,0 +1,296 @@
+"""Which guidance works for this bias? Several guidance settings and the control, side by side.
+
+:func:`compare_guidance` runs the protocol cocam uses for every claim about the method:
+
+1. a baseline trained to convergence (early stopping on the validation BCE; reused if its run
+   folder is complete);
+2. from its best checkpoint, for every seed, the BCE-only control and each guidance setting,
+   all with the *same* number of steps, learning rate and data order (the seed);
+3. each fine-tuned model scored on the **validation** and the **test** split: accuracy of
+   each guided attribute on the whole split and on its conflict subset ``A∧¬B``, and the
+   Grad-CAM IoU with the user's mask and (synthetic data) with the true evidence region.
+
+:func:`summarize_comparison` turns the per-run rows into means over seeds with 95 %
+t-intervals, and the per-seed gain over the control. :func:`select_settings` picks, per
+attribute, the setting with the largest conflict-subset gain **on the validation split**;
+its test numbers are then an unbiased report (nothing is chosen on the test split).
+
+The settings are :class:`~cocam.train.Guidance` keyword arguments by name;
+:data:`METHODS` holds cocam's standard comparison of the guidance losses
+(:data:`cocam.losses.GUIDANCE_LOSSES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cocam.attributes import PAPER_PAIRS, validate_attributes
+from cocam.checkpoint import ModelSpec, load_model
+from cocam.dataset import CelebADataset
+from cocam.evaluate import evaluate_checkpoints
+from cocam.io import atomic_write_text
+from cocam.masks import resolve_mask
+from cocam.train import Guidance, TrainConfig, fit
+
+__all__ = [
+    "CONTROL",
+    "METHODS",
+    "PRE_TRAINED",
+    "ComparisonConfig",
+    "ComparisonResult",
+    "compare_guidance",
+    "comparison_table",
+    "select_settings",
+    "summarize_comparison",
+    "t_interval",
+]
+
+#: Names of the two reference rows.
+CONTROL = "BCE-only control"
+PRE_TRAINED = "pre-trained"
+
+#: The guidance losses side by side: the paper's setting, then each loss guiding the evidence for
+#: the true label of every image (``target="both"``) at its default weight.
+METHODS: dict[str, dict[str, Any]] = {
+    "iou, positives (paper)": {"loss": "iou", "target": "positive"},
+    "iou, both classes": {"loss": "iou", "target": "both"},
+    "energy": {"loss": "energy", "target": "both"},
+    "rrr_cam": {"loss": "rrr_cam", "target": "both"},
+    "rrr_input": {"loss": "rrr_input", "target": "both"},
+}
+
+
+@dataclass(frozen=True)
+class ComparisonConfig:
+    """The shared budget of a comparison.
+
+    Attributes:
+        root: dataset root (holds ``celeba/``).
+        out: folder for the baseline, one run folder per (setting, seed), ``runs.csv``,
+            ``summary.csv`` and ``comparison.json``.
+        seeds: fine-tuning seeds (the data order and dropout of each run and its control).
+        pairs: the guided attributes and their shortcut attributes ``(A, B)``; all ``A`` are
+            guided at once, each with its mask.
+        image_size, hidden, arch: the model (see :class:`~cocam.checkpoint.ModelSpec`).
+        baseline_epochs, patience: the baseline's budget (early stopping on the valid BCE).
+        finetune_epochs, finetune_lr, batch_size: every fine-tuning run's budget
+            (:meth:`TrainConfig.fine_tuning`: equal steps for all).
+        splits: where each run is scored (``"valid"`` for selection, ``"test"`` for the report).
+        mask_dir: where ``<Attribute>.png`` masks are read (else the built-in regions).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``…
+    """
+
+    root: Path
+    out: Path
+    seeds: tuple[int, ...] = (0, 1, 2)
+    pairs: tuple[tuple[str, str], ...] = tuple(PAPER_PAIRS)
+    image_size: int = 112
+    hidden: int | None = 512
+    arch: str = "alexnet"
+    baseline_epochs: int = 40
+    patience: int = 3
+    finetune_epochs: int = 2
+    finetune_lr: float = 3e-4
+    batch_size: int = 64
+    splits: tuple[str, ...] = ("valid", "test")
+    mask_dir: Path | None = Path("data/masks")
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "pairs", tuple((str(a), str(b)) for a, b in self.pairs))
+        if not self.seeds:
+            raise ValueError("a comparison needs at least one seed.")
+        validate_attributes([x for pair in self.pairs for x in pair])
+        bad = sorted(set(self.splits) - {"train", "valid", "test"})
+        if bad or not self.splits:
+            raise ValueError(f"splits must be some of train, valid, test; got {list(self.splits)}.")
+
+
+@dataclass
+class ComparisonResult:
+    """What :func:`compare_guidance` returns (also written to ``config.out``)."""
+
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    baseline: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+#: Two-sided 95 % Student-t quantiles by degrees of freedom (1–30); beyond, the normal 1.96.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_interval(values: Sequence[float] | np.ndarray | pd.Series) -> tuple[float, float]:
+    """Two-sided 95 % Student-t interval of the mean of the finite values (``nan`` below two)."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if len(x) < 2:
+        return float("nan"), float("nan")
+    df = len(x) - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.96
+    half = t * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def _score(config: ComparisonConfig, name: str, seed: int, checkpoint: Path) -> list[dict[str, Any]]:
+    rows = []
+    for split in config.splits:
+        table, _ = evaluate_checkpoints(config.root, {name: checkpoint}, config.pairs, split=split,
+                                        mask_dir=config.mask_dir, device=config.device)
+        for _, r in table.iterrows():
+            rows.append({"setting": name, "seed": seed, "split": split, "attribute": r["attribute"],
+                         "test": r["test %"], "conflict": r["conflict A∧¬B %"],
+                         "n_images": int(r["n test"]) if "n test" in r else np.nan,
+                         "n_conflict": int(r["n conflict"]), "worst_group": r.get("worst group %", np.nan),
+                         "mask_iou": r.get("mask soft_iou", np.nan), "truth_iou": r.get("truth soft_iou", np.nan)})
+    return rows
+
+
+def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[str, Any]] | None = None, *,
+                     progress: bool = False, log: Any = print) -> ComparisonResult:
+    """Run the baseline, the control and every setting for every seed; score them; summarise.
+
+    Args:
+        config: the shared budget.
+        settings: setting name → :class:`~cocam.train.Guidance` keyword arguments (e.g.
+            ``{"loss": "energy", "target": "both"}``); default :data:`METHODS`.
+        progress: progress bars of the training loops.
+        log: called with one line per finished stage (``None``: silent).
+
+    Runs resume: a finished run folder is reloaded, not retrained, so an interrupted comparison
+    continues where it stopped and more seeds or settings can be added later.
+    """
+    settings = dict(METHODS if settings is None else settings)
+    for reserved in (CONTROL, PRE_TRAINED):
+        if reserved in settings:
+            raise ValueError(f"{reserved!r} is a reference row, not a setting name: rename it.")
+    say = log or (lambda _: None)
+    attrs = tuple(a for a, _ in config.pairs)
+    masks = tuple(resolve_mask(a, config.mask_dir)[0] for a in attrs)
+    guidances = {name: Guidance(attrs, masks, **kwargs) for name, kwargs in settings.items()}  # validate first
+
+    spec = ModelSpec(arch=config.arch, image_size=config.image_size, hidden=config.hidden)
+    train = CelebADataset(config.root, "train", image_size=spec.image_size)
+    valid = CelebADataset(config.root, "valid", image_size=spec.image_size)
+    config.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config.out / "comparison.json", json.dumps(
+        {"config": dataclasses.asdict(config), "settings": {k: dict(v) for k, v in settings.items()}},
+        indent=2, default=str))
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    import torch
+
+    torch.manual_seed(0)
+    base = fit(spec.build(), train, valid, TrainConfig(epochs=config.baseline_epochs, patience=config.patience,
+                                                       batch_size=config.batch_size, device=config.device),
+               spec=spec, run_dir=config.out / "baseline", resume=True, progress=progress)
+    seconds["baseline"] = time.perf_counter() - t0
+    say(f"baseline: {len(base.history)} epochs, best valid BCE {base.history.valid_bce.min():.4f} "
+        f"({seconds['baseline']:.0f} s)")
+
+    rows = _score(config, PRE_TRAINED, -1, base.best_path)
+    runs: dict[str, Guidance | None] = {CONTROL: None} | guidances
+    for seed in config.seeds:
+        for i, (name, guidance) in enumerate(runs.items()):
+            t = time.perf_counter()
+            model, _, _ = load_model(base.best_path)
+            cfg = TrainConfig.fine_tuning(len(train), config.finetune_epochs, batch_size=config.batch_size,
+                                          lr=config.finetune_lr, seed=seed, device=config.device)
+            tag = "control" if guidance is None else f"setting{i}_{guidance.loss}_{guidance.target}"
+            r = fit(model, train, valid, cfg, spec=spec, guidance=guidance,
+                    run_dir=config.out / f"{tag}_seed{seed}", resume=True, progress=progress)
+            rows += _score(config, name, seed, r.last_path)
+            seconds[f"{name} seed {seed}"] = time.perf_counter() - t
+            say(f"seed {seed} · {name}: {seconds[f'{name} seed {seed}']:.0f} s")
+            atomic_write_text(config.out / "runs.csv", pd.DataFrame(rows).to_csv(index=False))
+    runs_df = pd.DataFrame(rows)
+    summary = summarize_comparison(runs_df)
+    atomic_write_text(config.out / "summary.csv", summary.to_csv(index=False))
+    return ComparisonResult(runs=runs_df, summary=summary, baseline=base.best_path, seconds=seconds)
+
+
+def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean over seeds with 95 % t-intervals, per split, setting and attribute.
+
+    Columns: ``split, setting, attribute, seeds, n_conflict``, then for ``test`` (the split's
+    whole-set accuracy), ``conflict`` and ``truth_iou``/``mask_iou`` the mean and its
+    ``_low``/``_high`` bounds, and for each guidance setting ``gain`` (conflict accuracy minus
+    the same seed's control) and ``test_change`` (whole-split accuracy minus the control's),
+    with intervals over the per-seed differences.
+    """
+    needed = {"setting", "seed", "split", "attribute", "test", "conflict"}
+    if missing := needed - set(runs.columns):
+        raise ValueError(f"runs lacks the columns {sorted(missing)} (use compare_guidance's runs).")
+    out = []
+    for (split, name, attribute), g in runs.groupby(["split", "setting", "attribute"], sort=False):
+        entry: dict[str, Any] = {"split": split, "setting": name, "attribute": attribute, "seeds": len(g),
+                                 "n_conflict": int(g.n_conflict.iloc[0]) if "n_conflict" in g else np.nan}
+        for col in ("test", "conflict", "truth_iou", "mask_iou"):
+            if col not in g:
+                continue
+            entry[col] = g[col].mean()
+            entry[f"{col}_low"], entry[f"{col}_high"] = t_interval(g[col])
+        control = runs[(runs.split == split) & (runs.setting == CONTROL) & (runs.attribute == attribute)]
+        if name not in (CONTROL, PRE_TRAINED) and len(control):
+            mine, ref = g.set_index("seed"), control.set_index("seed")
+            for col, key in (("conflict", "gain"), ("test", "test_change")):
+                diff = (mine[col] - ref[col]).dropna()
+                entry[key] = diff.mean() if len(diff) else np.nan
+                entry[f"{key}_low"], entry[f"{key}_high"] = t_interval(diff)
+        out.append(entry)
+    return pd.DataFrame(out)
+
+
+def select_settings(summary: pd.DataFrame, *, split: str = "valid", max_test_drop: float = 1.0) -> pd.DataFrame:
+    """Per attribute, the setting with the largest mean conflict gain over the control on ``split``.
+
+    Settings that lose more than ``max_test_drop`` points of whole-split accuracy against the
+    control on ``split`` are not eligible. Returns one row per attribute with the chosen
+    ``setting`` and its ``split`` numbers; read its test numbers off the summary
+    (:func:`summarize_comparison`) — they were not used to choose.
+    """
+    if "gain" not in summary:
+        raise ValueError("the summary has no guidance settings (only references): nothing to select.")
+    rows = summary[(summary.split == split) & summary.gain.notna()]
+    rows = rows[rows.test_change >= -max_test_drop]
+    if rows.empty:
+        raise ValueError(f"no setting on the {split!r} split is eligible (each loses more than {max_test_drop} "
+                         f"points of accuracy, or the split was not scored).")
+    best = rows.loc[rows.groupby("attribute", sort=False).gain.idxmax()]
+    return best.reset_index(drop=True)
+
+
+def comparison_table(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """A readable table of one split: value [low, high] strings, one row per (setting, attribute)."""
+    rows = summary[summary.split == split]
+
+    def fmt(r: pd.Series, col: str, digits: int = 1) -> str:
+        if col not in r or pd.isna(r[col]):
+            return ""
+        lo, hi = r.get(f"{col}_low", np.nan), r.get(f"{col}_high", np.nan)
+        body = f"{r[col]:+.{digits}f}" if col in ("gain", "test_change") else f"{r[col]:.{digits}f}"
+        return body if pd.isna(lo) else f"{body} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    return pd.DataFrame([{
+        "setting": r.setting, "attribute": r.attribute, "seeds": r.seeds, "n conflict": r.n_conflict,
+        f"{split} %": fmt(r, "test"), "conflict %": fmt(r, "conflict"),
+        "gain vs control": fmt(r, "gain"), f"{split} change": fmt(r, "test_change"),
+        "IoU true region": fmt(r, "truth_iou", 2), "IoU mask": fmt(r, "mask_iou", 2),
+    } for _, r in rows.iterrows()])
+

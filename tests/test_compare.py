@@ -1,0 +1,119 @@
+"""Tests for cocam.compare: the side-by-side comparison of guidance settings and the control."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cocam.compare import (
+    CONTROL,
+    METHODS,
+    PRE_TRAINED,
+    ComparisonConfig,
+    compare_guidance,
+    comparison_table,
+    select_settings,
+    summarize_comparison,
+    t_interval,
+)
+from cocam.losses import GUIDANCE_LOSSES
+
+
+def test_t_interval_hand_computation() -> None:
+    lo, hi = t_interval([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2) · s / √n with s = 1
+    assert (lo, hi) == pytest.approx((2 - half, 2 + half))
+    assert all(math.isnan(v) for v in t_interval([5.0]))
+    assert t_interval([1.0, np.nan, 3.0]) == pytest.approx(t_interval([1.0, 3.0]))
+
+
+def _runs() -> pd.DataFrame:
+    rows = []
+    for split in ("valid", "test"):
+        rows.append(dict(setting=PRE_TRAINED, seed=-1, split=split, attribute="A", test=90.0, conflict=20.0,
+                         n_conflict=50))
+        for seed, (ctl, good, bad) in enumerate([(30, 50, 60), (32, 46, 64), (28, 48, 62)]):
+            rows.append(dict(setting=CONTROL, seed=seed, split=split, attribute="A", test=90.0, conflict=ctl,
+                             n_conflict=50))
+            rows.append(dict(setting="good", seed=seed, split=split, attribute="A", test=90.5, conflict=good,
+                             n_conflict=50))
+            # "greedy" wins the conflict subset but costs 5 points of accuracy
+            rows.append(dict(setting="greedy", seed=seed, split=split, attribute="A", test=85.0, conflict=bad,
+                             n_conflict=50))
+    return pd.DataFrame(rows)
+
+
+def test_summary_gains_are_per_seed_differences_to_the_control() -> None:
+    summary = summarize_comparison(_runs())
+    good = summary[(summary.split == "test") & (summary.setting == "good")].iloc[0]
+    assert good.conflict == pytest.approx(48.0)
+    assert good.gain == pytest.approx(18.0)  # (20 + 14 + 20) / 3
+    lo, hi = t_interval([20.0, 14.0, 20.0])
+    assert (good.gain_low, good.gain_high) == pytest.approx((lo, hi))
+    assert good.test_change == pytest.approx(0.5)
+    control = summary[(summary.split == "test") & (summary.setting == CONTROL)].iloc[0]
+    assert pd.isna(control.gain) and control.seeds == 3
+    table = comparison_table(summary, "test")
+    assert table.loc[table.setting == "good", "gain vs control"].iloc[0].startswith("+18.0 [")
+
+
+def test_selection_uses_the_validation_split_and_the_accuracy_budget() -> None:
+    runs = _runs()
+    chosen = select_settings(summarize_comparison(runs))
+    assert list(chosen.setting) == ["good"]  # "greedy" loses 5 points of accuracy
+    assert list(select_settings(summarize_comparison(runs), max_test_drop=10).setting) == ["greedy"]
+    # the choice reads the valid split only: making "greedy" cheap on test changes nothing
+    runs.loc[(runs.split == "test") & (runs.setting == "greedy"), "test"] = 95.0
+    assert list(select_settings(summarize_comparison(runs)).setting) == ["good"]
+    with pytest.raises(ValueError, match="eligible"):
+        select_settings(summarize_comparison(runs), split="train")
+
+
+def test_methods_cover_every_guidance_loss() -> None:
+    assert {m["loss"] for m in METHODS.values()} == set(GUIDANCE_LOSSES)
+    assert METHODS["iou, positives (paper)"] == {"loss": "iou", "target": "positive"}
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="seed"):
+        ComparisonConfig(root=tmp_path, out=tmp_path, seeds=())
+    with pytest.raises(ValueError, match="splits"):
+        ComparisonConfig(root=tmp_path, out=tmp_path, splits=("dev",))
+    with pytest.raises(ValueError, match="Wearing_Lipstick"):
+        ComparisonConfig(root=tmp_path, out=tmp_path, pairs=(("Wearing_Lipstik", "Heavy_Makeup"),))
+
+
+def test_compare_end_to_end_on_tiny_data(synthetic_root: Path, tmp_path: Path, one_thread) -> None:
+    config = ComparisonConfig(root=synthetic_root, out=tmp_path / "cmp", seeds=(0,),
+                              pairs=(("Wearing_Lipstick", "Heavy_Makeup"),), image_size=64, hidden=32,
+                              baseline_epochs=1, finetune_epochs=1, batch_size=32, splits=("valid", "test"),
+                              device="cpu")
+    settings = {"energy": {"loss": "energy"}, "rrr_input": {"loss": "rrr_input"}}
+    lines: list[str] = []
+    result = compare_guidance(config, settings, log=lines.append)
+    runs = result.runs
+    assert set(runs.setting) == {PRE_TRAINED, CONTROL, "energy", "rrr_input"}
+    assert set(runs.split) == {"valid", "test"}
+    assert runs[["test", "conflict"]].apply(lambda c: c.between(0, 100)).all().all()
+    assert runs.truth_iou.notna().all()  # synthetic data: scored against the true regions
+    for name in ("runs.csv", "summary.csv", "comparison.json"):
+        assert (config.out / name).is_file()
+    # every fine-tuning run took the same number of steps from the same baseline
+    steps = {p.name: pd.read_csv(p / "history.csv").step.iloc[-1] for p in config.out.glob("*_seed0")}
+    assert len(steps) == 3 and len(set(steps.values())) == 1
+    assert any(line.startswith("baseline:") for line in lines)
+
+    # resuming reuses every finished run: nothing is retrained
+    mtimes = {p: p.stat().st_mtime_ns for p in config.out.rglob("last.pt")}
+    again = compare_guidance(config, settings, log=None)
+    assert {p: p.stat().st_mtime_ns for p in config.out.rglob("last.pt")} == mtimes
+    pd.testing.assert_frame_equal(again.runs, runs)
+
+    with pytest.raises(ValueError, match="reference row"):
+        compare_guidance(config, {CONTROL: {"loss": "iou"}})
+    with pytest.raises(ValueError, match="unknown guidance loss"):
+        compare_guidance(config, {"x": {"loss": "dice"}})

@@ -6,6 +6,7 @@
     cocam train      train the baseline 40-attribute classifier
     cocam finetune   Grad-CAM guided fine-tuning from a checkpoint (or the BCE-only control)
     cocam evaluate   accuracy on the test split and the conflict subsets, before vs after
+    cocam bias       rank attribute pairs by the accuracy gap of a trained model (model-side bias)
     cocam compare    the guidance losses and the BCE-only control side by side (several seeds)
     cocam demo       the main job on the embedded default: all of the above, end to end
 """
@@ -185,6 +186,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print("\nchosen on the valid split (largest conflict gain, ≤ 1 point of accuracy lost):")
             print(chosen[["attribute", "setting", "gain", "test_change"]].to_string(index=False))
     print(f"\nruns: {config.out / 'runs.csv'}; summary: {config.out / 'summary.csv'}")
+    return 0
+
+
+def cmd_bias(args: argparse.Namespace) -> int:
+    from cocam.bias import rank_biases
+    from cocam.checkpoint import load_model
+    from cocam.dataset import CelebADataset
+    from cocam.evaluate import predict, write_results
+
+    model, spec, _ = load_model(args.checkpoint)
+    dataset = CelebADataset(args.root, args.split, image_size=spec.image_size)
+    ranking = rank_biases(predict(model, dataset, device=args.device), dataset.attributes,
+                          attributes=args.attribute or None, min_group=args.min_group)
+    print(f"Biases of {args.checkpoint} on the {args.split} split ({len(dataset)} images): recall of A with B "
+          f"present vs absent, 95 % bootstrap interval of the gap, Singh et al.'s bias score; groups of at least "
+          f"{args.min_group} images.")
+    cols = ["a", "b", "n_ab", "n_a_not_b", "acc_ab", "acc_a_not_b", "gap", "gap_low", "gap_high", "bias_score"]
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+        print(ranking[cols].head(args.top).to_string(index=False))
+    if args.out:
+        write_results(args.out, ranking, {"model": args.checkpoint})
+        print(f"full ranking ({len(ranking)} pairs): {args.out}")
     return 0
 
 
@@ -389,6 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mask-dir", type=Path, default=Path("data/masks"),
                     help="masks scored against: <mask-dir>/<Attribute>.png, else the built-in region")
     ev.set_defaults(func=cmd_evaluate)
+
+    bi = sub.add_parser("bias", help="rank attribute pairs by what a trained model gets wrong")
+    bi.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    bi.add_argument("--checkpoint", type=Path, required=True)
+    bi.add_argument("--split", default="valid", choices=["train", "valid", "test"],
+                    help="where to look (default: valid — keep the test split for the final report)")
+    bi.add_argument("--attribute", action="append", help="attribute A to examine (repeatable; default: all 40)")
+    bi.add_argument("--min-group", type=int, default=20, help="smallest A∧B and A∧¬B group to report")
+    bi.add_argument("--top", type=int, default=15)
+    bi.add_argument("--out", type=Path, help="write the whole ranking as CSV (with a provenance sidecar)")
+    bi.add_argument("--device", default="auto")
+    bi.set_defaults(func=cmd_bias)
 
     c = sub.add_parser("compare", help="guidance losses vs the BCE-only control: same budget, several seeds")
     c.add_argument("--root", type=Path, default=DEFAULT_ROOT)

@@ -69,6 +69,7 @@ __all__ = [
     "project_dir",
     "require",
     "results_table",
+    "show_bias_evidence",
     "show_cam_comparison",
     "show_cam_grid",
     "show_mask_on_images",
@@ -712,6 +713,43 @@ def show_cam_grid(model: SplitModel, dataset: CelebADataset, attribute: str, n: 
                      color="#1b7f3b" if right else "#c62828")
         ax.axis("off")
     fig.suptitle(title or f"Grad-CAM of {attribute}: where the model looks", fontsize=11)
+    return fig
+
+
+def show_bias_evidence(model: SplitModel, dataset: CelebADataset, ranking: pd.DataFrame, *, top: int = 3,
+                       n: int = 4):
+    """Grad-CAM evidence for the ``top`` pairs of :func:`cocam.bias.rank_biases`.
+
+    Two rows per pair (A, B): the Grad-CAM of A on faces with A and B (the habitual case), then
+    on faces with A but without B (the conflict subset); titles as in :func:`show_cam_grid`. A
+    shortcut shows as the same place lighting up in both rows — B's region — and as misses
+    (red titles) in the second.
+    """
+    from cocam.gradcam import overlay
+
+    pairs = list(ranking[["a", "b"]].head(top).itertuples(index=False, name=None))
+    if not pairs:
+        return _empty_figure("no pair passed the ranking's minimum group size")
+    fig = _figure(2.3 * n, 2.5 * 2 * len(pairs))
+    labels = dataset.attributes
+    for p, (a, b) in enumerate(pairs):
+        for r, (cond, name) in enumerate((({a: 1, b: 1}, f"{a} ∧ {b}"), ({a: 1, b: 0}, f"{a} ∧ ¬{b}"))):
+            mask = np.logical_and.reduce([labels[k].to_numpy() == v for k, v in cond.items()])
+            indices = np.flatnonzero(mask)[:n]
+            row = 2 * p + r
+            if len(indices) == 0:
+                continue
+            pixels, cams, probs, ys = _cams(model, dataset, a, indices)
+            for k in range(len(indices)):
+                ax = fig.add_subplot(2 * len(pairs), n, row * n + k + 1)
+                ax.imshow(overlay(pixels[k], cams[k]))
+                right = (probs[k] > 0.5) == (ys[k] > 0.5)
+                ax.set_title(f"p({a})={probs[k]:.2f}", fontsize=7, color="#1b7f3b" if right else "#c62828")
+                ax.axis("off")
+                if k == 0:
+                    ax.text(-0.08, 0.5, name, transform=ax.transAxes, rotation=90, ha="right", va="center",
+                            fontsize=8)
+    fig.suptitle("Grad-CAM of A where B is present (upper row) and absent (lower row)", fontsize=11)
     return fig
 
 

@@ -274,3 +274,48 @@ def test_demo_end_to_end_smoke(tmp_path: Path, capsys, monkeypatch) -> None:
     provenance = json.loads((tmp_path / "runs" / "results.json").read_text())
     assert set(provenance["checkpoints"]) == set(table["model"]) and "torch" in provenance["versions"]
     assert provenance["checkpoints"]["fine-tuned (guided)"]["guidance"]["attributes"] == [a for a, _ in PAPER_PAIRS]
+
+
+# --------------------------------------------------------------------------------------------
+# loss / transfer options, bias, compare
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [("--loss", "rrr_cam"), ("--loss", "energy", "--transfer", "landmarks"),
+                                   ("--loss", "rrr_input", "--w-g", "50")])
+def test_finetune_with_another_loss_records_it(root: Path, baseline: Path, tmp_path: Path, extra) -> None:
+    assert _finetune(root, baseline / "best.pt", tmp_path / "run", "--attribute", "Wearing_Lipstick", *extra) == 0
+    guidance = json.loads((tmp_path / "run" / "run.json").read_text())["guidance"]
+    options = dict(zip(extra[::2], extra[1::2]))
+    assert guidance["loss"] == options["--loss"]
+    assert guidance["transfer"] == options.get("--transfer", "template")
+    from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS
+
+    assert guidance["w_g"] == float(options.get("--w-g", DEFAULT_GUIDANCE_WEIGHTS[options["--loss"]]))
+
+
+def test_bias_ranks_pairs_and_writes_the_ranking(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bias.csv"
+    assert main(["bias", "--root", str(root), "--checkpoint", str(baseline / "best.pt"), "--split", "train",
+                 "--min-group", "2", "--top", "5", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "bias score" in text and "gap" in text
+    ranking = pd.read_csv(out)
+    assert len(ranking) > 0 and ranking.gap.is_monotonic_decreasing
+    assert (ranking[["n_ab", "n_a_not_b"]] >= 2).all().all()
+    assert json.loads(out.with_suffix(".json").read_text())["checkpoints"]["model"]["spec"]["image_size"] == 64
+    assert main(["bias", "--root", str(root), "--checkpoint", str(baseline / "best.pt"),
+                 "--attribute", "Wearing_Lipstik"]) == 1
+    assert "Wearing_Lipstick" in capsys.readouterr().err
+
+
+def test_compare_prints_both_splits_and_the_choice(root: Path, tmp_path: Path, capsys) -> None:
+    assert main(["compare", "--root", str(root), "--out", str(tmp_path / "cmp"), "--method", "energy",
+                 "--pair", "Wearing_Lipstick:Heavy_Makeup", "--seeds", "0", "--image-size", "64", "--hidden", "32",
+                 "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "16", "--device", "cpu",
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "valid split" in text and "test split" in text and "chosen on the valid split" in text
+    assert (tmp_path / "cmp" / "summary.csv").is_file()
+    assert main(["compare", "--root", str(root), "--out", str(tmp_path / "x"), "--method", "dice"]) == 1
+    assert "unknown method" in capsys.readouterr().err

@@ -8,6 +8,7 @@
     cocam evaluate   accuracy on the test split and the conflict subsets, before vs after
     cocam bias       rank attribute pairs by the accuracy gap of a trained model (model-side bias)
     cocam compare    the guidance losses and the BCE-only control side by side (several seeds)
+    cocam paper      the paper's protocol on a real CelebA (AlexNet 224², three pairs), next to its numbers
     cocam demo       the main job on the embedded default: all of the above, end to end
 """
 
@@ -424,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--out", type=Path, help="write the whole ranking as CSV (with a provenance sidecar)")
     bi.add_argument("--device", default="auto")
     bi.set_defaults(func=cmd_bias)
+
+    from cocam.protocol import add_protocol_arguments, run_from_args
+
+    pp = sub.add_parser("paper", help="the paper's experiment on your CelebA, next to the paper's numbers "
+                                      "(--check: what it needs and how long it takes)")
+    add_protocol_arguments(pp)
+    pp.set_defaults(func=run_from_args)
 
     c = sub.add_parser("compare", help="guidance losses vs the BCE-only control: same budget, several seeds")
     c.add_argument("--root", type=Path, default=DEFAULT_ROOT)

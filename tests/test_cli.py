@@ -319,3 +319,11 @@ def test_compare_prints_both_splits_and_the_choice(root: Path, tmp_path: Path, c
     assert (tmp_path / "cmp" / "summary.csv").is_file()
     assert main(["compare", "--root", str(root), "--out", str(tmp_path / "x"), "--method", "dice"]) == 1
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_paper_check_reports_needs_and_time(root: Path, tmp_path: Path, capsys) -> None:
+    assert main(["paper", "--root", str(root), "--out", str(tmp_path / "paper"), "--check", "--image-size", "64",
+                 "--hidden", "32", "--batch-size", "8", "--measure-steps", "1", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "min" in text and "Wearing_Lipstick" in text
+    assert not (tmp_path / "paper" / "protocol.csv").exists()  # --check trains nothing

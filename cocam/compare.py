@@ -26,13 +26,14 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cocam.attributes import PAPER_PAIRS, validate_attributes
 from cocam.checkpoint import ModelSpec, load_model
@@ -162,13 +163,17 @@ def _score(config: ComparisonConfig, name: str, seed: int, checkpoint: Path) -> 
 
 
 def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[str, Any]] | None = None, *,
-                     progress: bool = False, log: Any = print) -> ComparisonResult:
+                     baseline: str | Path | None = None, progress: bool = False,
+                     log: Callable[[str], Any] | None = print) -> ComparisonResult:
     """Run the baseline, the control and every setting for every seed; score them; summarise.
 
     Args:
         config: the shared budget.
         settings: setting name → :class:`~cocam.train.Guidance` keyword arguments (e.g.
             ``{"loss": "energy", "target": "both"}``); default :data:`METHODS`.
+        baseline: a converged baseline checkpoint to start from (e.g. the notebooks'); its
+            spec must match ``config``'s image size. ``None`` trains one into
+            ``config.out / "baseline"``.
         progress: progress bars of the training loops.
         log: called with one line per finished stage (``None``: silent).
 
@@ -194,22 +199,30 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    import torch
+    if baseline is None:
+        torch.manual_seed(0)
+        base = fit(spec.build(), train, valid, TrainConfig(epochs=config.baseline_epochs, patience=config.patience,
+                                                           batch_size=config.batch_size, device=config.device),
+                   spec=spec, run_dir=config.out / "baseline", resume=True, progress=progress)
+        seconds["baseline"] = time.perf_counter() - t0
+        say(f"baseline: {len(base.history)} epochs, best valid BCE {base.history.valid_bce.min():.4f} "
+            f"({seconds['baseline']:.0f} s)")
+        base_path = base.best_path
+    else:
+        base_path = Path(baseline)
+        base_spec = load_model(base_path)[1]
+        if base_spec.image_size != spec.image_size:
+            raise ValueError(f"the baseline {base_path} takes {base_spec.image_size}px inputs but the comparison is "
+                             f"configured for {spec.image_size}px: set image_size={base_spec.image_size}.")
+        spec = base_spec
+        say(f"baseline: {base_path}")
 
-    torch.manual_seed(0)
-    base = fit(spec.build(), train, valid, TrainConfig(epochs=config.baseline_epochs, patience=config.patience,
-                                                       batch_size=config.batch_size, device=config.device),
-               spec=spec, run_dir=config.out / "baseline", resume=True, progress=progress)
-    seconds["baseline"] = time.perf_counter() - t0
-    say(f"baseline: {len(base.history)} epochs, best valid BCE {base.history.valid_bce.min():.4f} "
-        f"({seconds['baseline']:.0f} s)")
-
-    rows = _score(config, PRE_TRAINED, -1, base.best_path)
+    rows = _score(config, PRE_TRAINED, -1, base_path)
     runs: dict[str, Guidance | None] = {CONTROL: None} | guidances
     for seed in config.seeds:
         for i, (name, guidance) in enumerate(runs.items()):
             t = time.perf_counter()
-            model, _, _ = load_model(base.best_path)
+            model, _, _ = load_model(base_path)
             cfg = TrainConfig.fine_tuning(len(train), config.finetune_epochs, batch_size=config.batch_size,
                                           lr=config.finetune_lr, seed=seed, device=config.device)
             tag = "control" if guidance is None else f"setting{i}_{guidance.loss}_{guidance.target}"
@@ -222,7 +235,7 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
     runs_df = pd.DataFrame(rows)
     summary = summarize_comparison(runs_df)
     atomic_write_text(config.out / "summary.csv", summary.to_csv(index=False))
-    return ComparisonResult(runs=runs_df, summary=summary, baseline=base.best_path, seconds=seconds)
+    return ComparisonResult(runs=runs_df, summary=summary, baseline=base_path, seconds=seconds)
 
 
 def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:

@@ -40,6 +40,7 @@ import torch
 
 from cocam.attributes import CELEBA_ATTRIBUTES, PAPER_PAIRS, attribute_index, validate_attribute, validate_attributes
 from cocam.checkpoint import ModelSpec, load_model
+from cocam.compare import ComparisonResult
 from cocam.io import exclusive_lock
 from cocam.dataset import CelebADataset, normalize_uint8
 from cocam.model import SplitModel
@@ -54,6 +55,7 @@ __all__ = [
     "NotebookOrderError",
     "Settings",
     "Workspace",
+    "compare_methods",
     "conflict_mistakes",
     "default_settings",
     "ensure_checkpoints",
@@ -418,6 +420,31 @@ def ensure_checkpoints(ws: Workspace, guidance: Guidance, *, progress: bool = Fa
     control = fine_tune(ws, None, progress=progress).last_path
     guided = fine_tune(ws, guidance, progress=progress).last_path
     return {BASELINE: baseline, CONTROL: control, GUIDED: guided}
+
+
+def compare_methods(ws: Workspace, pairs: Sequence[tuple[str, str]] = PAPER_PAIRS, *,
+                    methods: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
+                    progress: bool = False) -> ComparisonResult:
+    """The guidance losses side by side from the notebooks' baseline (:func:`cocam.compare.compare_guidance`).
+
+    Every method in ``methods`` (names of :data:`cocam.compare.METHODS`; ``None``: all) and the
+    BCE-only control are fine-tuned with the notebooks' budget (:class:`Settings`) for each seed,
+    into ``ws.run_dir / "compare"``, and scored on the validation and test splits. Finished runs
+    are reloaded, so the cell can be re-run or given more seeds.
+    """
+    from cocam.compare import METHODS, ComparisonConfig, compare_guidance
+
+    names = list(METHODS) if methods is None else list(methods)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(repr(m) for m in METHODS)}.")
+    s = ws.settings
+    config = ComparisonConfig(root=ws.data_root, out=ws.run_dir / "compare", seeds=tuple(seeds), pairs=tuple(pairs),
+                              image_size=s.image_size, hidden=s.hidden, finetune_epochs=s.finetune_epochs,
+                              finetune_lr=s.finetune_lr, batch_size=s.batch_size, mask_dir=ws.mask_dir,
+                              device=s.device)
+    return compare_guidance(config, {m: METHODS[m] for m in names}, baseline=_baseline_checkpoint(ws, progress),
+                            progress=progress)
 
 
 def load_models(checkpoints: Mapping[str, Path]) -> dict[str, SplitModel]:

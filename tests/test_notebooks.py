@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -207,13 +206,15 @@ def test_training_waits_for_another_process_on_the_same_run(workspace, capsys, m
     lock = workspace.baseline_dir / ".lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(str(os.getpid()))  # a live process "holds" the run
-    timer = threading.Timer(1.0, lock.unlink)
-    timer.start()
-    try:
-        result = nb.train_baseline(workspace, progress=False)
-    finally:
-        timer.cancel()
-    assert result.best_path is not None and "waiting" in capsys.readouterr().out
+    waits = []
+
+    def other_process_finishes(seconds: float) -> None:  # the wait loop's sleep: the holder lets go
+        waits.append(seconds)
+        lock.unlink(missing_ok=True)
+
+    monkeypatch.setattr(nb.time, "sleep", other_process_finishes)
+    result = nb.train_baseline(workspace, progress=False)
+    assert waits and result.best_path is not None and "waiting" in capsys.readouterr().out
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must be reloaded, not resumed")

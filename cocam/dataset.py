@@ -684,6 +684,16 @@ class BatchLoader:
     """Re-iterable batches of a :class:`CelebADataset` for training loops (see :func:`iterate_batches`).
 
     Call :meth:`set_epoch` before each epoch to get a new (deterministic) shuffle order.
+
+    **Sharding for data-parallel training** (``num_replicas > 1``): ``batch_size`` is the
+    *global* batch. Every replica draws the same shuffled order (it depends on ``seed`` and the
+    epoch only), cuts it into the same global batches of ``batch_size`` images, and replica
+    ``rank`` yields the ``rank``-th contiguous :attr:`local_batch_size` ``= batch_size /
+    num_replicas`` images of each. The replicas' batches of one step are disjoint and together
+    are exactly the batch a single loader with the same ``batch_size`` yields.
+    ``batch_size`` must be divisible by ``num_replicas``, and sharding needs ``drop_last=True``
+    (every replica then gets the same number of equal batches; ``len()`` is the number of
+    global batches).
     """
 
     def __init__(
@@ -696,10 +706,25 @@ class BatchLoader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
         channels_last: bool = False,
+        rank: int = 0,
+        num_replicas: int = 1,
     ) -> None:
         batch_size = operator.index(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        rank, num_replicas = operator.index(rank), operator.index(num_replicas)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in 0..num_replicas-1 with num_replicas >= 1, got rank={rank}, "
+                             f"num_replicas={num_replicas}")
+        if num_replicas > 1:
+            if batch_size % num_replicas:
+                raise ValueError(f"batch_size {batch_size} (the global batch) is not divisible by num_replicas "
+                                 f"{num_replicas}")
+            if not drop_last:
+                raise ValueError("sharding a BatchLoader over replicas (num_replicas > 1) needs drop_last=True, "
+                                 "so that every replica gets equal batches")
+        self.rank = rank
+        self.num_replicas = num_replicas
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -717,9 +742,18 @@ class BatchLoader:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    @property
+    def local_batch_size(self) -> int:
+        """Images per batch yielded by this replica (``batch_size / num_replicas``)."""
+        return self.batch_size // self.num_replicas
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        source = self.dataset
+        if self.num_replicas > 1:
+            lo = self.rank * self.local_batch_size
+            source = _ShardView(self.dataset, slice(lo, lo + self.local_batch_size))  # type: ignore[assignment]
         return iterate_batches(
-            self.dataset,
+            source,
             self.batch_size,
             shuffle=self.shuffle,
             seed=self.seed,
@@ -732,5 +766,25 @@ class BatchLoader:
     def __repr__(self) -> str:
         return (
             f"BatchLoader(n={len(self.dataset)}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
-            f"seed={self.seed}, epoch={self.epoch}, device='{self.device}')"
+            f"seed={self.seed}, epoch={self.epoch}, device='{self.device}'"
+            + (f", rank={self.rank}, num_replicas={self.num_replicas})" if self.num_replicas > 1 else ")")
         )
+
+
+class _ShardView:
+    """A dataset as :func:`iterate_batches` sees it, reading only ``part`` of each batch's indices.
+
+    :func:`iterate_batches` draws the order and cuts the (global) batches over ``len(dataset)``
+    images; every batch read goes through :meth:`get_batch_numpy`, which keeps this replica's
+    slice of the indices, so the order, ``drop_last`` and the device transfer stay in one place.
+    """
+
+    def __init__(self, dataset: CelebADataset, part: slice) -> None:
+        self._dataset = dataset
+        self._part = part
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def get_batch_numpy(self, indices: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._dataset.get_batch_numpy(np.asarray(indices)[self._part])

@@ -23,6 +23,11 @@ Every epoch writes ``last.pt`` (and ``best.pt`` when the validation BCE improved
 the same result as an uninterrupted run (same seed, CPU). A non-finite loss stops training
 with :class:`TrainingDivergedError` naming the step and the term; the last good checkpoint is
 kept.
+
+Under ``torchrun`` (or in any initialised process group of several processes) :func:`fit`
+trains data-parallel with :class:`~torch.nn.parallel.DistributedDataParallel`:
+``config.batch_size`` is the global batch, split evenly over the processes, and the result does
+not depend on their number. See :mod:`cocam.distributed`.
 """
 
 from __future__ import annotations
@@ -47,7 +52,13 @@ from tqdm.auto import tqdm
 from cocam.attributes import attribute_index, validate_attributes
 from cocam.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from cocam.dataset import BatchLoader, CelebADataset
-from cocam.evaluate import predict, resolve_device
+from cocam.distributed import (
+    DistributedContext,
+    check_global_batch,
+    init_from_env,
+    sharded_weighted_mean,
+)
+from cocam.evaluate import predict
 from cocam.gradcam import grad_cam
 from cocam.io import LockedError, atomic_write_text, exclusive_lock
 from cocam.losses import (
@@ -74,13 +85,16 @@ class TrainConfig:
         epochs: maximum number of epochs.
         max_steps: stop after this many optimisation steps (``None``: no limit). Fine-tuning
             and its control use it to get exactly the same budget.
-        batch_size: images per step.
+        batch_size: images per step; in data-parallel training (:mod:`cocam.distributed`) the
+            global batch over all processes, which must be divisible by their number.
         lr, weight_decay: Adam's learning rate and (decoupled) weight decay.
         patience: early stopping — stop after this many epochs without a better validation
             BCE (``None``: never stop early).
         seed: seeds dropout and the shuffle order (``fit`` receives a built model: call
             ``torch.manual_seed`` before building it to fix the initial weights too; the CLI does).
-        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …
+            Data-parallel rank ``r`` seeds its dropout with ``seed + r``.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …; when
+            data-parallel, ``"auto"``/``"cuda"`` mean ``cuda:LOCAL_RANK``.
         amp: bf16 autocast; ``None`` = on for CUDA, off on the CPU.
         channels_last: NHWC memory format; ``None`` = on for CUDA.
     """
@@ -201,15 +215,59 @@ class FitResult:
 
 
 @contextlib.contextmanager
-def _run_lock(run_dir: Path | None):
-    if run_dir is None:
+def _run_lock(run_dir: Path | None, context: DistributedContext | None = None):
+    """Hold ``run_dir``'s lock for the block (rank 0 only when data-parallel; every rank learns the outcome)."""
+    held = contextlib.ExitStack()
+    refused: str | None = None
+    if run_dir is not None and (context is None or context.is_main):
+        try:
+            held.enter_context(exclusive_lock(run_dir / ".lock"))
+        except LockedError as err:
+            refused = str(err)
+    if context is not None and context.enabled:
+        refused = context.broadcast_object(refused)
+    if refused is not None:
+        raise RunLockedError(refused)
+    with held:
         yield
-        return
-    try:
-        with exclusive_lock(run_dir / ".lock"):
-            yield
-    except LockedError as err:
-        raise RunLockedError(str(err)) from None
+
+
+class _StepLoss(torch.nn.Module):
+    """One training step's loss terms as a module, so that DDP wraps the *whole* computation.
+
+    ``forward(images, targets, landmarks)`` returns ``(total, bce, guidance)`` (``guidance`` is
+    ``None`` without guidance). Grad-CAM and the input-gradient losses call the model's trunk
+    and head (or the model) directly and differentiate with ``torch.autograd.grad``; run inside
+    this module's ``forward``, all of it happens within one ``DistributedDataParallel.forward``,
+    and the gradients are averaged over the ranks once, in ``total.backward()``.
+
+    When data-parallel, the guidance term is this rank's share of the global weighted mean
+    (:func:`~cocam.distributed.sharded_weighted_mean`): its average over the ranks, which is
+    what DDP's gradient averaging takes, is the weighted mean over the global batch.
+    """
+
+    def __init__(self, model: SplitModel, guidance: Guidance | None, target_idx: list[int],
+                 masks: torch.Tensor | None, context: DistributedContext) -> None:
+        super().__init__()
+        self.model = model
+        self.guidance = guidance
+        self.target_idx = target_idx
+        self.masks = masks
+        self.context = context
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor,
+                landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        guidance = self.guidance
+        if guidance is None:
+            bce = F.binary_cross_entropy_with_logits(self.model(images).float(), targets)
+            return bce, bce, None
+        terms = _guided_terms(self.model, images, targets, guidance, self.target_idx, self.masks, landmarks)
+        if not self.context.enabled:
+            return terms.total, terms.bce, terms.guidance
+        per_sample = terms.per_sample
+        weight = targets[:, self.target_idx] if guidance.target == "positive" else torch.ones_like(per_sample)
+        g = sharded_weighted_mean(per_sample, weight, self.context)
+        return guidance.w_a * terms.bce + guidance.w_g * g, terms.bce, g
 
 
 def _spec_of(model: SplitModel, image_size: int) -> ModelSpec | None:
@@ -307,13 +365,25 @@ def fit(
             ``None`` writes nothing.
         resume: continue from ``run_dir/last.pt`` if it exists.
         progress: show a progress bar.
-        on_epoch: called with each epoch's record (e.g. to update a live plot).
+        on_epoch: called with each epoch's record (e.g. to update a live plot); on rank 0 only
+            when data-parallel.
 
     Returns:
         :class:`FitResult`. With ``valid`` and early stopping, ``model`` holds the *last*
         weights; the best ones are in ``best.pt``.
+
+    Data-parallel: inside an initialised process group of several processes, or when the
+    ``torchrun`` environment says so (``WORLD_SIZE > 1``: the group is then initialised by
+    :func:`cocam.distributed.init_from_env`), every process calls ``fit`` with the same
+    arguments; they train one model with DDP, ``config.batch_size`` being the global batch, and
+    only rank 0 writes the run folder and reports. Every rank returns the same weights. See
+    :mod:`cocam.distributed`.
     """
-    device = resolve_device(config.device)
+    context = init_from_env(config.device)
+    device = context.device
+    if context.enabled:
+        check_global_batch(config.batch_size, context.world_size)
+    show_progress = progress and context.is_main  # `progress` (the same on every rank) decides the collectives
     amp = config.amp if config.amp is not None else device.type == "cuda"
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
     if spec is None:
@@ -326,8 +396,8 @@ def fit(
         raise ValueError(f"The model expects {spec.image_size}px inputs but the dataset gives {train.image_size}px.")
     run_path = Path(run_dir) if run_dir is not None else None
 
-    with _run_lock(run_path):
-        torch.manual_seed(config.seed)
+    with _run_lock(run_path, context):
+        torch.manual_seed(config.seed + context.rank)
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -336,24 +406,30 @@ def fit(
         start_epoch, step, best, stale = 0, 0, math.inf, 0
         last_path = run_path / "last.pt" if run_path else None
         best_path = run_path / "best.pt" if run_path else None
-        if resume and last_path is not None and last_path.exists():
-            state = load_checkpoint(last_path, map_location=device)
+        resuming = resume and last_path is not None and context.broadcast_object(last_path.exists())
+        if resuming:
+            state = _load_for_resume(last_path, device, context)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"].cpu())  # map_location may have moved it to the GPU
+            _restore_rng(state, config.seed, context)
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
             best, stale = float(state["best_valid_bce"]), int(state["stale_epochs"])
             history = list(state["history"])
-        if run_path is not None:
-            atomic_write_text(run_path / "run.json", json.dumps(
-                {"config": dataclasses.asdict(config), "spec": spec.to_dict(),
-                 "guidance": guidance.describe() if guidance else None, "train_images": len(train),
-                 "valid_images": len(valid) if valid is not None else 0, "device": str(device)}, indent=2))
+        if run_path is not None and context.is_main:
+            info = {"config": dataclasses.asdict(config), "spec": spec.to_dict(),
+                    "guidance": guidance.describe() if guidance else None, "train_images": len(train),
+                    "valid_images": len(valid) if valid is not None else 0, "device": str(device)}
+            if context.enabled:
+                info["distributed"] = {"world_size": context.world_size, "backend": context.backend,
+                                       "batch_size_per_process": config.batch_size // context.world_size}
+            atomic_write_text(run_path / "run.json", json.dumps(info, indent=2))
 
         target_idx = [attribute_index(a) for a in guidance.attributes] if guidance else []
         masks = _masks_for(guidance, model, train.image_size, device) if guidance else None
         loader = BatchLoader(train, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
-                             device=device, channels_last=channels_last)
+                             device=device, channels_last=channels_last, rank=context.rank,
+                             num_replicas=context.world_size)
+        step_loss = context.wrap(_StepLoss(model, guidance, target_idx, masks, context))
         steps_per_epoch = len(loader)
         if steps_per_epoch == 0:
             raise ValueError(f"The training set ({len(train)} images) is smaller than one batch ({config.batch_size}).")
@@ -362,7 +438,7 @@ def fit(
             total_steps = min(total_steps, config.max_steps)
         done = step >= total_steps or (config.patience is not None and stale >= config.patience)
         bar = tqdm(total=total_steps, initial=step, desc="fine-tuning" if guidance else "training", unit="step",
-                   disable=not progress)
+                   disable=not show_progress)
         epoch = start_epoch
         while not done and epoch < config.epochs:
             model.train()
@@ -371,14 +447,9 @@ def fit(
             n_batches, t0 = 0, time.perf_counter()
             for images, targets, landmarks in loader:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    if guidance is not None:
-                        terms = _guided_terms(model, images, targets, guidance, target_idx, masks, landmarks)
-                        loss, bce, g = terms.total, terms.bce, terms.guidance
-                    else:
-                        bce = F.binary_cross_entropy_with_logits(model(images).float(), targets)
-                        loss, g = bce, None
-                if not torch.isfinite(loss):
-                    bad = "BCE" if not torch.isfinite(bce) else "guidance (loss_g)"
+                    loss, bce, g = step_loss(images, targets, landmarks)
+                if not _all_finite(loss, context):
+                    bad = "BCE" if not _all_finite(bce, context) else "guidance (loss_g)"
                     kept = f"; the last good checkpoint is {last_path}" if last_path and last_path.exists() else ""
                     raise TrainingDivergedError(
                         f"Loss became {loss.item()} at step {step + 1} (epoch {epoch}): the {bad} term is not finite"
@@ -392,40 +463,47 @@ def fit(
                 if g is not None:
                     sums["guidance"] += g.detach()
                 bar.update(1)
-                if n_batches % 10 == 1:
-                    bar.set_postfix(bce=f"{float(sums['bce']) / n_batches:.3f}",
-                                    **({"loss_g": f"{float(sums['guidance']) / n_batches:.3f}"} if g is not None else {}))
+                if progress and n_batches % 10 == 1:
+                    shown = _mean_over_ranks(sums, context)
+                    bar.set_postfix(bce=f"{float(shown['bce']) / n_batches:.3f}",
+                                    **({"loss_g": f"{float(shown['guidance']) / n_batches:.3f}"} if g is not None else {}))
                 if step >= total_steps:
                     break
+            sums = _mean_over_ranks(sums, context)  # the global batch's losses
             record: dict[str, Any] = {"epoch": epoch, "step": step,
                                       "train_bce": float(sums["bce"]) / max(n_batches, 1),
                                       "seconds": time.perf_counter() - t0}
             if guidance is not None:
                 record["train_loss_g"] = float(sums["guidance"]) / max(n_batches, 1)
-            if valid is not None:
-                record.update(validation_metrics(model, valid, device))
+            if valid is not None:  # on rank 0, shared: every rank takes the same early-stopping decision
+                metrics = validation_metrics(model, valid, device) if context.is_main else None
+                record.update(context.broadcast_object(metrics))
             improved = valid is not None and record["valid_bce"] < best
             if improved:
                 best, stale = record["valid_bce"], 0
             elif valid is not None:
                 stale += 1
             history.append(record)
-            if run_path is not None:
+            rng_states = context.all_gather_object(torch.get_rng_state()) if run_path and context.enabled else None
+            if run_path is not None and context.is_main:
                 extra = {"config": dataclasses.asdict(config),
                          "guidance": guidance.describe() if guidance else None,
                          "epoch": epoch, "step": step, "best_valid_bce": best, "stale_epochs": stale,
                          "history": history}
+                more = {"rng_ranks": rng_states} if rng_states is not None else {}
                 save_checkpoint(last_path, model, spec, optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
-                                **extra)
+                                **more, **extra)
                 if improved or valid is None:
                     save_checkpoint(best_path, model, spec, **extra)
                 _write_history(run_path / "history.csv", history)
-            if on_epoch is not None:
+            if on_epoch is not None and context.is_main:
                 on_epoch(record)
             epoch += 1
             done = step >= total_steps or (config.patience is not None and valid is not None
                                            and stale >= config.patience)
         bar.close()
+        del step_loss  # the DDP wrapper (its gradient hooks) ends with the run; the model stays plain
+        context.barrier()  # rank 0's files are written before any rank returns
     return FitResult(model=model, history=pd.DataFrame(history), steps=step, run_dir=run_path,
                      best_path=best_path if best_path and best_path.exists() else None,
                      last_path=last_path if last_path and last_path.exists() else None)
@@ -433,3 +511,44 @@ def fit(
 
 def _write_history(path: Path, history: Sequence[dict[str, Any]]) -> None:
     atomic_write_text(path, pd.DataFrame(history).to_csv(index=False))
+
+
+def _mean_over_ranks(sums: dict[str, Any], context: DistributedContext) -> dict[str, Any]:
+    """``sums`` (numbers or scalar tensors) averaged over the ranks (a collective: every rank calls it)."""
+    if not context.enabled:
+        return sums
+    keys = list(sums)
+    local = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32).detach().cpu().reshape(()) for k in keys])
+    totals = context.all_reduce_sum(local.to(context.device)).cpu() / context.world_size
+    return dict(zip(keys, totals))
+
+
+def _all_finite(value: torch.Tensor, context: DistributedContext) -> bool:
+    """Whether ``value`` is finite on every rank (one device sync; one all-reduce when data-parallel)."""
+    bad = (~torch.isfinite(value.detach())).float().sum()
+    return not bool(context.all_reduce_sum(bad) > 0)
+
+
+def _load_for_resume(path: Path, device: torch.device, context: DistributedContext) -> dict[str, Any]:
+    try:
+        return load_checkpoint(path, map_location=device)
+    except FileNotFoundError as err:
+        if not context.enabled:
+            raise
+        raise FileNotFoundError(f"rank {context.rank} cannot read {path}, which rank 0 resumes from: data-parallel "
+                                f"resume needs the run folder on a file system every process sees.") from err
+
+
+def _restore_rng(state: dict[str, Any], seed: int, context: DistributedContext) -> None:
+    """Put back this rank's torch RNG state from a checkpoint (``map_location`` may have moved it to the GPU).
+
+    A data-parallel checkpoint holds every rank's state (``rng_ranks``); resuming with another
+    number of processes, ranks without a saved state are reseeded from ``(seed, rank, step)``.
+    """
+    saved = state.get("rng_ranks")
+    if saved is not None and len(saved) == context.world_size:
+        torch.set_rng_state(saved[context.rank].cpu())
+    elif context.is_main:
+        torch.set_rng_state(state["rng"].cpu())
+    else:
+        torch.manual_seed(hash((seed, context.rank, int(state["step"]))) & 0x7FFF_FFFF)

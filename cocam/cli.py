@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -469,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if os.environ.get("RANK", "0") != "0":  # a torchrun worker other than rank 0: rank 0 reports
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     from cocam.train import RunLockedError, TrainingDivergedError
 
     try:

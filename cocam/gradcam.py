@@ -64,13 +64,24 @@ __all__ = [
 #: Floor of the min–max range in :func:`normalize_cams`; maps flatter than this become ~0.
 NORMALIZE_EPS: float = 1e-7
 
-#: Compute the gradients of several targets with one vmapped backward
-#: (``torch.autograd.grad(..., is_grads_batched=True)``) rather than a loop over targets.
-#: Measured on 2 CPU cores, AlexNet, 128², batch 32, T=40 (best of 4): CAMs alone 0.69 s
-#: batched vs 1.09 s looped; plus a backward of a loss on CAMs and logits 0.96 s vs 1.36 s
-#: (create_graph=False) and 2.7 s vs 5.8 s (create_graph=True). For T=1 a single backward is
-#: used either way (0.10 s). If vmap fails for some op, the loop is used.
+#: Compute the gradients of several targets in one vmapped backward rather than a loop over
+#: targets: the head's forward runs under :func:`torch.func.vjp` and its pullback is
+#: :func:`torch.func.vmap`-ed over the ``T`` one-hot cotangents (functorch has batching rules
+#: for the pooling backward ops of AlexNet/VGG heads; ``torch.autograd.grad(...,
+#: is_grads_batched=True)``, used before, ran those ops in a per-target loop plus a ``cat``).
+#: Measured on the shared 2-core CPU, AlexNet (classifier width 512), eval, CAMs of all 40
+#: attributes vs one, at feature resolution (median of 3): with 2 threads 2.9× at batch 64,
+#: 128² and 2.3× at batch 16, 224² (``is_grads_batched``: 5.2× and 5.3×; loop: 7.0× and 6.5×);
+#: with 1 thread 3.4× and 2.1× (all three paths alike). See ``benchmarks/cam_libraries.py``.
+#: For T=1 a single ordinary backward is used either way. If functorch cannot trace the head,
+#: or vmap fails for some op, the ordinary per-target loop is used.
 BATCHED_TARGET_GRADS: bool = True
+
+#: Targets per vmapped pullback chunk: the ``(chunk, B, K, h, w)`` gradients are reduced to
+#: channel weights chunk by chunk (``torch.func.vmap(chunk_size=...)``), which bounds memory
+#: (all 40 attributes, batch 64, 224²: 44 MB of gradients instead of 443 MB) and was ~10 %
+#: faster than a single chunk on the 2-core CPU (1 thread, batch 64, 128²).
+TARGET_CHUNK: int = 10
 
 Target = str | int
 
@@ -157,29 +168,52 @@ def _grads_loop(scores: Tensor, acts: Tensor, create_graph: bool) -> Tensor:
     return torch.stack(out, dim=1)
 
 
-def _grads_batched(scores: Tensor, acts: Tensor, create_graph: bool) -> Tensor:
-    """``(B, T, K)`` spatial-mean gradients, all targets in one vmapped backward."""
-    b, t = scores.shape
-    eye = torch.eye(t, dtype=scores.dtype, device=scores.device)
-    grad_outputs = eye[:, None, :].expand(t, b, t)  # (T, B, T): target t selects column t
-    (g,) = torch.autograd.grad(
-        scores,
-        acts,
-        grad_outputs=grad_outputs,
-        retain_graph=True,
-        create_graph=create_graph,
-        is_grads_batched=True,
-    )
-    return g.mean(dim=(-2, -1)).transpose(0, 1)  # (T, B, K) -> (B, T, K)
+def _cotangents(idx: Sequence[int], signs: Tensor | None, b: int, num_outputs: int, like: Tensor) -> Tensor:
+    """``(T, B, num_outputs)`` cotangents: row ``t`` selects output ``idx[t]`` (times its sign)."""
+    t = len(idx)
+    go = torch.zeros(t, b, num_outputs, dtype=like.dtype, device=like.device)
+    rows = torch.arange(t, device=like.device)
+    cols = torch.as_tensor(idx, device=like.device)
+    if signs is None:
+        go[rows, :, cols] = 1.0
+    else:
+        go[rows, :, cols] = signs.to(like.dtype).t()
+    return go
 
 
-def _target_grads(scores: Tensor, acts: Tensor, create_graph: bool, batched: bool) -> Tensor:
-    if batched and scores.shape[1] > 1:
+def _grads_batched(
+    head: torch.nn.Module, acts: Tensor, idx: Sequence[int], signs: Tensor | None, create_graph: bool
+) -> tuple[Tensor, Tensor]:
+    """Logits and ``(B, T, K)`` spatial-mean gradients of ``T`` targets: one head forward, one vmapped pullback.
+
+    The head's forward is the call's only head forward (its logits are returned, dropout is
+    sampled once). Its pullback is vmapped over the ``T`` cotangents; under ``create_graph``
+    the result stays attached to the autograd graph (double backprop), otherwise it is
+    computed without recording one (first order: the weights are constants).
+    """
+    logits, pullback = torch.func.vjp(head, acts)
+    go = _cotangents(idx, signs, acts.shape[0], logits.shape[1], logits)
+
+    def spatial_mean_grad(cotangent: Tensor) -> Tensor:  # (B, K): never keeps all T full-size gradients
+        return pullback(cotangent)[0].mean(dim=(-2, -1))
+
+    with torch.set_grad_enabled(create_graph):
         try:
-            return _grads_batched(scores, acts, create_graph)
-        except (RuntimeError, NotImplementedError):
-            pass  # an op without a vmap rule: fall back to the loop
-    return _grads_loop(scores, acts, create_graph)
+            w = torch.func.vmap(spatial_mean_grad, chunk_size=TARGET_CHUNK)(go)  # (T, B, K)
+        except (RuntimeError, NotImplementedError):  # an op without a vmap rule: loop the pullback
+            w = torch.stack([spatial_mean_grad(go[t]) for t in range(go.shape[0])])
+    return logits, w.transpose(0, 1)  # (T, B, K) -> (B, T, K)
+
+
+def _rng_states(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_states(states: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def grad_cam(
@@ -232,11 +266,21 @@ def grad_cam(
     grad_was_enabled = torch.is_grad_enabled()
 
     with torch.enable_grad():
-        acts, logits = _forward(model, images)
-        scores = logits[:, idx]
-        if signs is not None:
-            scores = scores * signs.to(scores.dtype)
-        weights = _target_grads(scores, acts, create_graph, use_batched)  # (B, T, K)
+        acts = _trunk_forward(model, images)
+        logits = None
+        if use_batched and t > 1:
+            rng = _rng_states(acts.device)
+            try:
+                logits, weights = _grads_batched(model.head, acts, idx, signs, create_graph)  # (B, T, K)
+            except (RuntimeError, NotImplementedError):
+                _set_rng_states(rng, acts.device)  # functorch could not trace the head: redo it plainly
+                logits = None
+        if logits is None:
+            logits = model.head(acts)
+            scores = logits[:, idx]
+            if signs is not None:
+                scores = scores * signs.to(scores.dtype)
+            weights = _grads_loop(scores, acts, create_graph)  # (B, T, K)
         raw = torch.einsum("btk,bkhw->bthw", weights, acts)
         if relu:
             raw = F.relu(raw)
@@ -253,12 +297,12 @@ def grad_cam(
     return result
 
 
-def _forward(model: SplitModel, images: Tensor) -> tuple[Tensor, Tensor]:
+def _trunk_forward(model: SplitModel, images: Tensor) -> Tensor:
     model.check_input(images)
     acts = model.trunk(images)
     if not acts.requires_grad:  # frozen trunk and plain images: differentiate w.r.t. A itself
         acts = acts.detach().requires_grad_(True)
-    return acts, model.head(acts)
+    return acts
 
 
 def overlay(image: Tensor | np.ndarray, cam: Tensor | np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:

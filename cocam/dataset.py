@@ -153,8 +153,11 @@ def _decode_chunk(task: tuple[str, list[str], int, int, bool]) -> tuple[int, np.
 def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
     """Convert ``uint8`` images ``(N, 3, H, W)`` or ``(3, H, W)`` to ImageNet-normalised float32.
 
-    Runs on the tensor's device: ``(x / 255 - mean) / std`` per channel. With ``channels_last``
-    a 4-D result uses the channels-last memory format, otherwise it is contiguous.
+    Runs on the tensor's device: ``(x / 255 - mean) / std`` per channel, computed as
+    ``(x - 255·mean) · (1 / (255·std))`` in two passes over a float copy made in the output's
+    memory format (a channels-last view of an ``(N, H, W, 3)`` batch is converted without a
+    transposing float copy). With ``channels_last`` a 4-D result uses the channels-last memory
+    format, otherwise it is contiguous.
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalize_uint8 expects a uint8 tensor, got {images.dtype}")
@@ -163,10 +166,11 @@ def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> tor
     shape = (3, 1, 1) if images.dim() == 3 else (1, 3, 1, 1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(shape)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(shape)
-    out = images.to(torch.float32).div_(255.0).sub_(mean).div_(std)
-    if channels_last and out.dim() == 4:
-        return out.contiguous(memory_format=torch.channels_last)
-    return out.contiguous()
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)  # uint8: a cheap byte copy, if any
+    else:
+        images = images.contiguous()
+    return images.to(torch.float32).sub_(mean * 255.0).mul_((std * 255.0).reciprocal())
 
 
 # --------------------------------------------------------------------------------------------

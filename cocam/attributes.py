@@ -14,6 +14,7 @@ __all__ = [
     "PAPER_PAIRS",
     "UnknownAttributeError",
     "attribute_index",
+    "parse_pairs",
     "validate_attribute",
     "validate_attributes",
 ]
@@ -75,3 +76,18 @@ def validate_attributes(names: Iterable[str], valid: Iterable[str] = CELEBA_ATTR
 def attribute_index(name: str) -> int:
     """Column index of ``name`` in :data:`CELEBA_ATTRIBUTES` (validated)."""
     return _INDEX[validate_attribute(name)]
+
+
+def parse_pairs(values: Iterable[str]) -> list[tuple[str, str]]:
+    """``["A:B", ...]`` → validated ``[(A, B), ...]`` (attribute A and the shortcut B it co-occurs with).
+
+    A value without ``:`` is a :class:`ValueError` showing the form; misspelled names raise
+    :class:`UnknownAttributeError` with the closest valid names.
+    """
+    pairs = []
+    for value in values:
+        a, sep, b = str(value).partition(":")
+        if not sep:
+            raise ValueError(f"pair {value!r} must look like Wearing_Lipstick:Heavy_Makeup (attribute:shortcut).")
+        pairs.append(tuple(validate_attributes([a, b])))
+    return pairs

@@ -22,21 +22,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from cocam.attributes import PAPER_PAIRS, validate_attributes
+from cocam.attributes import PAPER_PAIRS, parse_pairs, validate_attributes
 
 DEFAULT_ROOT = Path("data/synthetic")
 
 
 def _pairs(values: list[str] | None) -> list[tuple[str, str]]:
-    if not values:
-        return list(PAPER_PAIRS)
-    out = []
-    for v in values:
-        if ":" not in v:
-            raise SystemExit(f"error: pair {v!r} must look like Wearing_Lipstick:Heavy_Makeup")
-        a, b = v.split(":", 1)
-        out.append(tuple(validate_attributes([a, b])))
-    return out
+    return parse_pairs(values) if values else list(PAPER_PAIRS)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -67,6 +67,7 @@ __all__ = [
     "ImageReadError",
     "decode_image",
     "iterate_batches",
+    "cache_files",
     "normalize_uint8",
 ]
 
@@ -176,6 +177,16 @@ def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> tor
 # --------------------------------------------------------------------------------------------
 # The decoded-image cache
 # --------------------------------------------------------------------------------------------
+
+
+def cache_files(cache_dir: str | os.PathLike, split: str, image_size: int) -> tuple[Path, Path]:
+    """``(images, metadata)`` paths of a split's decoded-image cache in ``cache_dir``.
+
+    The default ``cache_dir`` is ``<celeba>/.cocam_cache``; the cache is complete when both exist
+    and the metadata matches (:class:`CelebADataset` checks and rebuilds it).
+    """
+    cache_dir = Path(cache_dir)
+    return cache_dir / f"{split}_{image_size}px.uint8", cache_dir / f"{split}_{image_size}px.json"
 
 
 def _fingerprint(image_dir: Path, names: Sequence[str], image_size: int) -> str:
@@ -389,8 +400,7 @@ class CelebADataset(torch.utils.data.Dataset):
             else np.flatnonzero((annotations.split == split).to_numpy())
         )
         self.cache_dir = Path(cache_dir) if cache_dir is not None else annotations.root / _CACHE_DIRNAME
-        self._cache_path = self.cache_dir / f"{split}_{image_size}px.uint8"
-        self._meta_path = self.cache_dir / f"{split}_{image_size}px.json"
+        self._cache_path, self._meta_path = cache_files(self.cache_dir, split, image_size)
         unreadable = self._ensure_cache(num_workers=num_workers, progress=progress, skip_unreadable=skip_unreadable)
         self._memmap: np.ndarray | None = None
         rows = np.arange(len(split_names)) if images is None else self._rows_for(images, split_names)

@@ -79,7 +79,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cocam.attributes import PAPER_PAIRS, validate_attributes
+from cocam.attributes import PAPER_PAIRS, parse_pairs, validate_attributes
+from cocam.dataset import cache_files
 
 __all__ = [
     "PAPER_RESULTS",
@@ -319,14 +320,8 @@ def _split_counts(annotations) -> dict[str, int]:
     return {s: int((annotations.split == s).sum()) for s in ("train", "valid", "test")}
 
 
-def _cache_files(celeba_dir: Path, split: str, image_size: int) -> tuple[Path, Path]:
-    """Where :class:`~cocam.dataset.CelebADataset` keeps a split's decoded images (default location)."""
-    cache = celeba_dir / ".cocam_cache"
-    return cache / f"{split}_{image_size}px.uint8", cache / f"{split}_{image_size}px.json"
-
-
 def _cached(celeba_dir: Path, split: str, image_size: int) -> bool:
-    data, meta = _cache_files(celeba_dir, split, image_size)
+    data, meta = cache_files(celeba_dir / ".cocam_cache", split, image_size)
     return data.is_file() and meta.is_file()
 
 
@@ -1015,15 +1010,7 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
 
 def _parse_pairs(values: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
-    if not values:
-        return PAPER_PAIRS
-    pairs = []
-    for v in values:
-        a, sep, b = v.partition(":")
-        if not sep:
-            raise ProtocolError(f"pair {v!r} must look like Wearing_Lipstick:Heavy_Makeup (attribute:shortcut).")
-        pairs.append((a, b))
-    return tuple(pairs)
+    return tuple(parse_pairs(values)) if values else tuple(PAPER_PAIRS)
 
 
 def config_from_args(args: argparse.Namespace) -> ProtocolConfig:

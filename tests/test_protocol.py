@@ -325,7 +325,7 @@ def test_arguments_make_the_config(tmp_path: Path) -> None:
     c = config_from_args(args)
     assert c.hidden is None and c.pairs == (("Double_Chin", "Chubby"),) and not c.control and c.patience is None
     assert c.finetune_lr == 1e-4 and c.target == "positive" and c.image_size == 224
-    with pytest.raises(ProtocolError, match="Wearing_Lipstick:Heavy_Makeup"):
+    with pytest.raises(ValueError, match="Wearing_Lipstick:Heavy_Makeup"):
         config_from_args(_parse(["--root", str(tmp_path), "--pair", "Double_Chin"]))
 
 

@@ -41,6 +41,7 @@ import torch
 from cocam.attributes import CELEBA_ATTRIBUTES, PAPER_PAIRS, attribute_index, validate_attribute, validate_attributes
 from cocam.checkpoint import ModelSpec, load_model
 from cocam.compare import ComparisonResult
+from cocam.protocol import ProtocolConfig
 from cocam.io import exclusive_lock
 from cocam.dataset import CelebADataset, normalize_uint8
 from cocam.model import SplitModel
@@ -69,6 +70,7 @@ __all__ = [
     "plot_cooccurrence_heatmap",
     "plot_history",
     "project_dir",
+    "protocol_config",
     "require",
     "results_table",
     "show_bias_evidence",
@@ -445,6 +447,24 @@ def compare_methods(ws: Workspace, pairs: Sequence[tuple[str, str]] = PAPER_PAIR
                               device=s.device)
     return compare_guidance(config, {m: METHODS[m] for m in names}, baseline=_baseline_checkpoint(ws, progress),
                             progress=progress)
+
+
+def protocol_config(ws: Workspace, pairs: Sequence[tuple[str, str]] = PAPER_PAIRS) -> ProtocolConfig:
+    """The paper's protocol (:mod:`cocam.protocol`) on the notebooks' dataset, into ``ws.run_dir / "paper"``.
+
+    The paper's settings (AlexNet at 224 px with the 4096-wide head, cocam's budget where the
+    paper is silent); in smoke mode the notebooks' tiny model and budget instead, so the cell
+    runs end to end in seconds.
+    """
+    from cocam.protocol import ProtocolConfig
+
+    common = {"root": ws.data_root, "out": ws.run_dir / "paper", "pairs": tuple(pairs), "mask_dir": ws.mask_dir,
+              "device": ws.settings.device}
+    if not ws.settings.smoke:
+        return ProtocolConfig(**common)
+    s = ws.settings
+    return ProtocolConfig(**common, image_size=s.image_size, hidden=s.hidden, baseline_epochs=s.epochs,
+                          patience=s.patience, finetune_epochs=s.finetune_epochs, batch_size=s.batch_size)
 
 
 def load_models(checkpoints: Mapping[str, Path]) -> dict[str, SplitModel]:

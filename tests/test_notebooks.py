@@ -106,8 +106,9 @@ def test_notebooks_run_headless_in_smoke_mode(project: Path) -> None:
 
     ran["01"] = _execute(ROOT / "notebooks" / order[0], project)
     assert (runs / "baseline" / "best.pt").is_file()
-    assert _images(ran["01"]) >= 4  # heatmap, live curves, two Grad-CAM grids
+    assert _images(ran["01"]) >= 5  # heatmap, live curves, two Grad-CAM grids, the bias evidence
     assert "SMOKE" in _text(ran["01"])
+    assert "bias_score" in _text(ran["01"])  # the model-side bias ranking
 
     ran["02"] = _execute(ROOT / "notebooks" / order[1], project)
     mask_path = runs / "masks" / "Wearing_Lipstick.png"
@@ -117,6 +118,7 @@ def test_notebooks_run_headless_in_smoke_mode(project: Path) -> None:
     assert (drawn & lips).sum() >= 0.95 * lips.sum()  # painted stroke by stroke, covering the lips
     assert not (project / "data" / "masks").exists()  # the shipped masks are never touched
     assert _images(ran["02"]) >= 1
+    assert "landmarks" in _text(ran["02"]) and "soft_iou" in _text(ran["02"])  # template vs landmark transfer
 
     assert not list(runs.glob("guided-*"))
     ran["04"] = _execute(ROOT / "notebooks" / order[2], project)
@@ -126,6 +128,11 @@ def test_notebooks_run_headless_in_smoke_mode(project: Path) -> None:
     assert set(results["model"]) == {nb.BASELINE, nb.CONTROL, nb.GUIDED}
     assert "Wearing_Lipstick: on the" in _text(ran["04"])  # the verdict
     assert _images(ran["04"]) >= 1
+    assert "gain vs control" in _text(ran["04"])  # the method comparison ...
+    summary = pd.read_csv(runs / "compare" / "summary.csv")
+    assert {"valid", "test"} <= set(summary.split) and summary.setting.nunique() == 7  # 5 methods + 2 references
+    assert (runs / "paper" / "protocol.csv").is_file()  # ... and the paper's protocol
+    assert "92.9" in _text(ran["04"])  # printed next to the paper's numbers
 
     stamp = guided[0].stat().st_mtime_ns
     ran["03"] = _execute(ROOT / "notebooks" / order[3], project)

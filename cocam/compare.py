@@ -50,6 +50,7 @@ __all__ = [
     "ComparisonConfig",
     "ComparisonResult",
     "compare_guidance",
+    "run_name",
     "comparison_table",
     "select_settings",
     "summarize_comparison",
@@ -162,6 +163,28 @@ def _score(config: ComparisonConfig, name: str, seed: int, checkpoint: Path) -> 
     return rows
 
 
+def run_name(guidance: Guidance | None) -> str:
+    """The run folder stem of a setting: ``control``, or ``<loss>_<target>_<fingerprint>``.
+
+    The fingerprint (:meth:`~cocam.train.Guidance.fingerprint`) covers every setting and the
+    masks, so a changed setting never resumes an old run.
+    """
+    return "control" if guidance is None else f"{guidance.loss}_{guidance.target}_{guidance.fingerprint()}"
+
+
+def _scores(config: ComparisonConfig, name: str, seed: int, checkpoint: Path) -> list[dict[str, Any]]:
+    """:func:`_score`, kept next to the checkpoint (``scores.csv``) and reused while it is newer."""
+    cached = checkpoint.parent / "scores.csv"
+    if cached.is_file() and cached.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
+        rows = pd.read_csv(cached)
+        if set(config.splits) <= set(rows.split) and set(a for a, _ in config.pairs) <= set(rows.attribute):
+            rows = rows[rows.split.isin(config.splits) & rows.attribute.isin([a for a, _ in config.pairs])]
+            return rows.assign(setting=name, seed=seed).to_dict("records")
+    rows = _score(config, name, seed, checkpoint)
+    atomic_write_text(cached, pd.DataFrame(rows).to_csv(index=False))
+    return rows
+
+
 def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[str, Any]] | None = None, *,
                      baseline: str | Path | None = None, progress: bool = False,
                      log: Callable[[str], Any] | None = print) -> ComparisonResult:
@@ -217,18 +240,18 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
         spec = base_spec
         say(f"baseline: {base_path}")
 
-    rows = _score(config, PRE_TRAINED, -1, base_path)
+    rows = _scores(config, PRE_TRAINED, -1, base_path)
     runs: dict[str, Guidance | None] = {CONTROL: None} | guidances
     for seed in config.seeds:
-        for i, (name, guidance) in enumerate(runs.items()):
+        for name, guidance in runs.items():
             t = time.perf_counter()
             model, _, _ = load_model(base_path)
             cfg = TrainConfig.fine_tuning(len(train), config.finetune_epochs, batch_size=config.batch_size,
                                           lr=config.finetune_lr, seed=seed, device=config.device)
-            tag = "control" if guidance is None else f"setting{i}_{guidance.loss}_{guidance.target}"
-            r = fit(model, train, valid, cfg, spec=spec, guidance=guidance,
-                    run_dir=config.out / f"{tag}_seed{seed}", resume=True, progress=progress)
-            rows += _score(config, name, seed, r.last_path)
+            run_dir = config.out / f"{run_name(guidance)}_seed{seed}"
+            r = fit(model, train, valid, cfg, spec=spec, guidance=guidance, run_dir=run_dir, resume=True,
+                    progress=progress)
+            rows += _scores(config, name, seed, r.last_path)
             seconds[f"{name} seed {seed}"] = time.perf_counter() - t
             say(f"seed {seed} · {name}: {seconds[f'{name} seed {seed}']:.0f} s")
             atomic_write_text(config.out / "runs.csv", pd.DataFrame(rows).to_csv(index=False))

@@ -23,7 +23,6 @@ started in the project or in ``notebooks/``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -298,11 +297,7 @@ class Workspace:
 
 def guided_run_name(guidance: Guidance) -> str:
     """``guided-<hash>``: a new drawing, attribute or weight gives a new run (never a stale one)."""
-    digest = hashlib.sha256(repr(sorted((k, v) for k, v in guidance.describe().items()
-                                        if k != "mask_pixels")).encode())
-    for mask in guidance.masks:
-        digest.update(np.packbits(np.asarray(mask, dtype=bool)).tobytes())
-    return f"guided-{digest.hexdigest()[:10]}"
+    return f"guided-{guidance.fingerprint()}"
 
 
 def _fit_when_free(run_dir: Path, make_model: Callable[[], tuple[SplitModel, ModelSpec]], train: CelebADataset,

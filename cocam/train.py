@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -185,6 +186,18 @@ class Guidance:
             raise ValueError(f"transfer must be one of {', '.join(MASK_TRANSFERS)}, not {self.transfer!r}.")
         if self.w_g is None:
             object.__setattr__(self, "w_g", DEFAULT_GUIDANCE_WEIGHTS[self.loss])
+
+    def fingerprint(self) -> str:
+        """10 hex digits naming these settings and masks: a new drawing, attribute or weight gives a new one.
+
+        Run folders are named by it (notebooks, :mod:`cocam.compare`), so a resumed run is never
+        one trained with other settings.
+        """
+        digest = hashlib.sha256(repr(sorted((k, v) for k, v in self.describe().items()
+                                            if k != "mask_pixels")).encode())
+        for mask in self.masks:
+            digest.update(np.packbits(np.asarray(mask, dtype=bool)).tobytes())
+        return digest.hexdigest()[:10]
 
     def describe(self) -> dict[str, Any]:
         """The JSON-able settings (masks summarised by their area)."""

@@ -107,7 +107,8 @@ def test_compare_end_to_end_on_tiny_data(synthetic_root: Path, tmp_path: Path, o
     assert len(steps) == 3 and len(set(steps.values())) == 1
     assert any(line.startswith("baseline:") for line in lines)
 
-    # resuming reuses every finished run: nothing is retrained
+    assert len(list(config.out.glob("*/scores.csv"))) == 4  # the baseline, the control and two settings
+    # resuming reuses every finished run and its scores: nothing is retrained or re-scored
     mtimes = {p: p.stat().st_mtime_ns for p in config.out.rglob("last.pt")}
     again = compare_guidance(config, settings, log=None)
     assert {p: p.stat().st_mtime_ns for p in config.out.rglob("last.pt")} == mtimes
@@ -117,3 +118,20 @@ def test_compare_end_to_end_on_tiny_data(synthetic_root: Path, tmp_path: Path, o
         compare_guidance(config, {CONTROL: {"loss": "iou"}})
     with pytest.raises(ValueError, match="unknown guidance loss"):
         compare_guidance(config, {"x": {"loss": "dice"}})
+
+
+def test_run_names_change_with_any_setting() -> None:
+    from cocam.compare import run_name
+    from cocam.masks import default_mask
+    from cocam.train import Guidance
+
+    mask = default_mask("Wearing_Lipstick")
+    base = Guidance(("Wearing_Lipstick",), (mask,), loss="rrr_input")
+    assert run_name(None) == "control"
+    assert run_name(base) == run_name(Guidance(("Wearing_Lipstick",), (mask.copy(),), loss="rrr_input"))
+    assert run_name(base).startswith("rrr_input_both_")
+    other_mask = mask.copy()
+    other_mask[:, :89] = False
+    for changed in (Guidance(("Wearing_Lipstick",), (mask,), loss="rrr_input", w_g=1.0),
+                    Guidance(("Wearing_Lipstick",), (other_mask,), loss="rrr_input")):
+        assert run_name(changed) != run_name(base)  # a changed setting never resumes an old run

@@ -67,6 +67,7 @@ __all__ = [
     "ImageReadError",
     "decode_image",
     "iterate_batches",
+    "CACHE_DIRNAME",
     "cache_files",
     "normalize_uint8",
 ]
@@ -76,7 +77,8 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _CACHE_VERSION = 1
-_CACHE_DIRNAME = ".cocam_cache"
+#: Folder of the decoded-image cache inside ``celeba/`` (unless ``cache_dir=`` says otherwise).
+CACHE_DIRNAME = ".cocam_cache"
 _CHUNK = 128  # images per task sent to a decode worker
 _MIN_IMAGES_FOR_POOL = 256  # below this, decoding in-process beats starting workers
 _FINGERPRINT_SAMPLES = 32  # JPEG file sizes mixed into the fingerprint
@@ -399,7 +401,7 @@ class CelebADataset(torch.utils.data.Dataset):
             if split == "all"
             else np.flatnonzero((annotations.split == split).to_numpy())
         )
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else annotations.root / _CACHE_DIRNAME
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else annotations.root / CACHE_DIRNAME
         self._cache_path, self._meta_path = cache_files(self.cache_dir, split, image_size)
         unreadable = self._ensure_cache(num_workers=num_workers, progress=progress, skip_unreadable=skip_unreadable)
         self._memmap: np.ndarray | None = None

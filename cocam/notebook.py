@@ -65,6 +65,7 @@ __all__ = [
     "guidance_for",
     "load_models",
     "mask_sources",
+    "mask_transfer_quality",
     "paint_with_strokes",
     "plot_cooccurrence_heatmap",
     "plot_history",
@@ -417,6 +418,19 @@ def ensure_checkpoints(ws: Workspace, guidance: Guidance, *, progress: bool = Fa
     control = fine_tune(ws, None, progress=progress).last_path
     guided = fine_tune(ws, guidance, progress=progress).last_path
     return {BASELINE: baseline, CONTROL: control, GUIDED: guided}
+
+
+def mask_transfer_quality(ws: Workspace, attribute: str, mask: np.ndarray) -> pd.DataFrame | str:
+    """Template reuse vs landmark transfer of ``mask``, scored against the true regions of the test split.
+
+    Returns :func:`cocam.masks.transfer_quality`'s table on the synthetic dataset, or a sentence
+    saying why there is nothing to score (real CelebA has no ground-truth regions).
+    """
+    from cocam.masks import transfer_quality
+
+    if not ws.synthetic:
+        return "Real CelebA has no ground-truth regions: look at the faces above instead."
+    return transfer_quality(ws.dataset("test"), attribute, mask)
 
 
 def compare_methods(ws: Workspace, pairs: Sequence[tuple[str, str]] = PAPER_PAIRS, *,

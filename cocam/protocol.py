@@ -80,7 +80,7 @@ import pandas as pd
 import torch
 
 from cocam.attributes import PAPER_PAIRS, parse_pairs, validate_attributes
-from cocam.dataset import cache_files
+from cocam.dataset import CACHE_DIRNAME, cache_files
 
 __all__ = [
     "PAPER_RESULTS",
@@ -321,7 +321,7 @@ def _split_counts(annotations) -> dict[str, int]:
 
 
 def _cached(celeba_dir: Path, split: str, image_size: int) -> bool:
-    data, meta = cache_files(celeba_dir / ".cocam_cache", split, image_size)
+    data, meta = cache_files(celeba_dir / CACHE_DIRNAME, split, image_size)
     return data.is_file() and meta.is_file()
 
 
@@ -540,7 +540,7 @@ def requirements_report(config: ProtocolConfig, *, measure_steps: int = 3) -> st
 
     missing = [s for s in ("train", "valid", "test") if counts[s] and not _cached(annotations.root, s,
                                                                                     config.image_size)]
-    cache_dir = annotations.root / ".cocam_cache"
+    cache_dir = annotations.root / CACHE_DIRNAME
     if missing:
         need = sum(counts[s] for s in missing) * config.image_size ** 2 * 3
         probe = cache_dir if cache_dir.exists() else annotations.root

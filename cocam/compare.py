@@ -23,6 +23,7 @@ The settings are :class:`~cocam.train.Guidance` keyword arguments by name;
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -36,6 +37,7 @@ import pandas as pd
 import torch
 
 from cocam.attributes import PAPER_PAIRS, validate_attributes
+from cocam.celeba import find_celeba_dir
 from cocam.checkpoint import ModelSpec, load_model
 from cocam.dataset import CelebADataset
 from cocam.evaluate import evaluate_checkpoints
@@ -172,9 +174,22 @@ def run_name(guidance: Guidance | None) -> str:
     return "control" if guidance is None else f"{guidance.loss}_{guidance.target}_{guidance.fingerprint()}"
 
 
+def _scores_key(config: ComparisonConfig) -> str:
+    """What a run's scores depend on besides its checkpoint: the dataset and the masks."""
+    celeba = find_celeba_dir(config.root)
+    attr = celeba / "list_attr_celeba.txt"
+    masks = None if config.mask_dir is None else str(Path(config.mask_dir).resolve())
+    key = json.dumps([str(celeba.resolve()), attr.stat().st_mtime_ns, masks])
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
 def _scores(config: ComparisonConfig, name: str, seed: int, checkpoint: Path) -> list[dict[str, Any]]:
-    """:func:`_score`, kept next to the checkpoint (``scores.csv``) and reused while it is newer."""
-    cached = checkpoint.parent / "scores.csv"
+    """:func:`_score`, kept next to the checkpoint and reused while it is newer.
+
+    The file is named by the dataset and masks it was scored on (``scores_<key>.csv``), so a
+    baseline reused on another dataset, or a regenerated one, is scored again.
+    """
+    cached = checkpoint.parent / f"scores_{_scores_key(config)}.csv"
     if cached.is_file() and cached.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
         rows = pd.read_csv(cached)
         if set(config.splits) <= set(rows.split) and set(a for a, _ in config.pairs) <= set(rows.attribute):

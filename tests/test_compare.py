@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -107,12 +108,33 @@ def test_compare_end_to_end_on_tiny_data(synthetic_root: Path, tmp_path: Path, o
     assert len(steps) == 3 and len(set(steps.values())) == 1
     assert any(line.startswith("baseline:") for line in lines)
 
-    assert len(list(config.out.glob("*/scores.csv"))) == 4  # the baseline, the control and two settings
+    assert len(list(config.out.glob("*/scores_*.csv"))) == 4  # the baseline, the control and two settings
     # resuming reuses every finished run and its scores: nothing is retrained or re-scored
     mtimes = {p: p.stat().st_mtime_ns for p in config.out.rglob("last.pt")}
     again = compare_guidance(config, settings, log=None)
     assert {p: p.stat().st_mtime_ns for p in config.out.rglob("last.pt")} == mtimes
     pd.testing.assert_frame_equal(again.runs, runs)
+
+    # the same baseline on another dataset is scored there, not read from the first one's cache
+    other = tmp_path / "other" / "celeba"
+    other.mkdir(parents=True)
+    source = synthetic_root / "celeba"
+    for name in ("img_align_celeba", "list_attr_celeba.txt", "list_bbox_celeba.txt", "identity_CelebA.txt",
+                 "list_landmarks_align_celeba.txt", "evidence_regions.npz", "cocam_synthetic.json"):
+        if (source / name).exists():
+            (other / name).symlink_to(source / name)
+    swap = {"1": "2", "2": "1"}  # valid and test swapped
+    lines = (source / "list_eval_partition.txt").read_bytes().decode().splitlines()
+    (other / "list_eval_partition.txt").write_bytes(
+        "".join(f"{f} {swap.get(k, k)}\r\n" for f, k in (line.split() for line in lines)).encode())
+    moved = compare_guidance(dataclasses.replace(config, root=other.parent, out=tmp_path / "cmp2"), {},
+                             baseline=result.baseline, log=None)
+    key = ["split", "attribute"]
+    before = runs[runs.setting == PRE_TRAINED].set_index(key).n_conflict
+    after = moved.runs[moved.runs.setting == PRE_TRAINED].set_index(key).n_conflict
+    assert before.loc["valid"].tolist() == after.loc["test"].tolist()
+    assert before.loc["test"].tolist() == after.loc["valid"].tolist()
+    assert before.loc["valid"].tolist() != before.loc["test"].tolist()  # else the check could not fail
 
     with pytest.raises(ValueError, match="reference row"):
         compare_guidance(config, {CONTROL: {"loss": "iou"}})

@@ -169,7 +169,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               baseline_epochs=args.epochs, patience=args.patience,
                               finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                               batch_size=args.batch_size, mask_dir=args.mask_dir, device=args.device)
-    result = compare_guidance(config, {m: METHODS[m] for m in names}, progress=not args.quiet)
+    result = compare_guidance(config, {m: METHODS[m] for m in names}, baseline=args.baseline,
+                              progress=not args.quiet)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 40):
         for split in config.splits:
             print(f"\n{split} split (mean over {len(config.seeds)} seeds, 95 % t-intervals; gain = conflict-subset "
@@ -435,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--image-size", type=int, default=112)
     c.add_argument("--hidden", type=int, default=512, help="classifier width (0 = torchvision's 4096)")
+    c.add_argument("--baseline", type=Path, help="start from this converged baseline checkpoint (e.g. the "
+                   "notebooks' best.pt) instead of training one into <out>/baseline")
     c.add_argument("--epochs", type=int, default=40, help="baseline epochs at most (early stopping)")
     c.add_argument("--patience", type=int, default=3)
     c.add_argument("--finetune-epochs", type=int, default=2)

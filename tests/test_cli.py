@@ -317,6 +317,14 @@ def test_compare_prints_both_splits_and_the_choice(root: Path, tmp_path: Path, c
     text = capsys.readouterr().out
     assert "valid split" in text and "test split" in text and "chosen on the valid split" in text
     assert (tmp_path / "cmp" / "summary.csv").is_file()
+    # --baseline: start from a given checkpoint, train none
+    base = tmp_path / "cmp" / "baseline" / "best.pt"
+    assert main(["compare", "--root", str(root), "--out", str(tmp_path / "cmp2"), "--method", "energy",
+                 "--pair", "Wearing_Lipstick:Heavy_Makeup", "--seeds", "0", "--image-size", "64", "--hidden", "32",
+                 "--finetune-epochs", "1", "--batch-size", "16", "--device", "cpu", "--quiet",
+                 "--baseline", str(base)]) == 0
+    assert not (tmp_path / "cmp2" / "baseline").exists()
+    assert str(base) in capsys.readouterr().out
     assert main(["compare", "--root", str(root), "--out", str(tmp_path / "x"), "--method", "dice"]) == 1
     assert "unknown method" in capsys.readouterr().err
 

@@ -121,15 +121,14 @@ def run_parallel(args: argparse.Namespace) -> None:
     for split in ("train", "valid", "test"):  # build the decoded cache once, not in every process at the same time
         CelebADataset(args.root, split, image_size=args.image_size)
     groups = [args.seeds[i::args.jobs] for i in range(args.jobs) if args.seeds[i::args.jobs]]
-    argv = [a for a in sys.argv[1:]]
     procs = []
-    for group in groups:
-        child = _without(argv, {"--jobs": 1, "--seeds": None, "--out": 1})
-        child += ["--seeds", *map(str, group), "--out", str(args.out / f"seed{group[0]}")]
+    for group in groups:  # argparse keeps an option's last value: these override the parent's
+        child = [*sys.argv[1:], "--seeds", *map(str, group), "--out", str(args.out / f"seed{group[0]}"), "--jobs", "1"]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
         procs.append(subprocess.Popen([sys.executable, __file__, *child], env=env))
     failed = [p.args for p in procs if p.wait() != 0]
-    parts = [pd.read_csv(f) for f in sorted(args.out.glob("seed*/runs.csv"))]
+    files = [args.out / f"seed{group[0]}" / "runs.csv" for group in groups]
+    parts = [pd.read_csv(f) for f in files if f.is_file()]
     if not parts:
         raise SystemExit("no process finished a run.")
     runs = pd.concat(parts, ignore_index=True).drop_duplicates(["setting", "seed", "split", "attribute"])
@@ -139,24 +138,6 @@ def run_parallel(args: argparse.Namespace) -> None:
     report(summary)
     if failed:
         raise SystemExit(f"{len(failed)} of {len(procs)} processes failed; the tables hold the runs that finished.")
-
-
-def _without(argv: list[str], options: dict[str, int | None]) -> list[str]:
-    """``argv`` without the given options and their values (``None``: all values up to the next option)."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] in options:
-            n = options[argv[i]]
-            i += 1
-            if n is None:
-                while i < len(argv) and not argv[i].startswith("--"):
-                    i += 1
-            else:
-                i += n
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
 
 
 if __name__ == "__main__":

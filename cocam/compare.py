@@ -175,11 +175,13 @@ def run_name(guidance: Guidance | None) -> str:
 
 
 def _scores_key(config: ComparisonConfig) -> str:
-    """What a run's scores depend on besides its checkpoint: the dataset and the masks."""
+    """What a run's scores depend on besides its checkpoint: the dataset's labels and splits, the masks."""
     celeba = find_celeba_dir(config.root)
-    attr = celeba / "list_attr_celeba.txt"
-    masks = None if config.mask_dir is None else str(Path(config.mask_dir).resolve())
-    key = json.dumps([str(celeba.resolve()), attr.stat().st_mtime_ns, masks])
+    labels = [(celeba / f).stat().st_mtime_ns for f in ("list_attr_celeba.txt", "list_eval_partition.txt")]
+    masks = None
+    if config.mask_dir is not None and Path(config.mask_dir).is_dir():
+        masks = sorted((f.name, f.stat().st_mtime_ns) for f in Path(config.mask_dir).iterdir() if f.is_file())
+    key = json.dumps([str(celeba.resolve()), labels, str(config.mask_dir), masks])
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 

@@ -136,8 +136,12 @@ def _guidance(args: argparse.Namespace):
             mask, source = resolve_mask(a, args.mask_dir)
             masks.append(mask)
             print(f"{a}: mask {source}")
-    return Guidance(tuple(attributes), tuple(masks), w_a=args.w_a, w_g=args.w_g, target=args.target,
-                    exact=not args.first_order, loss=args.loss, transfer=args.transfer)
+    def one_or_each(values):  # one value for all attributes, or one per --attribute
+        return values[0] if values is not None and len(values) == 1 else values
+
+    return Guidance(tuple(attributes), tuple(masks), w_a=args.w_a, w_g=one_or_each(args.w_g),
+                    target=one_or_each(args.target), exact=not args.first_order, loss=one_or_each(args.loss),
+                    transfer=args.transfer)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -362,14 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def guidance_options(p):
         p.add_argument("--w-a", type=float, default=1.0, help="weight of the BCE term")
-        p.add_argument("--w-g", type=float, default=None,
-                       help="weight of the guidance term loss_g (default: the loss's own: "
-                            + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_GUIDANCE_WEIGHTS.items()) + ")")
-        p.add_argument("--loss", choices=GUIDANCE_LOSSES, default="iou",
-                       help="guidance loss: iou (the paper's -ln IoU), energy (CAM mass inside the region), "
-                            "rrr_cam (CAM energy outside), rrr_input (input gradients outside; Ross et al.)")
-        p.add_argument("--target", choices=["positive", "both"], default="both",
-                       help="positive: the paper (CAM of the logit on positives); both: CAM of sign(y)*logit")
+        p.add_argument("--w-g", type=float, nargs="+", default=None,
+                       help="weight of the guidance term loss_g, or one per --attribute (default: the loss's "
+                            "own: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_GUIDANCE_WEIGHTS.items()) + ")")
+        p.add_argument("--loss", choices=GUIDANCE_LOSSES, nargs="+", default=["iou"],
+                       help="guidance loss, or one per --attribute: iou (the paper's -ln IoU), energy (CAM mass "
+                            "inside the region), rrr_cam (CAM energy outside), rrr_input (input gradients "
+                            "outside; Ross et al.)")
+        p.add_argument("--target", choices=["positive", "both"], nargs="+", default=["both"],
+                       help="positive: the paper (CAM of the logit on positives); both: CAM of sign(y)*logit; "
+                            "or one per --attribute")
         p.add_argument("--transfer", choices=MASK_TRANSFERS, default="template",
                        help="template: the same mask pixels for every image; landmarks: moved by each image's "
                             "5 landmarks")

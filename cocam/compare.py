@@ -166,12 +166,17 @@ def _score(config: ComparisonConfig, name: str, seed: int, checkpoint: Path) -> 
 
 
 def run_name(guidance: Guidance | None) -> str:
-    """The run folder stem of a setting: ``control``, or ``<loss>_<target>_<fingerprint>``.
+    """The run folder stem of a setting: ``control``, or ``<loss>_<target>_<fingerprint>``
+    (``mixed_<fingerprint>`` when the loss or target differs between attributes).
 
     The fingerprint (:meth:`~cocam.train.Guidance.fingerprint`) covers every setting and the
     masks, so a changed setting never resumes an old run.
     """
-    return "control" if guidance is None else f"{guidance.loss}_{guidance.target}_{guidance.fingerprint()}"
+    if guidance is None:
+        return "control"
+    if isinstance(guidance.loss, tuple) or isinstance(guidance.target, tuple):
+        return f"mixed_{guidance.fingerprint()}"
+    return f"{guidance.loss}_{guidance.target}_{guidance.fingerprint()}"
 
 
 def _scores_key(config: ComparisonConfig) -> str:

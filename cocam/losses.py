@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,7 @@ __all__ = [
     "guided_objective",
     "input_gradients",
     "iou_loss",
+    "per_target",
     "positive_sample_weight",
     "region_loss",
     "rrr_cam_loss",
@@ -299,9 +301,9 @@ def guided_loss(
     mask: Tensor,
     *,
     w_a: float = 1.0,
-    w_g: float = 1.0,
+    w_g: float | Sequence[float] = 1.0,
     sample_weight: Tensor | None = None,
-    loss: str = "iou",
+    loss: str | Sequence[str] = "iou",
     validate: bool = True,
 ) -> GuidedLoss:
     """``total = w_a · BCE(logits, targets_bce) + w_g · loss_g`` for a CAM-based ``loss_g``.
@@ -314,13 +316,16 @@ def guided_loss(
             (``(B, H, W)`` is read as ``T = 1``).
         mask: ``(T, H, W)`` one region per guided attribute (``(H, W)`` is shared by all), or
             ``(B, T, H, W)`` one per image (e.g. moved by landmarks, :mod:`cocam.masks`).
-        w_a, w_g: weights of the two terms.
+        w_a, w_g: weights of the two terms; ``w_g`` may also give one weight per target
+            (see :func:`guided_objective`).
         sample_weight: ``(B, T)`` (or ``(B,)`` when ``T = 1``) non-negative weights selecting
             which (image, attribute) pairs are guided; ``None`` guides all. The paper's variant
             guides positives only: ``positive_sample_weight(labels, targets)``. For negatives
             the CAM of ``+logit`` shows evidence *for* an absent attribute; to guide them
             meaningfully compute the CAM with ``signs=signs_from_labels(...)``.
-        loss: which of :data:`CAM_LOSSES` is ``loss_g`` (``"iou"``: the paper's).
+        loss: which of :data:`CAM_LOSSES` is ``loss_g`` (``"iou"``: the paper's), or one name
+            per target (e.g. ``("iou", "energy")``: each target's column of ``per_sample`` is
+            its own loss).
         validate: check the inputs' values (labels in ``[0, 1]``, non-empty masks,
             non-negative weights). Each check is a device sync; the training loop checks its
             masks once and turns this off.
@@ -335,10 +340,31 @@ def guided_loss(
         raise ValueError(
             f"cam must be (B, T, H, W) with B = {logits.shape[0]}, got {tuple(cam.shape)}."
         )
-    mask = _check_mask_shape(mask, cam.shape[0], cam.shape[1])
-    per_sample = region_loss(cam, mask.to(cam), loss, reduction="none", validate=validate)  # (B, T)
+    mask = _check_mask_shape(mask, cam.shape[0], cam.shape[1]).to(cam)
+    names = per_target(loss, cam.shape[1], "loss")
+    if len(set(names)) == 1:
+        per_sample = region_loss(cam, mask, names[0], reduction="none", validate=validate)  # (B, T)
+    else:  # one call per loss on its targets' columns, put back in target order
+        columns, parts = [], []
+        for name in dict.fromkeys(names):
+            idx = [t for t, n in enumerate(names) if n == name]
+            m = mask[:, idx] if mask.ndim == 4 else (mask if mask.shape[0] == 1 else mask[idx])
+            columns += idx
+            parts.append(region_loss(cam[:, idx], m, name, reduction="none", validate=validate))
+        per_sample = torch.cat(parts, dim=1)[:, sorted(range(len(columns)), key=columns.__getitem__)]
     return guided_objective(logits, targets_bce, per_sample, w_a=w_a, w_g=w_g, sample_weight=sample_weight,
                             validate=validate)
+
+
+def per_target(value: Any, t: int, name: str) -> tuple[Any, ...]:
+    """``value`` for each of ``t`` targets: a single value repeated, or a sequence of ``t`` values."""
+    if isinstance(value, (str, int, float)) or value is None:
+        return (value,) * t
+    values = tuple(value)
+    if len(values) != t:
+        raise ValueError(f"{name} has {len(values)} values for {t} guided target{'s' * (t != 1)} (attributes): "
+                         f"give one value, or one per target.")
+    return values
 
 
 def _check_mask_shape(mask: Tensor, b: int, t: int) -> Tensor:
@@ -358,7 +384,7 @@ def guided_objective(
     per_sample: Tensor,
     *,
     w_a: float = 1.0,
-    w_g: float = 1.0,
+    w_g: float | Sequence[float] = 1.0,
     sample_weight: Tensor | None = None,
     validate: bool = True,
 ) -> GuidedLoss:
@@ -366,7 +392,10 @@ def guided_objective(
 
     The common last step of every guidance loss (:func:`guided_loss` for the CAM-based ones;
     ``rrr_input_loss(..., reduction="none")`` for input gradients). Arguments as in
-    :func:`guided_loss`.
+    :func:`guided_loss`. With one weight per target, ``w_g = (w_1, …, w_T)``, the total is
+    ``w_a · BCE + Σ w_t · weight · loss_g / Σ weight`` (each target's pairs weighted by its
+    ``w_t`` within the one mean over guided pairs; equal weights give the scalar case), and
+    ``guidance`` stays the unweighted mean.
     """
     if logits.shape != targets_bce.shape:
         raise ValueError(
@@ -390,6 +419,12 @@ def guided_objective(
         if validate and bool((weight < 0).any()):
             raise ValueError("sample_weight must be non-negative.")
     denom = weight.sum()
-    guidance = (weight * per_sample).sum() / torch.where(denom > 0, denom, torch.ones_like(denom))
-    total = w_a * bce + w_g * guidance
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    guidance = (weight * per_sample).sum() / denom
+    weights = per_target(w_g, t, "w_g")
+    if len(set(weights)) == 1:
+        total = w_a * bce + weights[0] * guidance
+    else:
+        terms = weight * per_sample  # weights as Python floats: no host-to-device copy per step
+        total = w_a * bce + sum(float(w) * terms[:, i].sum() for i, w in enumerate(weights)) / denom
     return GuidedLoss(total=total, bce=bce, guidance=guidance, per_sample=per_sample)

@@ -377,13 +377,15 @@ def mask_sources(ws: Workspace, attributes: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def guidance_for(ws: Workspace, attributes: Sequence[str], *, w_a: float = 1.0, w_g: float | None = None,
-                 target: str = "both", loss: str = "iou", transfer: str = "template") -> Guidance:
+def guidance_for(ws: Workspace, attributes: Sequence[str], *, w_a: float = 1.0,
+                 w_g: float | None | Sequence[float | None] = None, target: str | Sequence[str] = "both",
+                 loss: str | Sequence[str] = "iou", transfer: str = "template") -> Guidance:
     """A :class:`~cocam.train.Guidance` with each attribute's mask from ``ws.mask_dir`` (or built-in).
 
     ``loss`` names the guidance loss (:data:`cocam.losses.GUIDANCE_LOSSES`; ``w_g=None`` takes its
     default weight) and ``transfer`` how the mask reaches each image (``"template"`` or
-    ``"landmarks"``).
+    ``"landmarks"``). ``loss``, ``target`` and ``w_g`` take one value for all attributes or one
+    per attribute.
     """
     from cocam.masks import resolve_mask
 

@@ -18,6 +18,10 @@ Guidance targets (:attr:`Guidance.target`):
   label must lie in the region, so "bare eyes ⇒ no lipstick" is penalised as well as
   "made-up eyes ⇒ lipstick".
 
+The loss, the target and ``w_g`` may also be given per attribute (``Guidance(("A", "B"), masks,
+loss=("iou", "energy"), target=("positive", "both"), w_g=(3.0, 1.0))``): the best setting
+often differs between biases, and all of them then train in one run, from one forward pass.
+
 Every epoch writes ``last.pt`` (and ``best.pt`` when the validation BCE improved) and
 ``history.csv`` atomically into the run folder; ``resume=True`` continues from ``last.pt`` to
 the same result as an uninterrupted run (same seed, CPU). A non-finite loss stops training
@@ -70,6 +74,7 @@ from cocam.losses import (
     guided_loss,
     guided_objective,
     input_gradients,
+    per_target,
     rrr_input_loss,
 )
 from cocam.masks import MASK_TRANSFERS, mask_to_feature, mask_to_input, masks_for_batch
@@ -137,8 +142,9 @@ class Guidance:
         masks: one region per attribute, each a ``(218, 178)`` bool array in template
             coordinates (see :mod:`cocam.masks`: :func:`~cocam.masks.load_mask`,
             :func:`~cocam.masks.default_mask`).
-        w_a, w_g: weights of the BCE and the guidance term.
-        target: ``"positive"`` (the paper) or ``"both"`` (see the module docstring).
+        w_a, w_g: weights of the BCE and the guidance term (``w_g`` may be one per attribute).
+        target: ``"positive"`` (the paper) or ``"both"`` (see the module docstring), or one
+            per attribute.
         exact: differentiate through the Grad-CAM weights (double backprop, gives the
             classifier head a gradient from ``loss_g``); ``False`` detaches them (first order).
         resolution: compare CAM and mask at the model ``"input"`` size (the CAM is upsampled;
@@ -147,24 +153,29 @@ class Guidance:
         loss: the guidance loss, one of :data:`cocam.losses.GUIDANCE_LOSSES`: ``"iou"`` (the
             paper's ``-ln IoU``), ``"energy"`` (share of CAM mass inside the region),
             ``"rrr_cam"`` (CAM energy outside the region) or ``"rrr_input"`` (input gradients
-            outside the region; Ross et al.). See :mod:`cocam.losses`.
+            outside the region; Ross et al.). See :mod:`cocam.losses`. One per attribute
+            mixes the CAM-based losses (``rrr_input`` is computed from input gradients and
+            cannot be mixed with them).
         transfer: how the template mask reaches each image: ``"template"`` (the same pixels
             for every image, the paper's) or ``"landmarks"`` (moved by the similarity
             transform from the template's five landmarks to the image's; see
             :mod:`cocam.masks`).
 
     ``w_g=None`` takes the loss's default weight (:data:`cocam.losses.DEFAULT_GUIDANCE_WEIGHTS`:
-    1 for ``iou``, the paper's setting).
+    1 for ``iou``, the paper's setting). Per-attribute values that are all equal are stored as
+    the single value, so such a ``Guidance`` is the same (and has the same fingerprint) as one
+    given that value; :attr:`losses`, :attr:`targets` and :attr:`weights` always list one per
+    attribute.
     """
 
     attributes: tuple[str, ...]
     masks: tuple[np.ndarray, ...] = field(repr=False)
     w_a: float = 1.0
-    w_g: float | None = None
-    target: str = "both"
+    w_g: float | None | tuple[float | None, ...] = None
+    target: str | tuple[str, ...] = "both"
     exact: bool = True
     resolution: str = "input"
-    loss: str = "iou"
+    loss: str | tuple[str, ...] = "iou"
     transfer: str = "template"
 
     def __post_init__(self) -> None:
@@ -174,18 +185,41 @@ class Guidance:
                              "train without guidance for the BCE-only control.")
         if len(self.masks) != len(self.attributes):
             raise ValueError(f"{len(self.attributes)} guided attributes but {len(self.masks)} masks: one each.")
-        if self.target not in ("positive", "both"):
-            raise ValueError(f"target must be 'positive' (the paper) or 'both', not {self.target!r}.")
+        n = len(self.attributes)
+        targets = per_target(self.target, n, "target")
+        for t in targets:
+            if t not in ("positive", "both"):
+                raise ValueError(f"target must be 'positive' (the paper) or 'both', not {t!r}.")
         if self.resolution not in ("input", "feature"):
             raise ValueError(f"resolution must be 'input' or 'feature', not {self.resolution!r}.")
-        check_guidance_loss(self.loss)
-        if self.loss not in CAM_LOSSES and (self.resolution != "input" or not self.exact):
-            raise ValueError(f"loss {self.loss!r} penalises input gradients: it needs resolution='input' and "
+        losses = tuple(check_guidance_loss(x) for x in per_target(self.loss, n, "loss"))
+        if "rrr_input" in losses and len(set(losses)) > 1:
+            raise ValueError("rrr_input penalises input gradients and cannot be mixed with the CAM-based losses "
+                             "in one Guidance: give every attribute rrr_input, or none.")
+        if losses[0] not in CAM_LOSSES and (self.resolution != "input" or not self.exact):
+            raise ValueError(f"loss {losses[0]!r} penalises input gradients: it needs resolution='input' and "
                              f"exact=True (the penalty is trained through the gradients).")
         if self.transfer not in MASK_TRANSFERS:
             raise ValueError(f"transfer must be one of {', '.join(MASK_TRANSFERS)}, not {self.transfer!r}.")
-        if self.w_g is None:
-            object.__setattr__(self, "w_g", DEFAULT_GUIDANCE_WEIGHTS[self.loss])
+        weights = tuple(DEFAULT_GUIDANCE_WEIGHTS[x] if w is None else float(w)
+                        for x, w in zip(losses, per_target(self.w_g, n, "w_g")))
+        for name, values in (("target", targets), ("loss", losses), ("w_g", weights)):
+            object.__setattr__(self, name, values[0] if len(set(values)) == 1 else values)
+
+    @property
+    def losses(self) -> tuple[str, ...]:
+        """The guidance loss of each guided attribute."""
+        return per_target(self.loss, len(self.attributes), "loss")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The target (``"positive"`` or ``"both"``) of each guided attribute."""
+        return per_target(self.target, len(self.attributes), "target")
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """``w_g`` of each guided attribute."""
+        return per_target(self.w_g, len(self.attributes), "w_g")
 
     def fingerprint(self) -> str:
         """10 hex digits naming these settings and masks: a new drawing, attribute or weight gives a new one.
@@ -278,9 +312,14 @@ class _StepLoss(torch.nn.Module):
         if not self.context.enabled:
             return terms.total, terms.bce, terms.guidance
         per_sample = terms.per_sample
-        weight = targets[:, self.target_idx] if guidance.target == "positive" else torch.ones_like(per_sample)
+        weight = _sample_weight(guidance, targets[:, self.target_idx])
+        weight = torch.ones_like(per_sample) if weight is None else weight
         g = sharded_weighted_mean(per_sample, weight, self.context)
-        return guidance.w_a * terms.bce + guidance.w_g * g, terms.bce, g
+        if not isinstance(guidance.w_g, tuple):
+            return guidance.w_a * terms.bce + guidance.w_g * g, terms.bce, g
+        # one weight per attribute: the weighted mean over the same guided pairs (g is what is reported)
+        weighted = torch.stack([w * per_sample[:, t] for t, w in enumerate(guidance.w_g)], dim=1)
+        return guidance.w_a * terms.bce + sharded_weighted_mean(weighted, weight, self.context), terms.bce, g
 
 
 def _adamw(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -333,6 +372,30 @@ def _masks_for(guidance: Guidance, model: SplitModel, image_size: int, device: t
     return masks
 
 
+def _sample_weight(guidance: Guidance, labels: torch.Tensor) -> torch.Tensor | None:
+    """``(B, T)`` which pairs are guided: the positives for ``"positive"`` targets, all for ``"both"``."""
+    if guidance.target == "positive":
+        return labels
+    if guidance.target == "both":
+        return None
+    weight = labels.clone()
+    for t, target in enumerate(guidance.targets):  # basic indexing: no index tensor, no device copy
+        if target == "both":
+            weight[:, t] = 1
+    return weight
+
+
+def _signs(guidance: Guidance, labels: torch.Tensor) -> torch.Tensor | None:
+    """``(B, T)`` Grad-CAM score signs: ``sign(y)`` for ``"both"`` targets, ``+1`` for ``"positive"``."""
+    if guidance.target == "positive":
+        return None
+    signs = 2 * labels - 1
+    for t, target in enumerate(guidance.targets):
+        if target == "positive":
+            signs[:, t] = 1
+    return signs
+
+
 def _guided_terms(model: SplitModel, images: torch.Tensor, targets: torch.Tensor, guidance: Guidance,
                   target_idx: list[int], masks: torch.Tensor, landmarks: torch.Tensor | None = None) -> GuidedLoss:
     """One step's loss terms: the BCE on all attributes and the guidance term on the guided ones.
@@ -342,14 +405,14 @@ def _guided_terms(model: SplitModel, images: torch.Tensor, targets: torch.Tensor
     step): the masks were checked once and the labels come from the dataset.
     """
     labels = targets[:, target_idx]
-    weight = labels if guidance.target == "positive" else None
+    weight = _sample_weight(guidance, labels)
     masks = masks_for_batch(masks, landmarks, guidance.transfer, images.shape[-1])
     if guidance.loss == "rrr_input":
         grads, logits = input_gradients(model, images, target_idx, create_graph=True)
         per_sample = rrr_input_loss(grads.float(), masks, reduction="none", validate=False)
         return guided_objective(logits.float(), targets, per_sample, w_a=guidance.w_a, w_g=guidance.w_g,
                                 sample_weight=weight, validate=False)
-    signs = (2 * labels - 1) if guidance.target == "both" else None
+    signs = _signs(guidance, labels)
     out_size = images.shape[-1] if guidance.resolution == "input" else None
     res = grad_cam(model, images, target_idx, signs=signs, create_graph=guidance.exact, output_size=out_size)
     return guided_loss(res.logits.float(), targets, res.cams.float(), masks, w_a=guidance.w_a, w_g=guidance.w_g,

@@ -294,6 +294,18 @@ def test_finetune_with_another_loss_records_it(root: Path, baseline: Path, tmp_p
     assert guidance["w_g"] == float(options.get("--w-g", DEFAULT_GUIDANCE_WEIGHTS[options["--loss"]]))
 
 
+def test_finetune_with_a_setting_per_attribute(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:
+    assert _finetune(root, baseline / "best.pt", tmp_path / "run", "--attribute", "Wearing_Lipstick",
+                     "--attribute", "High_Cheekbones", "--loss", "iou", "energy", "--target", "positive", "both",
+                     "--w-g", "3", "1") == 0
+    guidance = json.loads((tmp_path / "run" / "run.json").read_text())["guidance"]
+    assert (guidance["loss"], guidance["target"], guidance["w_g"]) == (["iou", "energy"], ["positive", "both"],
+                                                                       [3.0, 1.0])
+    assert _finetune(root, baseline / "best.pt", tmp_path / "bad", "--attribute", "Wearing_Lipstick",
+                     "--loss", "iou", "energy") == 1
+    assert "loss has 2 values for 1 guided target " in capsys.readouterr().err
+
+
 def test_bias_ranks_pairs_and_writes_the_ranking(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bias.csv"
     assert main(["bias", "--root", str(root), "--checkpoint", str(baseline / "best.pt"), "--split", "train",

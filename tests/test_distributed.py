@@ -47,6 +47,9 @@ SCENARIOS: dict[str, tuple[dict, dict | None, bool]] = {
     "rrr_input": ({"max_steps": 1}, {"loss": "rrr_input", "target": "positive"}, False),
     # two targets: Grad-CAM's vmapped pullback runs inside DDP's forward
     "two_attributes": ({"max_steps": 1}, {"attributes": (LIPSTICK, CHEEKS), "target": "both"}, False),
+    # a loss, target and weight per attribute: the per-attribute weights within the global mean
+    "mixed": ({"max_steps": 2}, {"attributes": (LIPSTICK, CHEEKS), "loss": ("iou", "energy"),
+                                 "target": ("positive", "both"), "w_g": (3.0, 1.0)}, False),
 }
 #: resume: one epoch of 2 steps, then resumed to two epochs (batch 48: 2 steps per epoch)
 RESUME_CONFIG = {"batch_size": 48}

@@ -154,6 +154,38 @@ def test_guided_loss_equals_hand_computation() -> None:
     assert shared.per_sample.shape == (3, 2)
 
 
+def test_guided_loss_with_a_loss_and_weight_per_target_equals_hand_computation() -> None:
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(4, 40, generator=gen)
+    labels = (torch.rand(4, 40, generator=gen) > 0.5).float()
+    cam = torch.rand(4, 3, 8, 8, generator=gen)
+    mask = torch.zeros(3, 8, 8)
+    mask[0, 5:7, 2:6] = 1
+    mask[1, 2:4, 1:3] = 1
+    mask[2, 6:8, 3:5] = 1
+    weight = torch.tensor([[1.0, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1]])
+    out = guided_loss(logits, labels, cam, mask, w_a=0.5, w_g=(3.0, 1.0, 10.0), loss=("iou", "energy", "rrr_cam"),
+                      sample_weight=weight)
+    funcs = (lambda c, m: -math.log(soft_iou(c, m).item()),
+             lambda c, m: -math.log(((c * m).sum() / c.sum()).item()),
+             lambda c, m: ((c * (1 - m)) ** 2).mean().item())
+    per = torch.tensor([[funcs[t](cam[b, t], mask[t]) for t in range(3)] for b in range(4)])
+    torch.testing.assert_close(out.per_sample, per, rtol=1e-5, atol=1e-6)
+    n = weight.sum().item()
+    assert out.guidance.item() == pytest.approx((weight * per).sum().item() / n, rel=1e-5)
+    w = torch.tensor([3.0, 1.0, 10.0])
+    expected = 0.5 * out.bce.item() + (weight * per * w).sum().item() / n
+    assert out.total.item() == pytest.approx(expected, rel=1e-5)
+    # equal per-target values are the scalar case
+    same = guided_loss(logits, labels, cam, mask, w_g=(2.0, 2.0, 2.0), loss=("iou",) * 3)
+    scalar = guided_loss(logits, labels, cam, mask, w_g=2.0, loss="iou")
+    assert same.total.item() == pytest.approx(scalar.total.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="loss has 2 values for 3 guided targets"):
+        guided_loss(logits, labels, cam, mask, loss=("iou", "energy"))
+    with pytest.raises(ValueError, match="w_g has 4 values"):
+        guided_loss(logits, labels, cam, mask, w_g=(1.0, 1.0, 1.0, 1.0))
+
+
 def test_guided_loss_without_guided_samples_is_zero_and_differentiable() -> None:
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(4, 40, generator=gen, requires_grad=True)

@@ -404,6 +404,57 @@ def test_target_positive_and_both(data, base_checkpoint, lipstick_mask) -> None:
         assert result.steps == 1 and math.isfinite(result.history["train_loss_g"].iloc[0])
 
 
+def test_settings_per_attribute_equal_each_attribute_guided_alone(data, base_checkpoint) -> None:
+    """A loss, target and weight per attribute: each column is what that attribute alone would get."""
+    train, _ = data
+    spec = dataclasses.replace(SPEC, dropout=0.0)
+    model = _load(base_checkpoint, spec).train()
+    images_u8, targets, _ = train.get_batch(range(32))
+    images = normalize_uint8(images_u8)
+    attrs = (LIPSTICK, "High_Cheekbones")
+    masks = tuple(default_mask(a) for a in attrs)
+    mixed = Guidance(attrs, masks, loss=("iou", "energy"), target=("positive", "both"), w_g=(3.0, None))
+    assert mixed.losses == ("iou", "energy") and mixed.targets == ("positive", "both")
+    assert mixed.weights == (3.0, DEFAULT_GUIDANCE_WEIGHTS["energy"])
+    idx = [attribute_index(a) for a in attrs]
+    out = train_module._guided_terms(model, images, targets, mixed, idx,
+                                     train_module._masks_for(mixed, model, 64, torch.device("cpu")))
+    alone = []
+    for t, (a, m) in enumerate(zip(attrs, masks)):
+        g = Guidance((a,), (m,), loss=mixed.losses[t], target=mixed.targets[t])
+        alone.append(train_module._guided_terms(model, images, targets, g, [idx[t]],
+                                                train_module._masks_for(g, model, 64, torch.device("cpu"))))
+        torch.testing.assert_close(out.per_sample[:, t], alone[t].per_sample[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.bce, alone[0].bce)
+    # the total: each attribute's guided pairs weighted by its w_g, in one mean over all guided pairs
+    guided = torch.stack([targets[:, idx[0]], torch.ones(32)], dim=1)
+    expected = out.bce + (guided * out.per_sample * torch.tensor(mixed.weights)).sum() / guided.sum()
+    torch.testing.assert_close(out.total, expected, rtol=1e-5, atol=1e-6)
+    assert math.isfinite(fit(_load(base_checkpoint), train, None, _config(max_steps=1, batch_size=16), spec=SPEC,
+                             guidance=mixed, progress=False).history["train_loss_g"].iloc[0])
+
+
+def test_per_attribute_settings_are_validated_and_equal_values_collapse(lipstick_mask) -> None:
+    attrs = (LIPSTICK, "High_Cheekbones")
+    masks = (lipstick_mask, default_mask("High_Cheekbones"))
+    same = Guidance(attrs, masks, loss=["energy", "energy"], target=("both", "both"), w_g=(2.0, 2.0))
+    plain = Guidance(attrs, masks, loss="energy", target="both", w_g=2.0)
+    assert (same.loss, same.target, same.w_g) == ("energy", "both", 2.0)
+    assert same.fingerprint() == plain.fingerprint()  # existing run folders keep their names
+    mixed = Guidance(attrs, masks, loss=("iou", "energy"))
+    assert mixed.fingerprint() != plain.fingerprint() and mixed.describe()["loss"] == ("iou", "energy")
+    from cocam.compare import run_name
+    assert run_name(mixed).startswith("mixed_") and run_name(plain).startswith("energy_both_")
+    with pytest.raises(ValueError, match="loss has 3 values for 2 guided targets"):
+        Guidance(attrs, masks, loss=("iou", "energy", "iou"))
+    with pytest.raises(ValueError, match="not 'negative'"):
+        Guidance(attrs, masks, target=("both", "negative"))
+    with pytest.raises(ValueError, match="unknown guidance loss 'dice'"):
+        Guidance(attrs, masks, loss=("iou", "dice"))
+    with pytest.raises(ValueError, match="cannot be mixed"):
+        Guidance(attrs, masks, loss=("rrr_input", "iou"))
+
+
 # --------------------------------------------------------------------------------------------
 # Divergence and the run lock
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cocam.attributes import PAPER_PAIRS, parse_pairs
 from cocam.compare import (
     METHODS,
     ComparisonConfig,
@@ -90,6 +91,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench_guidance"))
     p.add_argument("--set", choices=sorted(SETS), default="losses")
     p.add_argument("--only", nargs="+", help="a subset of the set's setting names")
+    p.add_argument("--pair", action="append", metavar="A:B",
+                   help="guided pairs (repeatable; default: the paper's three, all guided in every run)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--hidden", type=int, default=512)
@@ -107,7 +110,9 @@ def main() -> None:
     settings = SETS[args.set]
     if args.only:
         settings = {k: settings[k] for k in args.only}
-    config = ComparisonConfig(root=args.root, out=args.out, seeds=tuple(args.seeds), image_size=args.image_size,
+    pairs = tuple(parse_pairs(args.pair)) if args.pair else tuple(PAPER_PAIRS)
+    config = ComparisonConfig(root=args.root, out=args.out, seeds=tuple(args.seeds), pairs=pairs,
+                              image_size=args.image_size,
                               hidden=args.hidden, baseline_epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                               finetune_lr=args.finetune_lr, device=args.device)
     result = compare_guidance(config, settings, baseline=args.baseline)

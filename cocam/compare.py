@@ -190,13 +190,14 @@ def _scores_key(config: ComparisonConfig) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-def _scores(config: ComparisonConfig, name: str, seed: int, checkpoint: Path) -> list[dict[str, Any]]:
+def _scores(config: ComparisonConfig, key: str, name: str, seed: int, checkpoint: Path) -> list[dict[str, Any]]:
     """:func:`_score`, kept next to the checkpoint and reused while it is newer.
 
-    The file is named by the dataset and masks it was scored on (``scores_<key>.csv``), so a
-    baseline reused on another dataset, or a regenerated one, is scored again.
+    The file is named by the dataset and masks it was scored on (``scores_<key>.csv``, ``key``
+    from :func:`_scores_key`), so a baseline reused on another dataset, or a regenerated one, is
+    scored again.
     """
-    cached = checkpoint.parent / f"scores_{_scores_key(config)}.csv"
+    cached = checkpoint.parent / f"scores_{key}.csv"
     if cached.is_file() and cached.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
         rows = pd.read_csv(cached)
         if set(config.splits) <= set(rows.split) and set(a for a, _ in config.pairs) <= set(rows.attribute):
@@ -262,7 +263,8 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
         spec = base_spec
         say(f"baseline: {base_path}")
 
-    rows = _scores(config, PRE_TRAINED, -1, base_path)
+    key = _scores_key(config)  # once: the dataset and masks do not change during a comparison
+    rows = _scores(config, key, PRE_TRAINED, -1, base_path)
     runs: dict[str, Guidance | None] = {CONTROL: None} | guidances
     for seed in config.seeds:
         for name, guidance in runs.items():
@@ -273,7 +275,7 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
             run_dir = config.out / f"{run_name(guidance)}_seed{seed}"
             r = fit(model, train, valid, cfg, spec=spec, guidance=guidance, run_dir=run_dir, resume=True,
                     progress=progress)
-            rows += _scores(config, name, seed, r.last_path)
+            rows += _scores(config, key, name, seed, r.last_path)
             seconds[f"{name} seed {seed}"] = time.perf_counter() - t
             say(f"seed {seed} · {name}: {seconds[f'{name} seed {seed}']:.0f} s")
             atomic_write_text(config.out / "runs.csv", pd.DataFrame(rows).to_csv(index=False))

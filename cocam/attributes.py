@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from cocam.errors import CocamError
+
 __all__ = [
     "CELEBA_ATTRIBUTES",
     "PAPER_PAIRS",
@@ -41,7 +43,7 @@ _INDEX = {name: i for i, name in enumerate(CELEBA_ATTRIBUTES)}
 _BY_LOWER = {name.lower(): name for name in CELEBA_ATTRIBUTES}
 
 
-class UnknownAttributeError(ValueError):
+class UnknownAttributeError(CocamError, ValueError):
     """An attribute name that is not one of the 40 CelebA attributes."""
 
 

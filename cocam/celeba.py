@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from cocam.attributes import CELEBA_ATTRIBUTES, UnknownAttributeError, validate_attribute, validate_attributes
+from cocam.errors import CocamError
 from cocam.io import atomic_write_bytes
 
 __all__ = [
@@ -117,11 +118,11 @@ To use the synthetic CelebA-format dataset instead, generate it with `cocam gene
 # --------------------------------------------------------------------------------------------
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(CocamError, FileNotFoundError):
     """A CelebA folder or file is missing; the message names it and shows the expected layout."""
 
 
-class AnnotationError(ValueError):
+class AnnotationError(CocamError, ValueError):
     """Malformed content in a CelebA annotation file.
 
     The message names the file, the 1-based line number (when one applies) and what is wrong.

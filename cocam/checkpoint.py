@@ -23,6 +23,7 @@ import torch
 import torchvision
 
 from cocam.attributes import CELEBA_ATTRIBUTES
+from cocam.errors import CocamError
 from cocam.io import atomic_write
 from cocam.model import SplitModel, build_model
 
@@ -31,7 +32,7 @@ __all__ = ["CheckpointError", "ModelSpec", "load_checkpoint", "load_model", "sav
 FORMAT = "cocam-checkpoint-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CocamError, ValueError):
     """A file that is not a usable cocam checkpoint (or does not match what was asked)."""
 
 

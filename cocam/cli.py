@@ -473,11 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if os.environ.get("RANK", "0") != "0":  # a torchrun worker other than rank 0: rank 0 reports
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-    from cocam.train import RunLockedError, TrainingDivergedError
+    from cocam.errors import CocamError
 
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RunLockedError, TrainingDivergedError) as err:
+    except (CocamError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         print(f"cocam {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -56,6 +56,7 @@ from cocam.celeba import (
     select_images,
     validate_split,
 )
+from cocam.errors import CocamError
 from cocam.geometry import ALIGNED_HEIGHT, ALIGNED_WIDTH, CROP_BOX, aligned_to_input
 from cocam.io import atomic_write_text
 
@@ -84,7 +85,7 @@ _MIN_IMAGES_FOR_POOL = 256  # below this, decoding in-process beats starting wor
 _FINGERPRINT_SAMPLES = 32  # JPEG file sizes mixed into the fingerprint
 
 
-class ImageReadError(OSError):
+class ImageReadError(CocamError, OSError):
     """A CelebA image exists but cannot be decoded (or has the wrong size)."""
 
 

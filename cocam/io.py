@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from cocam.errors import CocamError
+
 __all__ = ["LockedError", "atomic_write", "atomic_write_bytes", "atomic_write_text", "exclusive_lock", "pid_alive"]
 
 
@@ -59,7 +61,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = T
         fh.write(text)
 
 
-class LockedError(RuntimeError):
+class LockedError(CocamError, RuntimeError):
     """Another live process holds the lock."""
 
 

@@ -46,6 +46,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from cocam.errors import CocamError
+
 __all__ = [
     "DEFAULT_TARGET_LAYERS",
     "MIN_INPUT_SIZE",
@@ -76,7 +78,7 @@ _WEIGHTS = {
 }
 
 
-class PretrainedWeightsUnavailableError(FileNotFoundError):
+class PretrainedWeightsUnavailableError(CocamError, FileNotFoundError):
     """ImageNet weights were requested but are not in the local torch hub cache."""
 
 

@@ -40,6 +40,7 @@ import torch
 from cocam.attributes import CELEBA_ATTRIBUTES, PAPER_PAIRS, attribute_index, validate_attribute, validate_attributes
 from cocam.checkpoint import ModelSpec, load_model
 from cocam.compare import ComparisonResult
+from cocam.errors import CocamError
 from cocam.protocol import ProtocolConfig
 from cocam.io import exclusive_lock
 from cocam.dataset import CelebADataset, normalize_uint8
@@ -91,7 +92,7 @@ CONTROL = "BCE-only control"
 GUIDED = "fine-tuned (guided)"
 
 
-class NotebookOrderError(RuntimeError):
+class NotebookOrderError(CocamError, RuntimeError):
     """A cell needs something an earlier cell makes (e.g. a drawn mask)."""
 
 

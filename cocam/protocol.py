@@ -81,6 +81,7 @@ import torch
 
 from cocam.attributes import PAPER_PAIRS, parse_pairs, validate_attributes
 from cocam.dataset import CACHE_DIRNAME, cache_files
+from cocam.errors import CocamError
 
 __all__ = [
     "PAPER_RESULTS",
@@ -156,7 +157,7 @@ PAPER_RESULTS: pd.DataFrame = paper_results()
 # --------------------------------------------------------------------------------------------
 
 
-class ProtocolError(ValueError):
+class ProtocolError(CocamError, ValueError):
     """A protocol that cannot run as configured; the message names the problem and the fix."""
 
 

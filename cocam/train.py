@@ -63,6 +63,7 @@ from cocam.distributed import (
     init_from_env,
     sharded_weighted_mean,
 )
+from cocam.errors import CocamError
 from cocam.evaluate import predict
 from cocam.gradcam import grad_cam
 from cocam.io import LockedError, atomic_write_text, exclusive_lock
@@ -241,7 +242,7 @@ class Guidance:
         return d
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(CocamError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

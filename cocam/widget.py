@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from cocam.attributes import CELEBA_ATTRIBUTES, validate_attribute
+from cocam.errors import CocamError
 from cocam.masks import TEMPLATE_SHAPE, default_mask, load_mask, save_mask
 
 __all__ = ["MaskEditor", "MaskEditorUnavailableError"]
@@ -71,7 +72,7 @@ def _short(path: Path) -> str:
     return str(Path("…", *path.parts[-3:]))
 
 
-class MaskEditorUnavailableError(ImportError):
+class MaskEditorUnavailableError(CocamError, ImportError):
     """The interactive widget needs ipycanvas and ipywidgets, which are not installed."""
 
 

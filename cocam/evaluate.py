@@ -308,8 +308,31 @@ def pair_accuracy(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tupl
     return metrics_long(pair_metrics(logits, labels, pairs, threshold=threshold, n_boot=n_boot, seed=seed))
 
 
+def _from_long(long: pd.DataFrame) -> pd.DataFrame:
+    """:func:`metrics_long`'s rows back as :func:`pair_metrics` columns (the AUCs, absent there, NaN)."""
+    rows = []
+    for (a, b), g in long.groupby(["a", "b"], sort=False):
+        s = g.set_index("subset")
+        row: dict[str, Any] = {c: float("nan") for c in METRIC_COLUMNS} | {"a": a, "b": b}
+        for subset, stem in _LONG_SUBSETS.items():
+            if subset not in s.index:
+                continue
+            row[f"acc_{stem}"], row[f"acc_{stem}_low"], row[f"acc_{stem}_high"] = (
+                float(s.loc[subset, k]) for k in ("accuracy", "ci_low", "ci_high"))
+            if f"n_{stem}" in row:
+                row[f"n_{stem}"] = int(s.loc[subset, "n"])
+        label = s.loc["worst group", "group"] if "worst group" in s.index and "group" in s.columns else None
+        row["worst_group"] = {v: k for k, v in GROUPS.items()}.get(label)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+
+
 def _pct(value: Any) -> float:
     return 100.0 * float(value) if pd.notna(value) else float("nan")
+
+
+def _count(value: Any) -> Any:
+    return int(value) if pd.notna(value) else pd.NA
 
 
 def _ci(row: pd.Series, name: str, scale: float = 100.0, digits: int = 1) -> str:
@@ -325,7 +348,8 @@ def metrics_table(results: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.Data
     first-seen order.
 
     Args:
-        results: model name → :func:`pair_metrics` output, or a frame that already has a
+        results: model name → :func:`pair_metrics` output (or :func:`pair_accuracy`'s long
+            format, which has no AUC: those columns are NaN), or a frame that already has a
             ``model`` column (returned as is, reordered).
     """
     if isinstance(results, pd.DataFrame):
@@ -333,14 +357,12 @@ def metrics_table(results: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.Data
         if "model" not in df.columns:
             raise ValueError("the metrics frame has no 'model' column: pass {model name: pair_metrics(...)}.")
     else:
-        parts = []
-        for name, m in results.items():
-            if "subset" in m.columns:
-                raise ValueError(f"the results of {name!r} are pair_accuracy's long format: pass pair_metrics(...) "
-                                 f"instead (it has the AUCs and the intervals of the headline).")
-            parts.append(m.assign(model=name))
+        parts = [(_from_long(m) if "subset" in m.columns else m).assign(model=name) for name, m in results.items()]
         df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["model", *METRIC_COLUMNS])
     df = df.rename(columns={"a": "attribute", "b": "shortcut"})
+    for c in METRIC_COLUMNS[2:]:  # a frame of some metrics only: the others are unknown
+        if c not in df.columns:
+            df[c] = None if c == "worst_group" else float("nan")
     first = ["attribute", "shortcut", "model"]
     df = df[first + [c for c in df.columns if c not in first]]
     order = {a: i for i, a in enumerate(dict.fromkeys(df["attribute"]))}
@@ -379,11 +401,11 @@ def paper_table(results: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFr
             "conflict mean %": _pct(r["acc_conflict_mean"]), "conflict mean 95% CI": _ci(r, "acc_conflict_mean"),
             "test %": _pct(r["acc_all"]),
             "conflict A∧¬B %": _pct(r["acc_a_not_b"]), "conflict 95% CI": _ci(r, "acc_a_not_b"),
-            "n conflict": int(r["n_a_not_b"]),
+            "n conflict": _count(r["n_a_not_b"]),
             "reverse ¬A∧B %": _pct(r["acc_not_a_b"]), "reverse 95% CI": _ci(r, "acc_not_a_b"),
-            "n reverse": int(r["n_not_a_b"]),
+            "n reverse": _count(r["n_not_a_b"]),
             "AUC within B": float(r["auc_within_b"]), "AUC within ¬B": float(r["auc_within_not_b"]),
-            "n test": int(r["n_all"]),
+            "n test": _count(r["n_all"]),
         } | {c: r[c] for c in df.columns if c not in METRIC_COLUMNS and c not in ("attribute", "shortcut", "model")})
     return pd.DataFrame(rows, columns=list(PAPER_TABLE_COLUMNS) + [
         c for c in df.columns if c not in METRIC_COLUMNS and c not in ("attribute", "shortcut", "model")])

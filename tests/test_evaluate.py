@@ -237,8 +237,13 @@ def test_paper_table_layout(hand_case) -> None:
     assert fine["conflict 95% CI"] == "[100.0, 100.0]" and fine["worst group 95% CI"] == "[100.0, 100.0]"
     # The same view from the tidy frame of numbers.
     pd.testing.assert_frame_equal(paper_table(metrics_table({"pre-trained": before, "fine-tuned": after})), table)
-    with pytest.raises(ValueError, match="pair_metrics"):
-        paper_table({"pre-trained": pair_accuracy(logits, labels, [(A, B)], n_boot=10)})
+    # pair_accuracy's long format gives the same view, without the AUCs it does not hold.
+    from_long = paper_table({"pre-trained": pair_accuracy(logits, labels, [(A, B), (A2, B2)], n_boot=200)})
+    auc = ["AUC within B", "AUC within ¬B"]
+    assert from_long[auc].isna().all().all()
+    pd.testing.assert_frame_equal(from_long.drop(columns=auc), table.iloc[[0, 2]].drop(columns=auc).reset_index(drop=True))
+    with pytest.raises(ValueError, match="model"):
+        metrics_table(before)
 
 
 # --------------------------------------------------------------------------------------------

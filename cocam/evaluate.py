@@ -14,9 +14,11 @@ game (is the CAM's maximum inside the region?) and the share of CAM energy insid
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,7 @@ __all__ = [
     "PAPER_TABLE_COLUMNS",
     "attention_metrics",
     "attention_scores",
+    "auc_interval",
     "bootstrap_interval",
     "evaluate_checkpoints",
     "mann_whitney_auc",
@@ -136,33 +139,28 @@ def mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
     return float((below.sum() + 0.5 * equal.sum()) / (pos.size * neg.size))
 
 
-def _auc_replicates(positives: np.ndarray, negatives: np.ndarray, rng: np.random.Generator, n_boot: int,
-                    chunk: int = 128) -> np.ndarray:
-    """:func:`mann_whitney_auc` of ``n_boot`` stratified resamples (positives and negatives each
-    resampled with replacement within themselves).
+def auc_interval(positives: np.ndarray, negatives: np.ndarray, *, level: float = 0.95) -> tuple[float, float]:
+    """DeLong's interval of :func:`mann_whitney_auc`: ``AUC ± z·se``, clipped to [0, 1].
 
-    A resample is a count per image; with the negatives sorted, the weighted number of negatives
-    below each positive is a cumulative sum of their counts, so a replicate costs ``O(n)``.
+    The variance is DeLong et al.'s (Biometrics 1988): ``var(V₁₀)/n₊ + var(V₀₁)/n₋``, where
+    ``V₁₀(i)`` is the share of negatives below positive ``i`` (ties half) and ``V₀₁(j)`` the share
+    of positives above negative ``j`` — the variance of the AUC when the positives and the
+    negatives are each resampled within themselves, to first order, without resampling: a
+    bootstrap of a rank statistic over CelebA's 20,000 test images costs seconds per pair and
+    model. NaN when either side has fewer than two images.
     """
-    pos = np.asarray(positives, dtype=np.float64)
-    neg = np.sort(np.asarray(negatives, dtype=np.float64))
-    n1, n0 = pos.size, neg.size
-    if n1 == 0 or n0 == 0 or n_boot == 0:
-        return np.full(n_boot, np.nan)
-    lt = np.searchsorted(neg, pos, side="left")
-    le = np.searchsorted(neg, pos, side="right")
-    out = np.empty(n_boot)
-    for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        rows = np.arange(m)[:, None]
-        neg_counts = np.bincount((rng.integers(0, n0, (m, n0)) + rows * n0).ravel(), minlength=m * n0)
-        pos_counts = np.bincount((rng.integers(0, n1, (m, n1)) + rows * n1).ravel(), minlength=m * n1)
-        cum = np.zeros((m, n0 + 1))
-        np.cumsum(neg_counts.reshape(m, n0), axis=1, out=cum[:, 1:])
-        below = np.take_along_axis(cum, np.broadcast_to(lt, (m, n1)), axis=1)
-        upto = np.take_along_axis(cum, np.broadcast_to(le, (m, n1)), axis=1)
-        out[start:start + m] = (pos_counts.reshape(m, n1) * (0.5 * (below + upto))).sum(1) / (n1 * n0)
-    return out
+    pos = np.asarray(positives, dtype=np.float64).ravel()
+    neg = np.asarray(negatives, dtype=np.float64).ravel()
+    if pos.size < 2 or neg.size < 2:
+        return float("nan"), float("nan")
+    sneg, spos = np.sort(neg), np.sort(pos)
+    v10 = (np.searchsorted(sneg, pos, "left") + np.searchsorted(sneg, pos, "right")) / (2.0 * neg.size)
+    v01 = ((pos.size - np.searchsorted(spos, neg, "right")) + (pos.size - np.searchsorted(spos, neg, "left"))) \
+        / (2.0 * pos.size)
+    auc = float(v10.mean())
+    se = math.sqrt(v10.var(ddof=1) / pos.size + v01.var(ddof=1) / neg.size)
+    z = float(NormalDist().inv_cdf(0.5 + level / 2))
+    return max(0.0, auc - z * se), min(1.0, auc + z * se)
 
 
 def pair_metrics(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple[str, str]], *,
@@ -183,7 +181,8 @@ def pair_metrics(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple
     (drawn that way, as :func:`cocam.bias.rank_biases` does); the worst group, the conflict mean
     and the whole-split accuracy of each resample are computed from the *same* draws, so the
     worst group's interval is that of the minimum, not of whichever group is lowest on the
-    full data. The AUCs are resampled per image within the same strata (:func:`_auc_replicates`).
+    full data. The AUCs' intervals are DeLong's (:func:`auc_interval`), the first-order variance of
+    the same resampling within A and ¬A.
 
     Args:
         logits: ``(N, 40)`` model outputs (:func:`predict`).
@@ -212,9 +211,7 @@ def pair_metrics(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple
     rows = []
     for a, b in pairs:
         validate_attributes([a, b])
-        # two streams: the AUC resamples must not depend on how many draws the binomials took
-        acc_seq, auc_seq = np.random.SeedSequence(seed).spawn(2)
-        rng, auc_rng = np.random.default_rng(acc_seq), np.random.default_rng(auc_seq)
+        rng = np.random.default_rng(seed)
         ya = labels[a].to_numpy().astype(bool)
         yb = labels[b].to_numpy().astype(bool)
         score = logits[:, attribute_index(a)].astype(np.float64) if len(logits) else np.zeros(0)
@@ -258,7 +255,8 @@ def pair_metrics(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple
         row["n_all"] = total
         for name, side in (("auc_within_b", yb), ("auc_within_not_b", ~yb)):
             pos, neg = score[side & ya], score[side & ~ya]
-            put(name, mann_whitney_auc(pos, neg), _auc_replicates(pos, neg, auc_rng, n_boot))
+            row[name] = mann_whitney_auc(pos, neg)
+            row[f"{name}_low"], row[f"{name}_high"] = auc_interval(pos, neg, level=level)
         row["threshold"] = float(threshold)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))

@@ -1,11 +1,14 @@
-"""Evaluation: accuracy on the whole test split and on the conflict subsets, and attention.
+"""Evaluation: accuracy on the whole test split, on the four (A, B) groups, and attention.
 
 For a guided pair (A, B) — e.g. Wearing_Lipstick and its co-occurring shortcut Heavy_Makeup —
-the model's accuracy *on attribute A* is reported on the whole split (the paper's first column),
-on the conflict subset A∧¬B (the paper's second column), on the reverse conflict ¬A∧B, on the
-four (A, B) groups, and as the worst-group accuracy, each with its subset size and a 95 %
-bootstrap interval (conflict subsets are small: 384 images for Double_Chin∧¬Chubby in real
-CelebA's test split).
+:func:`pair_metrics` gives, as numbers (one tidy row per pair), the model's accuracy *on
+attribute A* on each of the four (A, B) groups, with its size and a 95 % stratified bootstrap
+interval (conflict subsets are small: 384 images for Double_Chin∧¬Chubby in real CelebA's test
+split). The headline is the **worst-group accuracy** and the **mean of the two conflict groups**
+A∧¬B and ¬A∧B: the paper's column, accuracy on A∧¬B, rises when a model merely predicts A more
+often, and these do not. The paper's A∧¬B, the reverse group ¬A∧B and the whole split stand
+beside them, and the AUC of A's logit within B and within ¬B gives a view no threshold can move.
+:func:`paper_table` (and the CLI's and notebooks' tables) are views formatting these numbers.
 
 Attention is scored with the Grad-CAM of A on images that have A, against a region (the user's
 mask, or on the synthetic benchmark the ground-truth evidence region): soft IoU, the pointing

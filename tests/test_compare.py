@@ -191,3 +191,22 @@ def test_run_names_change_with_any_setting() -> None:
     for changed in (Guidance(("Wearing_Lipstick",), (mask,), loss="rrr_input", w_g=1.0),
                     Guidance(("Wearing_Lipstick",), (other_mask,), loss="rrr_input")):
         assert run_name(changed) != run_name(base)  # a changed setting never resumes an old run
+
+
+def test_landed_runs_are_rescored_per_block_on_the_worst_group() -> None:
+    """benchmarks/rescore_results.py: old runs rows (no split, a reverse column, two blocks) → worst-group gains."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rescore_results.py"
+    spec = importlib.util.spec_from_file_location("rescore_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    old = _runs()
+    old = old[old.split == "test"].drop(columns=["split", "conflict_mean"])
+    two = pd.concat([old.assign(steps=750), old.assign(steps=1500, worst_group=old.worst_group + 1.0)])
+    two.loc[(two.steps == 1500) & (two.setting == CONTROL), "worst_group"] -= 1.0  # the control unchanged
+    summary = module.rescore(two).set_index(["steps", "setting"])
+    assert summary.loc[(750, "good"), "gain_worst_group"] == pytest.approx(18.0)
+    assert summary.loc[(1500, "good"), "gain_worst_group"] == pytest.approx(19.0)  # blocks are not mixed
+    assert summary.loc[(750, "good"), "gain_conflict_mean"] == pytest.approx((18.0 - 2.0) / 2)  # from `reverse`
+    assert set(summary.split) == {"test"}

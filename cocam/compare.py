@@ -6,14 +6,18 @@
    folder is complete);
 2. from its best checkpoint, for every seed, the BCE-only control and each guidance setting,
    all with the *same* number of steps, learning rate and data order (the seed);
-3. each fine-tuned model scored on the **validation** and the **test** split: accuracy of
-   each guided attribute on the whole split and on its conflict subset ``A∧¬B``, and the
+3. each fine-tuned model scored on the **validation** and the **test** split
+   (:func:`cocam.evaluate.pair_metrics`): for each guided attribute the worst-group accuracy
+   over the four (A, B) groups and the mean of the two conflict groups (the headline, which
+   predicting A more often cannot raise), the whole split, the paper's conflict subset
+   ``A∧¬B``, the reverse group ``¬A∧B``, the AUC of A's logit within B and within ¬B, and the
    Grad-CAM IoU with the user's mask and (synthetic data) with the true evidence region.
 
 :func:`summarize_comparison` turns the per-run rows into means over seeds with 95 %
-t-intervals, and the per-seed gain over the control. :func:`select_settings` picks, per
-attribute, the setting with the largest conflict-subset gain **on the validation split**;
-its test numbers are then an unbiased report (nothing is chosen on the test split).
+t-intervals, and the per-seed gains over the control. :func:`select_settings` picks, per
+attribute, the setting with the largest worst-group gain **on the validation split** within
+a 1-point budget of whole-split accuracy; its test numbers are then an unbiased report
+(nothing is chosen on the test split). :func:`comparison_table` is a view for people.
 
 The settings are :class:`~cocam.train.Guidance` keyword arguments by name;
 :data:`METHODS` holds cocam's standard comparison of the guidance losses
@@ -47,8 +51,10 @@ from cocam.train import Guidance, TrainConfig, fit
 
 __all__ = [
     "CONTROL",
+    "GAINS",
     "METHODS",
     "PRE_TRAINED",
+    "RUN_METRICS",
     "ComparisonConfig",
     "ComparisonResult",
     "compare_guidance",
@@ -151,17 +157,38 @@ def t_interval(values: Sequence[float] | np.ndarray | pd.Series) -> tuple[float,
     return float(x.mean() - half), float(x.mean() + half)
 
 
+#: Per-run accuracy columns of :func:`compare_guidance`'s ``runs``, in percent, headline first:
+#: ``worst_group`` (the lowest of the four (A, B) groups), ``conflict_mean`` (the mean of A∧¬B and
+#: ¬A∧B), ``test`` (the whole split), ``conflict`` (the paper's A∧¬B), ``reverse`` (¬A∧B). The AUCs
+#: (``auc_within_b``, ``auc_within_not_b``) are fractions in [0, 1].
+RUN_METRICS: dict[str, str] = {
+    "worst_group": "acc_worst_group", "conflict_mean": "acc_conflict_mean", "test": "acc_all",
+    "conflict": "acc_a_not_b", "reverse": "acc_not_a_b", "auc_within_b": "auc_within_b",
+    "auc_within_not_b": "auc_within_not_b",
+}
+
+#: Summary column of the per-seed difference to the control, for each run column.
+GAINS: dict[str, str] = {
+    "worst_group": "gain_worst_group", "conflict_mean": "gain_conflict_mean", "conflict": "gain",
+    "reverse": "gain_reverse", "test": "test_change", "auc_within_b": "gain_auc_within_b",
+    "auc_within_not_b": "gain_auc_within_not_b",
+}
+
+
 def _score(config: ComparisonConfig, name: str, seed: int, checkpoint: Path) -> list[dict[str, Any]]:
+    """One row per (split, attribute) of :func:`cocam.evaluate.evaluate_checkpoints`' numbers."""
     rows = []
     for split in config.splits:
         table, _ = evaluate_checkpoints(config.root, {name: checkpoint}, config.pairs, split=split,
                                         mask_dir=config.mask_dir, device=config.device)
         for _, r in table.iterrows():
-            rows.append({"setting": name, "seed": seed, "split": split, "attribute": r["attribute"],
-                         "test": r["test %"], "conflict": r["conflict A∧¬B %"],
-                         "n_images": int(r["n test"]) if "n test" in r else np.nan,
-                         "n_conflict": int(r["n conflict"]), "worst_group": r.get("worst group %", np.nan),
-                         "mask_iou": r.get("mask soft_iou", np.nan), "truth_iou": r.get("truth soft_iou", np.nan)})
+            row: dict[str, Any] = {"setting": name, "seed": seed, "split": split, "attribute": r["attribute"]}
+            for col, metric in RUN_METRICS.items():
+                row[col] = 100.0 * r[metric] if col not in ("auc_within_b", "auc_within_not_b") else r[metric]
+            row |= {"worst_of": r["worst_group"], "n_images": int(r["n_all"]), "n_conflict": int(r["n_a_not_b"]),
+                    "n_reverse": int(r["n_not_a_b"]), "mask_iou": r.get("mask soft_iou", np.nan),
+                    "truth_iou": r.get("truth soft_iou", np.nan)}
+            rows.append(row)
     return rows
 
 
@@ -195,12 +222,12 @@ def _scores(config: ComparisonConfig, key: str, name: str, seed: int, checkpoint
 
     The file is named by the dataset and masks it was scored on (``scores_<key>.csv``, ``key``
     from :func:`_scores_key`), so a baseline reused on another dataset, or a regenerated one, is
-    scored again.
+    scored again; so is one written before a metric of :data:`RUN_METRICS` existed.
     """
     cached = checkpoint.parent / f"scores_{key}.csv"
     if cached.is_file() and cached.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
         rows = pd.read_csv(cached)
-        if set(config.splits) <= set(rows.split) and set(a for a, _ in config.pairs) <= set(rows.attribute):
+        if set(RUN_METRICS) <= set(rows.columns) and set(config.splits) <= set(rows.split) and set(a for a, _ in config.pairs) <= set(rows.attribute):
             rows = rows[rows.split.isin(config.splits) & rows.attribute.isin([a for a, _ in config.pairs])]
             return rows.assign(setting=name, seed=seed).to_dict("records")
     rows = _score(config, name, seed, checkpoint)
@@ -286,22 +313,25 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
 
 
 def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds with 95 % t-intervals, per split, setting and attribute.
+    """Mean over seeds with 95 % t-intervals, per split, setting and attribute: numbers only.
 
-    Columns: ``split, setting, attribute, seeds, n_conflict``, then for ``test`` (the split's
-    whole-set accuracy), ``conflict`` and ``truth_iou``/``mask_iou`` the mean and its
-    ``_low``/``_high`` bounds, and for each guidance setting ``gain`` (conflict accuracy minus
-    the same seed's control) and ``test_change`` (whole-split accuracy minus the control's),
-    with intervals over the per-seed differences.
+    Columns: ``split, setting, attribute, seeds, n_conflict, n_reverse``; for each metric of
+    :data:`RUN_METRICS` present in ``runs`` and for ``truth_iou``/``mask_iou``, the mean and its
+    ``_low``/``_high`` bounds; and for each guidance setting the per-seed difference to the same
+    seed's control (:data:`GAINS`: ``gain_worst_group``, ``gain_conflict_mean`` — the headline —,
+    ``gain`` on the paper's A∧¬B, ``gain_reverse``, ``test_change``, the AUC gains), each with
+    its interval over the per-seed differences.
     """
     needed = {"setting", "seed", "split", "attribute", "test", "conflict"}
     if missing := needed - set(runs.columns):
         raise ValueError(f"runs lacks the columns {sorted(missing)} (use compare_guidance's runs).")
+    metrics = [c for c in RUN_METRICS if c in runs.columns]
     out = []
     for (split, name, attribute), g in runs.groupby(["split", "setting", "attribute"], sort=False):
-        entry: dict[str, Any] = {"split": split, "setting": name, "attribute": attribute, "seeds": len(g),
-                                 "n_conflict": int(g.n_conflict.iloc[0]) if "n_conflict" in g else np.nan}
-        for col in ("test", "conflict", "truth_iou", "mask_iou"):
+        entry: dict[str, Any] = {"split": split, "setting": name, "attribute": attribute, "seeds": len(g)}
+        for n in ("n_conflict", "n_reverse"):
+            entry[n] = int(g[n].iloc[0]) if n in g and pd.notna(g[n].iloc[0]) else np.nan
+        for col in (*metrics, "truth_iou", "mask_iou"):
             if col not in g:
                 continue
             entry[col] = g[col].mean()
@@ -309,7 +339,8 @@ def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:
         control = runs[(runs.split == split) & (runs.setting == CONTROL) & (runs.attribute == attribute)]
         if name not in (CONTROL, PRE_TRAINED) and len(control):
             mine, ref = g.set_index("seed"), control.set_index("seed")
-            for col, key in (("conflict", "gain"), ("test", "test_change")):
+            for col in metrics:
+                key = GAINS[col]
                 diff = (mine[col] - ref[col]).dropna()
                 entry[key] = diff.mean() if len(diff) else np.nan
                 entry[f"{key}_low"], entry[f"{key}_high"] = t_interval(diff)
@@ -318,39 +349,59 @@ def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def select_settings(summary: pd.DataFrame, *, split: str = "valid", max_test_drop: float = 1.0) -> pd.DataFrame:
-    """Per attribute, the setting with the largest mean conflict gain over the control on ``split``.
+    """Per attribute, the setting with the largest mean **worst-group** gain over the control on ``split``.
 
-    Settings that lose more than ``max_test_drop`` points of whole-split accuracy against the
-    control on ``split`` are not eligible. Returns one row per attribute with the chosen
-    ``setting`` and its ``split`` numbers; read its test numbers off the summary
-    (:func:`summarize_comparison`) — they were not used to choose.
+    The worst group is chosen on because the paper's A∧¬B gain can be bought by predicting A
+    more often (see :func:`cocam.evaluate.pair_metrics`). Settings that lose more than
+    ``max_test_drop`` points of whole-split accuracy against the control on ``split`` are not
+    eligible. Only the rows of ``split`` are read, and ``split`` may not be ``"test"``: the
+    test numbers of the chosen settings (read them off :func:`summarize_comparison`) are then an
+    unbiased report. Returns one row per attribute with the chosen ``setting`` and its
+    ``split`` numbers.
     """
+    if split == "test":
+        raise ValueError("settings are chosen on the valid split, never on test (its numbers are the report): "
+                         "pass split='valid'.")
     if "gain" not in summary:
         raise ValueError("the summary has no guidance settings (only references): nothing to select.")
-    rows = summary[(summary.split == split) & summary.gain.notna()]
+    if "gain_worst_group" not in summary:
+        raise ValueError("the summary has no worst-group gain (it predates that metric): re-score the runs with "
+                         "compare_guidance, which recomputes them from the checkpoints.")
+    rows = summary[(summary.split == split) & summary.gain_worst_group.notna()]
     rows = rows[rows.test_change >= -max_test_drop]
     if rows.empty:
         raise ValueError(f"no setting on the {split!r} split is eligible (each loses more than {max_test_drop} "
                          f"points of accuracy, or the split was not scored).")
-    best = rows.loc[rows.groupby("attribute", sort=False).gain.idxmax()]
+    best = rows.loc[rows.groupby("attribute", sort=False).gain_worst_group.idxmax()]
     return best.reset_index(drop=True)
 
 
+#: :func:`comparison_table`'s columns → (summary column, digits); ``{split}`` is the split's name.
+_TABLE = {
+    "worst group %": ("worst_group", 1), "worst group gain vs control": ("gain_worst_group", 1),
+    "conflict mean %": ("conflict_mean", 1), "conflict mean gain": ("gain_conflict_mean", 1),
+    "{split} %": ("test", 1), "{split} change": ("test_change", 1),
+    "conflict A∧¬B %": ("conflict", 1), "conflict gain vs control": ("gain", 1),
+    "reverse ¬A∧B %": ("reverse", 1), "AUC within B": ("auc_within_b", 3), "AUC within ¬B": ("auc_within_not_b", 3),
+    "IoU true region": ("truth_iou", 2), "IoU mask": ("mask_iou", 2),
+}
+
+
 def comparison_table(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """A readable table of one split: value [low, high] strings, one row per (setting, attribute)."""
+    """A readable view of one split of :func:`summarize_comparison`: ``value [low, high]`` strings,
+    one row per (setting, attribute), the worst group and the conflict mean first, then the
+    paper's columns."""
     rows = summary[summary.split == split]
 
-    def fmt(r: pd.Series, col: str, digits: int = 1) -> str:
+    def fmt(r: pd.Series, col: str, digits: int) -> str:
         if col not in r or pd.isna(r[col]):
             return ""
         lo, hi = r.get(f"{col}_low", np.nan), r.get(f"{col}_high", np.nan)
-        body = f"{r[col]:+.{digits}f}" if col in ("gain", "test_change") else f"{r[col]:.{digits}f}"
+        signed = col.startswith("gain") or col == "test_change"
+        body = f"{r[col]:+.{digits}f}" if signed else f"{r[col]:.{digits}f}"
         return body if pd.isna(lo) else f"{body} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
-    return pd.DataFrame([{
-        "setting": r.setting, "attribute": r.attribute, "seeds": r.seeds, "n conflict": r.n_conflict,
-        f"{split} %": fmt(r, "test"), "conflict %": fmt(r, "conflict"),
-        "gain vs control": fmt(r, "gain"), f"{split} change": fmt(r, "test_change"),
-        "IoU true region": fmt(r, "truth_iou", 2), "IoU mask": fmt(r, "mask_iou", 2),
-    } for _, r in rows.iterrows()])
-
+    return pd.DataFrame([{"setting": r.setting, "attribute": r.attribute, "seeds": r.seeds,
+                          "n conflict": r.get("n_conflict", np.nan)}
+                         | {label.format(split=split): fmt(r, col, digits) for label, (col, digits) in _TABLE.items()}
+                         for _, r in rows.iterrows()])

@@ -1,11 +1,14 @@
-"""Evaluation: accuracy on the whole test split and on the conflict subsets, and attention.
+"""Evaluation: accuracy on the whole test split, on the four (A, B) groups, and attention.
 
 For a guided pair (A, B) — e.g. Wearing_Lipstick and its co-occurring shortcut Heavy_Makeup —
-the model's accuracy *on attribute A* is reported on the whole split (the paper's first column),
-on the conflict subset A∧¬B (the paper's second column), on the reverse conflict ¬A∧B, on the
-four (A, B) groups, and as the worst-group accuracy, each with its subset size and a 95 %
-bootstrap interval (conflict subsets are small: 384 images for Double_Chin∧¬Chubby in real
-CelebA's test split).
+:func:`pair_metrics` gives, as numbers (one tidy row per pair), the model's accuracy *on
+attribute A* on each of the four (A, B) groups, with its size and a 95 % stratified bootstrap
+interval (conflict subsets are small: 384 images for Double_Chin∧¬Chubby in real CelebA's test
+split). The headline is the **worst-group accuracy** and the **mean of the two conflict groups**
+A∧¬B and ¬A∧B: the paper's column, accuracy on A∧¬B, rises when a model merely predicts A more
+often, and these do not. The paper's A∧¬B, the reverse group ¬A∧B and the whole split stand
+beside them, and the AUC of A's logit within B and within ¬B gives a view no threshold can move.
+:func:`paper_table` (and the CLI's and notebooks' tables) are views formatting these numbers.
 
 Attention is scored with the Grad-CAM of A on images that have A, against a region (the user's
 mask, or on the synthetic benchmark the ground-truth evidence region): soft IoU, the pointing
@@ -14,9 +17,12 @@ game (is the CAM's maximum inside the region?) and the share of CAM energy insid
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,11 +36,20 @@ from cocam.losses import soft_iou
 from cocam.model import SplitModel
 
 __all__ = [
+    "CONFLICT_GROUPS",
+    "GROUPS",
+    "METRIC_COLUMNS",
+    "PAPER_TABLE_COLUMNS",
     "attention_metrics",
     "attention_scores",
+    "auc_interval",
     "bootstrap_interval",
     "evaluate_checkpoints",
+    "mann_whitney_auc",
+    "metrics_long",
+    "metrics_table",
     "pair_accuracy",
+    "pair_metrics",
     "paper_table",
     "predict",
     "resolve_device",
@@ -84,79 +99,317 @@ def bootstrap_interval(correct: np.ndarray, *, level: float = 0.95, n_boot: int 
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
-def pair_accuracy(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple[str, str]], *,
-                  threshold: float = 0.0, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Accuracy on attribute A for every subset of every pair (A, B).
+#: The four (A, B) groups: tidy key → the label shown in tables. ``a_not_b`` is the paper's
+#: conflict subset, ``not_a_b`` the reverse conflict (B without A).
+GROUPS: dict[str, str] = {"ab": "A∧B", "a_not_b": "A∧¬B", "not_a_b": "¬A∧B", "not_a_not_b": "¬A∧¬B"}
+
+#: The two conflict groups, where A and B disagree: the only groups a shortcut through B gets wrong.
+CONFLICT_GROUPS: tuple[str, str] = ("a_not_b", "not_a_b")
+
+
+def _metric_columns() -> list[str]:
+    cols = ["a", "b"]
+    for name in ("acc_worst_group", "acc_conflict_mean"):
+        cols += [name, f"{name}_low", f"{name}_high"]
+    cols.insert(5, "worst_group")
+    for key in ("a_not_b", "not_a_b", "ab", "not_a_not_b", "all"):
+        cols += [f"acc_{key}", f"acc_{key}_low", f"acc_{key}_high", f"n_{key}"]
+    for name in ("auc_within_b", "auc_within_not_b"):
+        cols += [name, f"{name}_low", f"{name}_high"]
+    return cols + ["threshold"]
+
+
+#: Columns of :func:`pair_metrics`, in order: the headline (worst group, mean of the two conflict
+#: groups), the paper's conflict group, the reverse one, the other two groups, the whole split,
+#: the threshold-free AUCs. Accuracies and AUCs are fractions in [0, 1]; ``_low``/``_high`` are
+#: the bounds of the bootstrap interval; ``worst_group`` names the group (a :data:`GROUPS` key).
+METRIC_COLUMNS: tuple[str, ...] = tuple(_metric_columns())
+
+
+def mann_whitney_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """Area under the ROC curve of a score: the probability that a random positive scores above a
+    random negative, ties counted half (the Mann–Whitney U statistic over ``n₊·n₋``).
+
+    It does not depend on a decision threshold, so a model cannot raise it by predicting one class
+    more often. NaN when either side is empty. ``O((n₊ + n₋) log n₋)``.
+    """
+    pos = np.asarray(positives, dtype=np.float64).ravel()
+    neg = np.sort(np.asarray(negatives, dtype=np.float64).ravel())
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    below = np.searchsorted(neg, pos, side="left")
+    equal = np.searchsorted(neg, pos, side="right") - below
+    return float((below.sum() + 0.5 * equal.sum()) / (pos.size * neg.size))
+
+
+def auc_interval(positives: np.ndarray, negatives: np.ndarray, *, level: float = 0.95) -> tuple[float, float]:
+    """DeLong's interval of :func:`mann_whitney_auc`: ``AUC ± z·se``, clipped to [0, 1].
+
+    The variance is DeLong et al.'s (Biometrics 1988): ``var(V₁₀)/n₊ + var(V₀₁)/n₋``, where
+    ``V₁₀(i)`` is the share of negatives below positive ``i`` (ties half) and ``V₀₁(j)`` the share
+    of positives above negative ``j`` — the variance of the AUC when the positives and the
+    negatives are each resampled within themselves, to first order, without resampling: a
+    bootstrap of a rank statistic over CelebA's 20,000 test images costs seconds per pair and
+    model. NaN when either side has fewer than two images.
+    """
+    pos = np.asarray(positives, dtype=np.float64).ravel()
+    neg = np.asarray(negatives, dtype=np.float64).ravel()
+    if pos.size < 2 or neg.size < 2:
+        return float("nan"), float("nan")
+    sneg, spos = np.sort(neg), np.sort(pos)
+    v10 = (np.searchsorted(sneg, pos, "left") + np.searchsorted(sneg, pos, "right")) / (2.0 * neg.size)
+    v01 = ((pos.size - np.searchsorted(spos, neg, "right")) + (pos.size - np.searchsorted(spos, neg, "left"))) \
+        / (2.0 * pos.size)
+    auc = float(v10.mean())
+    se = math.sqrt(v10.var(ddof=1) / pos.size + v01.var(ddof=1) / neg.size)
+    z = float(NormalDist().inv_cdf(0.5 + level / 2))
+    return max(0.0, auc - z * se), min(1.0, auc + z * se)
+
+
+def pair_metrics(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple[str, str]], *,
+                 threshold: float = 0.0, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """The metrics of attribute A for every pair (A, B), as numbers: one row per pair.
+
+    Why these: a model that predicts A more often raises its accuracy on the paper's conflict
+    subset A∧¬B while it loses the reverse conflict ¬A∧B — predicting A for every image scores
+    100 % on A∧¬B and 0 % on ¬A∧B. So the headline is the **worst-group accuracy** over the four
+    (A, B) groups (:data:`GROUPS`) and the **mean of the two conflict groups**; the paper's A∧¬B
+    and the reverse group stand beside them, and the **AUC** of A's logit within B and within ¬B
+    (:func:`mann_whitney_auc`; positives A, negatives ¬A) shows whether the *ranking* improved —
+    a moved threshold leaves it unchanged.
+
+    Intervals are a stratified percentile bootstrap over images: each resample redraws the
+    images of each of the four groups with replacement within their group. A group's accuracy
+    in a resample of ``n`` images whose accuracy is ``p`` is exactly ``Binomial(n, p) / n``
+    (drawn that way, as :func:`cocam.bias.rank_biases` does); the worst group, the conflict mean
+    and the whole-split accuracy of each resample are computed from the *same* draws, so the
+    worst group's interval is that of the minimum, not of whichever group is lowest on the
+    full data. The AUCs' intervals are DeLong's (:func:`auc_interval`), the first-order variance of
+    the same resampling within A and ¬A.
 
     Args:
         logits: ``(N, 40)`` model outputs (:func:`predict`).
         labels: the ``(N, 40)`` 0/1 labels of the same images, in the same order.
         pairs: (A, B) pairs: A is the guided attribute, B its co-occurring shortcut.
-        threshold: decision threshold on the logit (0 = probability 0.5).
+        threshold: A is predicted when its logit is ``> threshold`` (0 = probability 0.5).
+        n_boot: bootstrap replicates (0: NaN bounds).
+        level: coverage of the intervals.
+        seed: seed of the bootstrap; the same inputs give the same intervals.
 
     Returns:
-        One row per (a, b, subset) with ``n``, ``accuracy``, ``ci_low``, ``ci_high``; the
-        subsets are ``all``, ``A∧¬B`` (conflict), ``¬A∧B`` (reverse conflict), ``A∧B``,
-        ``¬A∧¬B`` and ``worst group`` (the lowest of the four groups).
+        A DataFrame with the columns :data:`METRIC_COLUMNS`. Empty groups have ``n = 0`` and NaN
+        accuracy; they are never the worst group. ``acc_conflict_mean`` is NaN unless both
+        conflict groups have images; an AUC is NaN where its side of B lacks A or ¬A.
     """
     if len(logits) != len(labels):
-        raise ValueError(f"{len(logits)} predictions but {len(labels)} label rows.")
+        raise ValueError(f"{len(logits)} predictions but {len(labels)} label rows: give both for the same images, "
+                         f"in the same order.")
+    if int(n_boot) < 0:
+        raise ValueError(f"n_boot must be non-negative, got {n_boot}.")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}.")
+    n_boot = int(n_boot)
+    alpha = (1.0 - level) / 2.0
+    logits = np.asarray(logits)
     rows = []
     for a, b in pairs:
         validate_attributes([a, b])
+        rng = np.random.default_rng(seed)
         ya = labels[a].to_numpy().astype(bool)
         yb = labels[b].to_numpy().astype(bool)
-        correct = (logits[:, attribute_index(a)] > threshold) == ya
-        groups = {"all": np.ones_like(ya), "A∧¬B": ya & ~yb, "¬A∧B": ~ya & yb, "A∧B": ya & yb,
-                  "¬A∧¬B": ~ya & ~yb}
-        accs = {}
-        for name, sel in groups.items():
-            c = correct[sel]
-            lo, hi = bootstrap_interval(c, n_boot=n_boot, seed=seed)
-            acc = float(c.mean()) if c.size else float("nan")
-            accs[name] = (acc, int(c.size), lo, hi)
-            rows.append({"a": a, "b": b, "subset": name, "n": int(c.size), "accuracy": acc, "ci_low": lo,
-                         "ci_high": hi})
-        four = {k: v for k, v in accs.items() if k not in ("all",) and v[1] > 0}
-        if four:
-            worst = min(four, key=lambda k: four[k][0])
-            acc, n, lo, hi = four[worst]
-        else:  # no images at all
-            worst, (acc, n, lo, hi) = None, (float("nan"), 0, float("nan"), float("nan"))
-        rows.append({"a": a, "b": b, "subset": "worst group", "n": n, "accuracy": acc, "ci_low": lo, "ci_high": hi,
-                     "group": worst})
-    return pd.DataFrame(rows)
+        score = logits[:, attribute_index(a)].astype(np.float64) if len(logits) else np.zeros(0)
+        correct = (score > threshold) == ya
+        masks = {"ab": ya & yb, "a_not_b": ya & ~yb, "not_a_b": ~ya & yb, "not_a_not_b": ~ya & ~yb}
+        n = {k: int(m.sum()) for k, m in masks.items()}
+        hits = {k: int(correct[m].sum()) for k, m in masks.items()}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            acc = {k: hits[k] / n[k] if n[k] else float("nan") for k in masks}
+            # (n_boot, 4) group accuracies of the same resamples; NaN columns for empty groups
+            draws = np.stack([rng.binomial(n[k], acc[k], n_boot) / n[k] if n[k] else np.full(n_boot, np.nan)
+                              for k in masks], axis=1)
+        keys = list(masks)
+        filled = [k for k in keys if n[k]]
+        row: dict[str, Any] = {"a": a, "b": b}
+
+        def put(name: str, value: float, replicates: np.ndarray) -> None:
+            row[name] = value
+            ok = replicates[np.isfinite(replicates)] if n_boot else replicates[:0]
+            lo, hi = (np.quantile(ok, [alpha, 1 - alpha]) if ok.size and np.isfinite(value)
+                      else (float("nan"), float("nan")))
+            row[f"{name}_low"], row[f"{name}_high"] = float(lo), float(hi)
+
+        if filled:
+            cols = [keys.index(k) for k in filled]
+            worst = min(filled, key=lambda k: acc[k])  # ties: the first in GROUPS order
+            put("acc_worst_group", acc[worst], draws[:, cols].min(1))
+            row["worst_group"] = worst
+        else:
+            put("acc_worst_group", float("nan"), np.full(n_boot, np.nan))
+            row["worst_group"] = None
+        c1, c2 = (keys.index(k) for k in CONFLICT_GROUPS)
+        put("acc_conflict_mean", 0.5 * (acc["a_not_b"] + acc["not_a_b"]), 0.5 * (draws[:, c1] + draws[:, c2]))
+        for k in ("a_not_b", "not_a_b", "ab", "not_a_not_b"):
+            put(f"acc_{k}", acc[k], draws[:, keys.index(k)])
+            row[f"n_{k}"] = n[k]
+        total = sum(n.values())
+        weights = np.array([n[k] for k in keys], dtype=np.float64)
+        all_draws = (np.nan_to_num(draws) * weights).sum(1) / total if total else np.full(n_boot, np.nan)
+        put("acc_all", sum(hits.values()) / total if total else float("nan"), all_draws)
+        row["n_all"] = total
+        for name, side in (("auc_within_b", yb), ("auc_within_not_b", ~yb)):
+            pos, neg = score[side & ya], score[side & ~ya]
+            row[name] = mann_whitney_auc(pos, neg)
+            row[f"{name}_low"], row[f"{name}_high"] = auc_interval(pos, neg, level=level)
+        row["threshold"] = float(threshold)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
 
 
-def paper_table(results: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """The before/after table in the paper's layout, plus extra columns.
+#: The subsets of :func:`pair_accuracy`'s long format → the :func:`pair_metrics` column stem.
+_LONG_SUBSETS: dict[str, str] = {"all": "all", "A∧¬B": "a_not_b", "¬A∧B": "not_a_b", "A∧B": "ab",
+                                 "¬A∧¬B": "not_a_not_b", "worst group": "worst_group",
+                                 "conflict mean": "conflict_mean"}
+
+
+def metrics_long(metrics: pd.DataFrame) -> pd.DataFrame:
+    """:func:`pair_metrics` in long format: one row per (a, b, subset) with ``n``, ``accuracy``,
+    ``ci_low``, ``ci_high`` and, for ``worst group``, the ``group`` it is (its label in :data:`GROUPS`).
+
+    Takes :func:`pair_metrics` or :func:`metrics_table` output; a ``model`` column is carried along.
+    """
+    metrics = metrics.rename(columns={"attribute": "a", "shortcut": "b"})
+    ident = ["model"] if "model" in metrics.columns else []
+    rows = []
+    for _, r in metrics.iterrows():
+        for subset, stem in _LONG_SUBSETS.items():
+            key = f"acc_{stem}"
+            if stem == "worst_group":
+                n = r[f"n_{r['worst_group']}"] if isinstance(r["worst_group"], str) else 0
+            elif stem == "conflict_mean":
+                n = r["n_a_not_b"] + r["n_not_a_b"]
+            else:
+                n = r[f"n_{stem}"]
+            row = {c: r[c] for c in ident} | {"a": r["a"], "b": r["b"], "subset": subset, "n": int(n),
+                                              "accuracy": r[key], "ci_low": r[f"{key}_low"],
+                                              "ci_high": r[f"{key}_high"]}
+            row["group"] = GROUPS.get(r["worst_group"]) if stem == "worst_group" else None
+            rows.append(row)
+    return pd.DataFrame(rows, columns=[*ident, "a", "b", "subset", "n", "accuracy", "ci_low", "ci_high", "group"])
+
+
+def pair_accuracy(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple[str, str]], *,
+                  threshold: float = 0.0, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Accuracy on attribute A for every subset of every pair (A, B), in long format.
+
+    The numbers of :func:`pair_metrics` (the same resamples), one row per (a, b, subset) with
+    ``n``, ``accuracy``, ``ci_low``, ``ci_high`` (:func:`metrics_long`); the subsets are ``all``,
+    ``A∧¬B`` (conflict), ``¬A∧B`` (reverse conflict), ``A∧B``, ``¬A∧¬B``, ``worst group`` (the
+    lowest of the four; ``group`` names it) and ``conflict mean`` (the mean of A∧¬B and ¬A∧B).
+    """
+    return metrics_long(pair_metrics(logits, labels, pairs, threshold=threshold, n_boot=n_boot, seed=seed))
+
+
+def _from_long(long: pd.DataFrame) -> pd.DataFrame:
+    """:func:`metrics_long`'s rows back as :func:`pair_metrics` columns (the AUCs, absent there, NaN)."""
+    rows = []
+    for (a, b), g in long.groupby(["a", "b"], sort=False):
+        s = g.set_index("subset")
+        row: dict[str, Any] = {c: float("nan") for c in METRIC_COLUMNS} | {"a": a, "b": b}
+        for subset, stem in _LONG_SUBSETS.items():
+            if subset not in s.index:
+                continue
+            row[f"acc_{stem}"], row[f"acc_{stem}_low"], row[f"acc_{stem}_high"] = (
+                float(s.loc[subset, k]) for k in ("accuracy", "ci_low", "ci_high"))
+            if f"n_{stem}" in row:
+                row[f"n_{stem}"] = int(s.loc[subset, "n"])
+        label = s.loc["worst group", "group"] if "worst group" in s.index and "group" in s.columns else None
+        row["worst_group"] = {v: k for k, v in GROUPS.items()}.get(label)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+
+
+def _pct(value: Any) -> float:
+    return 100.0 * float(value) if pd.notna(value) else float("nan")
+
+
+def _count(value: Any) -> Any:
+    return int(value) if pd.notna(value) else pd.NA
+
+
+def _ci(row: pd.Series, name: str, scale: float = 100.0, digits: int = 1) -> str:
+    lo, hi = row.get(f"{name}_low", np.nan), row.get(f"{name}_high", np.nan)
+    if pd.isna(lo) or pd.isna(hi):
+        return ""
+    return f"[{scale * lo:.{digits}f}, {scale * hi:.{digits}f}]"
+
+
+def metrics_table(results: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
+    """One tidy frame of numbers: a ``model`` column, then :data:`METRIC_COLUMNS` (``a``, ``b``
+    renamed ``attribute``, ``shortcut``), one row per (attribute, model), attributes in their
+    first-seen order.
+
+    Args:
+        results: model name → :func:`pair_metrics` output (or :func:`pair_accuracy`'s long
+            format, which has no AUC: those columns are NaN), or a frame that already has a
+            ``model`` column (returned as is, reordered).
+    """
+    if isinstance(results, pd.DataFrame):
+        df = results.copy()
+        if "model" not in df.columns:
+            raise ValueError("the metrics frame has no 'model' column: pass {model name: pair_metrics(...)}.")
+    else:
+        parts = [(_from_long(m) if "subset" in m.columns else m).assign(model=name) for name, m in results.items()]
+        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["model", *METRIC_COLUMNS])
+    df = df.rename(columns={"a": "attribute", "b": "shortcut"})
+    for c in METRIC_COLUMNS[2:]:  # a frame of some metrics only: the others are unknown
+        if c not in df.columns:
+            df[c] = None if c == "worst_group" else float("nan")
+    first = ["attribute", "shortcut", "model"]
+    df = df[first + [c for c in df.columns if c not in first]]
+    order = {a: i for i, a in enumerate(dict.fromkeys(df["attribute"]))}
+    return df.sort_values(["attribute"], key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+
+
+#: Columns of :func:`paper_table`: the headline first, then the paper's columns and the reverse group.
+PAPER_TABLE_COLUMNS: tuple[str, ...] = (
+    "attribute", "shortcut", "model", "worst group %", "worst group 95% CI", "worst group", "conflict mean %",
+    "conflict mean 95% CI", "test %", "conflict A∧¬B %", "conflict 95% CI", "n conflict", "reverse ¬A∧B %",
+    "reverse 95% CI", "n reverse", "AUC within B", "AUC within ¬B", "n test",
+)  # fmt: skip
+
+
+def paper_table(results: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
+    """The before/after table for people: a view of :func:`metrics_table`'s numbers.
 
     Args:
         results: model name (e.g. ``"pre-trained"``, ``"BCE-only control"``, ``"fine-tuned"``)
-            → the output of :func:`pair_accuracy` for that model.
+            → :func:`pair_metrics` for that model, or :func:`metrics_table`'s frame.
 
     Returns:
-        One row per (attribute A, model): ``test`` (accuracy on the whole split), ``A∧¬B``
-        (the conflict subset), ``¬A∧B``, ``worst group`` — in percent — and the sizes and
-        95 % intervals of the conflict subset.
+        One row per (attribute A, model) with the columns :data:`PAPER_TABLE_COLUMNS`: the
+        worst-group accuracy and the mean of the two conflict groups (the headline, which a moved
+        threshold cannot improve), then the paper's columns — ``test`` (the whole split) and
+        ``A∧¬B`` (its conflict subset) — and the reverse conflict ``¬A∧B``, in percent with 95 %
+        interval strings, and the two AUCs. Extra columns of the metrics (attention) follow.
     """
+    df = metrics_table(results)
     rows = []
-    for model_name, df in results.items():
-        for (a, b), g in df.groupby(["a", "b"], sort=False):
-            s = g.set_index("subset")
-            rows.append({
-                "attribute": a, "shortcut": b, "model": model_name,
-                "test %": 100 * s.loc["all", "accuracy"],
-                "conflict A∧¬B %": 100 * s.loc["A∧¬B", "accuracy"],
-                "conflict 95% CI": f"[{100 * s.loc['A∧¬B', 'ci_low']:.1f}, {100 * s.loc['A∧¬B', 'ci_high']:.1f}]",
-                "n conflict": int(s.loc["A∧¬B", "n"]),
-                "reverse ¬A∧B %": 100 * s.loc["¬A∧B", "accuracy"],
-                "worst group %": 100 * s.loc["worst group", "accuracy"],
-                "n test": int(s.loc["all", "n"]),
-            })
-    out = pd.DataFrame(rows)
-    order = {a: i for i, a in enumerate(dict.fromkeys(out["attribute"]))}
-    return out.sort_values(["attribute"], key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+    for _, r in df.iterrows():
+        rows.append({
+            "attribute": r["attribute"], "shortcut": r["shortcut"], "model": r["model"],
+            "worst group %": _pct(r["acc_worst_group"]), "worst group 95% CI": _ci(r, "acc_worst_group"),
+            "worst group": GROUPS.get(r["worst_group"], ""),
+            "conflict mean %": _pct(r["acc_conflict_mean"]), "conflict mean 95% CI": _ci(r, "acc_conflict_mean"),
+            "test %": _pct(r["acc_all"]),
+            "conflict A∧¬B %": _pct(r["acc_a_not_b"]), "conflict 95% CI": _ci(r, "acc_a_not_b"),
+            "n conflict": _count(r["n_a_not_b"]),
+            "reverse ¬A∧B %": _pct(r["acc_not_a_b"]), "reverse 95% CI": _ci(r, "acc_not_a_b"),
+            "n reverse": _count(r["n_not_a_b"]),
+            "AUC within B": float(r["auc_within_b"]), "AUC within ¬B": float(r["auc_within_not_b"]),
+            "n test": _count(r["n_all"]),
+        } | {c: r[c] for c in df.columns if c not in METRIC_COLUMNS and c not in ("attribute", "shortcut", "model")})
+    return pd.DataFrame(rows, columns=list(PAPER_TABLE_COLUMNS) + [
+        c for c in df.columns if c not in METRIC_COLUMNS and c not in ("attribute", "shortcut", "model")])
 
 
 def attention_metrics(model: SplitModel, dataset: CelebADataset, attribute: str, region: torch.Tensor, *,
@@ -239,8 +492,9 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
             the synthetic dataset, against each image's true evidence region (``truth …``).
 
     Returns:
-        ``(table, long)``: :func:`paper_table` (plus attention columns), and the long format of
-        :func:`pair_accuracy` with a ``model`` column.
+        ``(table, long)``: the numbers, :func:`metrics_table` (plus attention columns; format it
+        for people with :func:`paper_table`), and their long format (:func:`metrics_long`) with a
+        ``model`` column.
     """
     from cocam.checkpoint import load_model
     from cocam.masks import mask_to_input, resolve_mask
@@ -260,7 +514,7 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
         model, spec, _ = load_model(path)
         if dataset is None or dataset.image_size != spec.image_size:
             dataset = CelebADataset(root, split, image_size=spec.image_size)
-        results[name] = pair_accuracy(predict(model, dataset, device=device), dataset.attributes, pairs)
+        results[name] = pair_metrics(predict(model, dataset, device=device), dataset.attributes, pairs)
         if not attention:
             continue
         for a, _ in pairs:
@@ -277,10 +531,10 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
                 row.update({f"{kind} {k}": v for k, v in m.items() if k != "n"})
             row["n positives"] = scores["mask"]["n"]
             attn.append(row)
-    table = paper_table(results)
+    table = metrics_table(results)
     if attn:
         table = table.merge(pd.DataFrame(attn), on=["model", "attribute"], how="left")
-    long = pd.concat([df.assign(model=name) for name, df in results.items()], ignore_index=True)
+    long = metrics_long(table)
     return table, long
 
 

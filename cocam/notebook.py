@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -508,44 +507,60 @@ def evaluate_models(ws: Workspace, checkpoints: Mapping[str, Path], pairs: Seque
 
 
 def results_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns worth reading, rounded, indexed by (attribute, model)."""
-    cols = [c for c in ["attribute", "shortcut", "model", "test %", "conflict A∧¬B %", "conflict 95% CI",
-                        "n conflict", "reverse ¬A∧B %", "worst group %", "mask soft_iou", "mask energy_inside",
-                        "truth soft_iou", "truth pointing_game"] if c in table.columns]
-    out = table[cols].copy()
+    """The columns worth reading, rounded, indexed by (attribute, model): a view of the numbers of
+    :func:`evaluate_models` (:func:`cocam.evaluate.paper_table`), worst group and conflict mean first."""
+    from cocam.evaluate import paper_table
+
+    shown = paper_table(table) if "acc_worst_group" in table.columns else table
+    cols = [c for c in ["attribute", "shortcut", "model", "worst group %", "worst group 95% CI", "worst group",
+                        "conflict mean %", "conflict mean 95% CI", "test %", "conflict A∧¬B %", "conflict 95% CI",
+                        "n conflict", "reverse ¬A∧B %", "n reverse", "AUC within B", "AUC within ¬B",
+                        "mask soft_iou", "mask energy_inside", "truth soft_iou", "truth pointing_game"]
+            if c in shown.columns]
+    out = shown[cols].copy()
     for c in out.columns:
         if c.endswith("%"):
-            out[c] = out[c].round(1)
-        elif c.startswith(("mask ", "truth ")):
-            out[c] = out[c].round(3)
+            out[c] = out[c].astype(float).round(1)
+        elif c.startswith(("mask ", "truth ", "AUC ")):
+            out[c] = out[c].astype(float).round(3)
     return out.set_index(["attribute", "model"])
 
 
-def _interval(text: Any) -> tuple[float, float]:
-    match = re.match(r"\s*\[\s*([-\d.naNinf]+)\s*,\s*([-\d.naNinf]+)\s*\]", str(text))
-    if not match:
-        return float("nan"), float("nan")
-    return float(match.group(1)), float(match.group(2))
+def _interval(row: pd.Series, name: str) -> tuple[float, float]:
+    """The 95 % interval of metric ``name`` (e.g. ``acc_worst_group``) in a row of numbers, in percent."""
+    lo, hi = row.get(f"{name}_low", float("nan")), row.get(f"{name}_high", float("nan"))
+    return (100.0 * float(lo) if pd.notna(lo) else float("nan"), 100.0 * float(hi) if pd.notna(hi) else float("nan"))
+
+
+#: The group names of :func:`cocam.evaluate.pair_metrics`, in words for the verdict.
+_GROUP_WORDS = {"ab": "{a} with {b}", "a_not_b": "{a} without {b}", "not_a_b": "{b} without {a}",
+                "not_a_not_b": "neither {a} nor {b}"}
 
 
 def verdict(table: pd.DataFrame, *, guided: str = GUIDED, baseline: str = BASELINE, control: str = CONTROL,
             cost_points: float = 2.0) -> str:
-    """The before/after table in plain words.
+    """The before/after table in plain words, judged on the worst-group accuracy.
 
-    For each attribute A (shortcut B) the guided model's accuracy on the conflict subset A∧¬B
-    is compared with the BCE-only control (or, without one, the pre-trained model): *helped*
-    when it lies above the control's 95 % interval, *hurt* when below, *no clear change*
-    otherwise; a drop of more than ``cost_points`` in overall test accuracy is reported as a
-    cost. The attention change (soft IoU of the Grad-CAM with the mask) is added when the
-    table has it.
+    For each attribute A (shortcut B) the guided model's **worst-group accuracy** (the lowest of
+    the four (A, B) groups, which predicting A more often cannot raise) is compared with the
+    BCE-only control's (or, without one, the pre-trained model's): *helped* only when the guided
+    model's 95 % interval lies entirely above the reference's, *hurt* only when entirely below,
+    *no clear change* otherwise — a conclusion is stated only where the intervals support it.
+    The paper's A∧¬B column and the reverse group ¬A∧B are given beside it, with a warning when
+    the paper's column rose while the reverse group fell (a moved threshold, not a fix); a drop of
+    more than ``cost_points`` in whole-split accuracy is reported as a cost; the attention change
+    (soft IoU of the Grad-CAM with the mask) is added when the table has it.
 
     Args:
-        table: :func:`evaluate_models` or :func:`cocam.evaluate.paper_table` output.
+        table: :func:`evaluate_models`' numbers (:func:`cocam.evaluate.metrics_table`), not its
+            display view.
     """
-    required = {"attribute", "model", "test %", "conflict A∧¬B %", "conflict 95% CI", "n conflict"}
+    required = {"attribute", "model", "acc_worst_group", "acc_worst_group_low", "acc_worst_group_high",
+                "worst_group", "acc_all", "acc_a_not_b", "acc_not_a_b"}
     missing = required - set(table.columns)
     if missing:
-        raise ValueError(f"the table lacks the columns {sorted(missing)}; pass evaluate_models()[0] or paper_table().")
+        raise ValueError(f"the table lacks the columns {sorted(missing)}; pass the numbers, evaluate_models()[0] "
+                         f"(or cocam.evaluate.metrics_table()), not a display table.")
     lines, outcomes = [], []
     for attribute, rows in table.groupby("attribute", sort=False):
         by_model = rows.drop_duplicates("model").set_index("model")
@@ -557,31 +572,45 @@ def verdict(table: pd.DataFrame, *, guided: str = GUIDED, baseline: str = BASELI
         ref = by_model.loc[control] if has_control else b
         ref_name = "the BCE-only control" if has_control else "the pre-trained model"
         shortcut = g.get("shortcut", "its shortcut")
-        n = int(g["n conflict"]) if pd.notna(g["n conflict"]) else 0
-        subset = f"{attribute} without {shortcut}"
-        if n == 0 or pd.isna(g["conflict A∧¬B %"]):
-            lines.append(f"• {attribute}: the test split has no image with {subset}, so the shortcut cannot be "
-                         f"judged here.")
+        group = g["worst_group"] if isinstance(g["worst_group"], str) else None
+        n = int(g.get(f"n_{group}", 0)) if group else 0
+        if group is None or pd.isna(g["acc_worst_group"]):
+            lines.append(f"• {attribute}: the test split has no image in any group of {attribute} and {shortcut}, "
+                         f"so the shortcut cannot be judged here.")
             outcomes.append("unknown")
             continue
-        lo, hi = _interval(ref["conflict 95% CI"])
-        gc, bc, rc = float(g["conflict A∧¬B %"]), float(b["conflict A∧¬B %"]), float(ref["conflict A∧¬B %"])
-        if not math.isnan(hi) and gc > hi:
+        gw, bw, rw = (100.0 * float(x["acc_worst_group"]) for x in (g, b, ref))
+        g_lo, g_hi = _interval(g, "acc_worst_group")
+        r_lo, r_hi = _interval(ref, "acc_worst_group")
+        if not math.isnan(g_lo) and not math.isnan(r_hi) and g_lo > r_hi:
             outcome = "helped"
-        elif not math.isnan(lo) and gc < lo:
+        elif not math.isnan(g_hi) and not math.isnan(r_lo) and g_hi < r_lo:
             outcome = "hurt"
         else:
             outcome = "no clear change"
         outcomes.append(outcome)
-        cost = float(b["test %"]) - float(g["test %"])
+        words = _GROUP_WORDS[group].format(a=attribute, b=shortcut)
         images = f"{n} test image{'s' if n != 1 else ''}"
-        text = (f"• {attribute}: on the {images} with {subset}, accuracy went from {bc:.1f} % "
-                f"(pre-trained) to {gc:.1f} % with guidance ({gc - bc:+.1f} points)")
-        text += f"; {ref_name} reached {rc:.1f} % [95 % interval {lo:.1f}–{hi:.1f}]." if has_control else "."
-        text += {"helped": " The guidance helped: the gain is beyond what the extra training alone gives.",
-                 "hurt": f" The guidance hurt: the result is below {ref_name}'s interval.",
-                 "no clear change": f" No clear change: the result lies within {ref_name}'s interval."}[outcome]
-        text += (f" Overall test accuracy {float(b['test %']):.1f} % → {float(g['test %']):.1f} %"
+        text = (f"• {attribute}: on the worst of its four groups ({words}, {images} for the guided model), "
+                f"accuracy went from {bw:.1f} % (pre-trained) to {gw:.1f} % [95 % interval {g_lo:.1f}–{g_hi:.1f}] "
+                f"with guidance ({gw - bw:+.1f} points)")
+        text += (f"; {ref_name} reached {rw:.1f} % [95 % interval {r_lo:.1f}–{r_hi:.1f}]." if has_control else ".")
+        text += {"helped": f" The guidance helped: its interval lies above {ref_name}'s.",
+                 "hurt": f" The guidance hurt: its interval lies below {ref_name}'s.",
+                 "no clear change": f" No clear change: the intervals overlap {ref_name}'s, so nothing is "
+                                    f"concluded."}[outcome]
+        gc, rc = 100.0 * float(g["acc_a_not_b"]), 100.0 * float(ref["acc_a_not_b"])
+        gr, rr = 100.0 * float(g["acc_not_a_b"]), 100.0 * float(ref["acc_not_a_b"])
+        if not (math.isnan(gc) or math.isnan(rc)):
+            text += (f" The paper's column ({attribute} without {shortcut}) went {rc:.1f} → {gc:.1f} % against "
+                     f"{ref_name}")
+            text += (f", the reverse group ({shortcut} without {attribute}) {rr:.1f} → {gr:.1f} %."
+                     if not (math.isnan(gr) or math.isnan(rr)) else ".")
+            if gc > rc and not math.isnan(gr) and not math.isnan(rr) and gr < rr - (gc - rc) / 2:
+                text += (" The paper's column rose because the model predicts the attribute more often, not "
+                         "because it reads the right region: read the worst group.")
+        cost = 100.0 * (float(b["acc_all"]) - float(g["acc_all"]))
+        text += (f" Overall test accuracy {100 * float(b['acc_all']):.1f} % → {100 * float(g['acc_all']):.1f} %"
                  + (f", a cost of {cost:.1f} points." if cost > cost_points else " (no real cost)."))
         if "mask soft_iou" in by_model.columns and pd.notna(g["mask soft_iou"]) and pd.notna(b["mask soft_iou"]):
             iou_b, iou_g = float(b["mask soft_iou"]), float(g["mask soft_iou"])
@@ -589,21 +618,22 @@ def verdict(table: pd.DataFrame, *, guided: str = GUIDED, baseline: str = BASELI
                                                                 "barely changed relative to")
             text += f" Its Grad-CAM {moved} the drawn region (soft IoU {iou_b:.2f} → {iou_g:.2f})."
         if n < 30:
-            text += (f" With only {n} image{'s' if n != 1 else ''} the interval is wide: treat this as a hint, "
-                     f"not a result.")
+            text += (f" With only {n} image{'s' if n != 1 else ''} in that group the interval is wide: treat this "
+                     f"as a hint, not a result.")
         lines.append(text)
     judged = [o for o in outcomes if o != "unknown"]
     helped = sum(o == "helped" for o in judged)
     if not judged:
         head = "No attribute could be judged."
     elif helped == len(judged):
-        head = f"Guided fine-tuning helped on all {len(judged)} attribute(s): the model relies less on the shortcut."
+        head = (f"Guided fine-tuning helped on all {len(judged)} attribute(s): the worst-group accuracy rose beyond "
+                f"the reference's interval.")
     elif helped:
-        head = f"Guided fine-tuning helped on {helped} of {len(judged)} attributes."
+        head = f"Guided fine-tuning helped on {helped} of {len(judged)} attributes (worst-group accuracy)."
     elif any(o == "hurt" for o in judged):
-        head = "Guided fine-tuning did not help here; on some attributes it made the conflict cases worse."
+        head = "Guided fine-tuning did not help here; on some attributes it made the worst group worse."
     else:
-        head = "Guided fine-tuning made no clear difference on the conflict cases here."
+        head = "Guided fine-tuning made no clear difference to the worst-group accuracy here."
     return "\n".join([head, *lines])
 
 

@@ -723,7 +723,10 @@ def protocol_table(long: pd.DataFrame, config: ProtocolConfig,
     Returns:
         Columns ``pair``, ``attribute``, ``shortcut``; ``paper <row> <column> %`` for the
         paper's rows (pre-trained, fine-tuned) and columns (test, conflict) — NaN for a pair the
-        paper did not report; ``cocam <model> test %``, ``… test 95% CI``, ``… conflict %``,
+        paper did not report; ``cocam <model> worst group %``, ``… worst group 95% CI``,
+        ``… conflict mean %`` (the headline the paper did not report: the lowest of the four
+        (A, B) groups, and the mean of A∧¬B and ¬A∧B, which predicting A more often cannot
+        raise), ``… reverse %`` (¬A∧B), ``… test %``, ``… test 95% CI``, ``… conflict %``,
         ``… conflict 95% CI`` for pre-trained, fine-tuned and (with the control) control;
         ``paper conflict change``, ``cocam conflict change`` (fine-tuned − pre-trained),
         ``cocam conflict change vs control``; ``n test``, ``n conflict``; ``mask``. Accuracy is
@@ -743,6 +746,11 @@ def protocol_table(long: pd.DataFrame, config: ProtocolConfig,
         n_test = n_conflict = 0
         for label, model in models.items():
             test, conflict = _cell(long, model, a, b, "all"), _cell(long, model, a, b, "A∧¬B")
+            worst = _cell(long, model, a, b, "worst group")
+            row[f"cocam {label} worst group %"] = _percent(worst, "accuracy")
+            row[f"cocam {label} worst group 95% CI"] = _interval(worst)
+            row[f"cocam {label} conflict mean %"] = _percent(_cell(long, model, a, b, "conflict mean"), "accuracy")
+            row[f"cocam {label} reverse %"] = _percent(_cell(long, model, a, b, "¬A∧B"), "accuracy")
             row[f"cocam {label} test %"] = _percent(test, "accuracy")
             row[f"cocam {label} test 95% CI"] = _interval(test)
             row[f"cocam {label} conflict %"] = _percent(conflict, "accuracy")
@@ -922,7 +930,8 @@ def format_protocol_table(df: pd.DataFrame) -> str:
     """A readable text version of :func:`run_protocol`'s table: one block per pair.
 
     Each block has the paper's rows and cocam's (pre-trained, fine-tuned, control when
-    present) with the test and conflict accuracy in percent and cocam's 95 % intervals.
+    present) with cocam's worst-group and reverse-group accuracy (the paper reports neither: "—"),
+    the test and conflict accuracy in percent and cocam's 95 % intervals.
     """
     blocks = []
     for _, r in df.iterrows():
@@ -937,6 +946,9 @@ def format_protocol_table(df: pd.DataFrame) -> str:
             if f"{key} test %" not in r.index:
                 continue
             rows.append({"": f"{source} {label if label != 'control' else 'BCE-only control'}",
+                         "worst group %": _fmt(r.get(f"{key} worst group %")) if source == "cocam" else "—",
+                         "worst group 95% CI": r.get(f"{key} worst group 95% CI", "") if source == "cocam" else "",
+                         "reverse ¬A∧B %": _fmt(r.get(f"{key} reverse %")) if source == "cocam" else "—",
                          "test %": _fmt(r[f"{key} test %"]),
                          "test 95% CI": r.get(f"{key} test 95% CI", "") if source == "cocam" else "",
                          "conflict %": _fmt(r[f"{key} conflict %"]),

@@ -32,19 +32,24 @@ def test_t_interval_hand_computation() -> None:
     assert t_interval([1.0, np.nan, 3.0]) == pytest.approx(t_interval([1.0, 3.0]))
 
 
+def _row(setting: str, seed: int, split: str, test: float, conflict: float, reverse: float) -> dict:
+    """One run's numbers; the two other groups are at 95 %, so the worst group is a conflict group."""
+    return dict(setting=setting, seed=seed, split=split, attribute="A", test=test, conflict=conflict,
+                reverse=reverse, worst_group=min(conflict, reverse, 95.0), conflict_mean=(conflict + reverse) / 2,
+                n_conflict=50, n_reverse=60)
+
+
 def _runs() -> pd.DataFrame:
     rows = []
     for split in ("valid", "test"):
-        rows.append(dict(setting=PRE_TRAINED, seed=-1, split=split, attribute="A", test=90.0, conflict=20.0,
-                         n_conflict=50))
-        for seed, (ctl, good, bad) in enumerate([(30, 50, 60), (32, 46, 64), (28, 48, 62)]):
-            rows.append(dict(setting=CONTROL, seed=seed, split=split, attribute="A", test=90.0, conflict=ctl,
-                             n_conflict=50))
-            rows.append(dict(setting="good", seed=seed, split=split, attribute="A", test=90.5, conflict=good,
-                             n_conflict=50))
-            # "greedy" wins the conflict subset but costs 5 points of accuracy
-            rows.append(dict(setting="greedy", seed=seed, split=split, attribute="A", test=85.0, conflict=bad,
-                             n_conflict=50))
+        rows.append(_row(PRE_TRAINED, -1, split, 90.0, 20.0, 72.0))
+        for seed, (ctl, good, bad, gamed) in enumerate([(30, 50, 60, 90), (32, 46, 64, 92), (28, 48, 62, 94)]):
+            rows.append(_row(CONTROL, seed, split, 90.0, ctl, 70.0))
+            rows.append(_row("good", seed, split, 90.5, good, 68.0))
+            # "greedy" wins the worst group but costs 5 points of accuracy
+            rows.append(_row("greedy", seed, split, 85.0, bad, 66.0))
+            # "gamer" predicts A almost always: the paper's A∧¬B soars, the reverse group collapses
+            rows.append(_row("gamer", seed, split, 90.0, gamed, 10.0))
     return pd.DataFrame(rows)
 
 
@@ -55,23 +60,48 @@ def test_summary_gains_are_per_seed_differences_to_the_control() -> None:
     assert good.gain == pytest.approx(18.0)  # (20 + 14 + 20) / 3
     lo, hi = t_interval([20.0, 14.0, 20.0])
     assert (good.gain_low, good.gain_high) == pytest.approx((lo, hi))
+    assert good.gain_worst_group == pytest.approx(18.0)  # its worst group is A∧¬B
+    assert (good.gain_worst_group_low, good.gain_worst_group_high) == pytest.approx((lo, hi))
+    assert good.gain_reverse == pytest.approx(-2.0)
+    assert good.gain_conflict_mean == pytest.approx((18.0 - 2.0) / 2)
     assert good.test_change == pytest.approx(0.5)
+    gamer = summary[(summary.split == "test") & (summary.setting == "gamer")].iloc[0]
+    assert gamer.gain == pytest.approx(62.0)  # the paper's column: a large "gain" ...
+    assert gamer.gain_worst_group == pytest.approx(10.0 - 30.0)  # ... the worst group: a loss
     control = summary[(summary.split == "test") & (summary.setting == CONTROL)].iloc[0]
-    assert pd.isna(control.gain) and control.seeds == 3
+    assert pd.isna(control.gain) and pd.isna(control.gain_worst_group) and control.seeds == 3
+    assert control.n_reverse == 60
     table = comparison_table(summary, "test")
-    assert table.loc[table.setting == "good", "gain vs control"].iloc[0].startswith("+18.0 [")
+    shown = table.set_index("setting")
+    assert list(table.columns[4:8]) == ["worst group %", "worst group gain vs control", "conflict mean %",
+                                        "conflict mean gain"]
+    assert shown.loc["good", "worst group gain vs control"].startswith("+18.0 [")
+    assert shown.loc["gamer", "worst group gain vs control"].startswith("-20.0 [")
+    assert shown.loc["gamer", "conflict gain vs control"].startswith("+62.0 [")
+    assert shown.loc["gamer", "reverse ¬A∧B %"] == "10.0 [10.0, 10.0]"
+    assert shown.loc[CONTROL, "worst group gain vs control"] == ""
 
 
-def test_selection_uses_the_validation_split_and_the_accuracy_budget() -> None:
+def test_selection_uses_the_worst_group_on_the_validation_split_and_the_accuracy_budget() -> None:
     runs = _runs()
     chosen = select_settings(summarize_comparison(runs))
-    assert list(chosen.setting) == ["good"]  # "greedy" loses 5 points of accuracy
+    # "gamer" has the largest A∧¬B gain, "greedy" the largest worst-group gain but loses 5 points
+    assert list(chosen.setting) == ["good"]
     assert list(select_settings(summarize_comparison(runs), max_test_drop=10).setting) == ["greedy"]
-    # the choice reads the valid split only: making "greedy" cheap on test changes nothing
+    # the choice reads the valid split only: making the others look best on test changes nothing
     runs.loc[(runs.split == "test") & (runs.setting == "greedy"), "test"] = 95.0
+    runs.loc[(runs.split == "test") & (runs.setting == "gamer"), ["worst_group", "conflict_mean"]] = 99.0
     assert list(select_settings(summarize_comparison(runs)).setting) == ["good"]
+    # ... and removing the test rows altogether gives the same choice
+    valid_only = summarize_comparison(runs[runs.split == "valid"])
+    pd.testing.assert_frame_equal(select_settings(valid_only), chosen)
     with pytest.raises(ValueError, match="eligible"):
         select_settings(summarize_comparison(runs), split="train")
+    with pytest.raises(ValueError, match="never on test"):
+        select_settings(summarize_comparison(runs), split="test")
+    old = summarize_comparison(runs.drop(columns=["worst_group", "conflict_mean", "reverse"]))
+    with pytest.raises(ValueError, match="worst-group"):
+        select_settings(old)
 
 
 def test_methods_cover_every_guidance_loss() -> None:
@@ -99,7 +129,11 @@ def test_compare_end_to_end_on_tiny_data(synthetic_root: Path, tmp_path: Path, o
     runs = result.runs
     assert set(runs.setting) == {PRE_TRAINED, CONTROL, "energy", "rrr_input"}
     assert set(runs.split) == {"valid", "test"}
-    assert runs[["test", "conflict"]].apply(lambda c: c.between(0, 100)).all().all()
+    acc = ["worst_group", "conflict_mean", "test", "conflict", "reverse"]
+    assert runs[["worst_group", "test"]].notna().all().all()  # NaN only where a conflict group is empty
+    assert runs[acc].apply(lambda c: c.dropna().between(0, 100).all()).all()
+    assert (runs.worst_group <= runs[["conflict", "reverse"]].min(axis=1).fillna(100.0)).all()
+    assert runs[["auc_within_b", "auc_within_not_b"]].apply(lambda c: c.dropna().between(0, 1).all()).all()
     assert runs.truth_iou.notna().all()  # synthetic data: scored against the true regions
     for name in ("runs.csv", "summary.csv", "comparison.json"):
         assert (config.out / name).is_file()
@@ -157,3 +191,22 @@ def test_run_names_change_with_any_setting() -> None:
     for changed in (Guidance(("Wearing_Lipstick",), (mask,), loss="rrr_input", w_g=1.0),
                     Guidance(("Wearing_Lipstick",), (other_mask,), loss="rrr_input")):
         assert run_name(changed) != run_name(base)  # a changed setting never resumes an old run
+
+
+def test_landed_runs_are_rescored_per_block_on_the_worst_group() -> None:
+    """benchmarks/rescore_results.py: old runs rows (no split, a reverse column, two blocks) → worst-group gains."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rescore_results.py"
+    spec = importlib.util.spec_from_file_location("rescore_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    old = _runs()
+    old = old[old.split == "test"].drop(columns=["split", "conflict_mean"])
+    two = pd.concat([old.assign(steps=750), old.assign(steps=1500, worst_group=old.worst_group + 1.0)])
+    two.loc[(two.steps == 1500) & (two.setting == CONTROL), "worst_group"] -= 1.0  # the control unchanged
+    summary = module.rescore(two).set_index(["steps", "setting"])
+    assert summary.loc[(750, "good"), "gain_worst_group"] == pytest.approx(18.0)
+    assert summary.loc[(1500, "good"), "gain_worst_group"] == pytest.approx(19.0)  # blocks are not mixed
+    assert summary.loc[(750, "good"), "gain_conflict_mean"] == pytest.approx((18.0 - 2.0) / 2)  # from `reverse`
+    assert set(summary.split) == {"test"}

@@ -16,8 +16,14 @@ from cocam.dataset import CelebADataset
 from cocam.evaluate import (
     attention_metrics,
     attention_scores,
+    METRIC_COLUMNS,
+    auc_interval,
     bootstrap_interval,
+    mann_whitney_auc,
+    metrics_long,
+    metrics_table,
     pair_accuracy,
+    pair_metrics,
     paper_table,
     predict,
 )
@@ -67,7 +73,7 @@ def hand_case() -> tuple[np.ndarray, pd.DataFrame]:
 def test_pair_accuracy_matches_hand_computation(hand_case) -> None:
     logits, labels = hand_case
     df = pair_accuracy(logits, labels, [(A, B)], n_boot=500)
-    assert list(df["subset"]) == ["all", "A∧¬B", "¬A∧B", "A∧B", "¬A∧¬B", "worst group"]
+    assert list(df["subset"]) == ["all", "A∧¬B", "¬A∧B", "A∧B", "¬A∧¬B", "worst group", "conflict mean"]
     assert (df["a"] == A).all() and (df["b"] == B).all()
     s = df.set_index("subset")
     expected = {"all": (8, 4 / 8), "A∧¬B": (3, 1 / 3), "¬A∧B": (2, 1 / 2), "A∧B": (2, 1 / 2), "¬A∧¬B": (1, 1.0),
@@ -78,9 +84,13 @@ def test_pair_accuracy_matches_hand_computation(hand_case) -> None:
         assert s.loc[subset, "ci_low"] <= s.loc[subset, "accuracy"] <= s.loc[subset, "ci_high"], subset
     assert s.loc["worst group", "group"] == "A∧¬B"
     assert (s.loc["¬A∧¬B", "ci_low"], s.loc["¬A∧¬B", "ci_high"]) == (1.0, 1.0)  # one correct image
-    # The worst group repeats the numbers of the group it names.
-    assert s.loc["worst group", ["n", "accuracy", "ci_low", "ci_high"]].tolist() == \
-        s.loc["A∧¬B", ["n", "accuracy", "ci_low", "ci_high"]].tolist()
+    # The worst group repeats the size and accuracy of the group it names; its interval is that of
+    # the minimum over the groups of each resample, so it lies at or below the named group's.
+    assert s.loc["worst group", ["n", "accuracy"]].tolist() == s.loc["A∧¬B", ["n", "accuracy"]].tolist()
+    assert s.loc["worst group", "ci_low"] <= s.loc["A∧¬B", "ci_low"]
+    assert s.loc["worst group", "ci_high"] <= s.loc["A∧¬B", "ci_high"]
+    assert s.loc["conflict mean", "n"] == 5
+    assert s.loc["conflict mean", "accuracy"] == pytest.approx((1 / 3 + 1 / 2) / 2)
 
 
 def test_pair_accuracy_threshold_and_other_logits_are_ignored(hand_case) -> None:
@@ -103,7 +113,7 @@ def test_pair_accuracy_several_pairs_and_empty_groups(hand_case) -> None:
     labels[B2] = 1  # every image has B2: A2∧¬B2 and ¬A2∧¬B2 are empty
     logits[:, attribute_index(A2)] = [1, 1, -1, -1, -1, -1, -1, 1]
     df = pair_accuracy(logits, labels, [(A, B), (A2, B2)], n_boot=100)
-    assert len(df) == 12
+    assert len(df) == 14
     s = df[df["a"] == A2].set_index("subset")
     assert s.loc["A∧¬B", "n"] == 0 and math.isnan(s.loc["A∧¬B", "accuracy"])
     assert math.isnan(s.loc["A∧¬B", "ci_low"]) and math.isnan(s.loc["A∧¬B", "ci_high"])
@@ -112,6 +122,7 @@ def test_pair_accuracy_several_pairs_and_empty_groups(hand_case) -> None:
     assert s.loc["¬A∧B", "accuracy"] == pytest.approx(0.75)   # -1, -1, -1, 1 on negatives
     assert s.loc["worst group", "group"] == "A∧B"  # empty groups are never the worst
     assert s.loc["worst group", "accuracy"] == pytest.approx(0.5)
+    assert math.isnan(s.loc["conflict mean", "accuracy"])  # one conflict group is empty: no mean
 
 
 def test_pair_accuracy_empty_input_gives_nan_not_an_error() -> None:
@@ -190,8 +201,10 @@ def test_bootstrap_interval_deterministic_by_seed(n: int) -> None:
 # paper_table
 # --------------------------------------------------------------------------------------------
 
-PAPER_COLUMNS = ["attribute", "shortcut", "model", "test %", "conflict A∧¬B %", "conflict 95% CI", "n conflict",
-                 "reverse ¬A∧B %", "worst group %", "n test"]
+PAPER_COLUMNS = ["attribute", "shortcut", "model", "worst group %", "worst group 95% CI", "worst group",
+                 "conflict mean %", "conflict mean 95% CI", "test %", "conflict A∧¬B %", "conflict 95% CI",
+                 "n conflict", "reverse ¬A∧B %", "reverse 95% CI", "n reverse", "AUC within B", "AUC within ¬B",
+                 "n test"]
 
 
 def test_paper_table_layout(hand_case) -> None:
@@ -199,10 +212,10 @@ def test_paper_table_layout(hand_case) -> None:
     labels = labels.copy()
     labels[A2] = [1, 0, 1, 0, 1, 0, 1, 0]
     labels[B2] = [1, 1, 0, 0, 1, 1, 0, 0]
-    before = pair_accuracy(logits, labels, [(A, B), (A2, B2)], n_boot=200)
+    before = pair_metrics(logits, labels, [(A, B), (A2, B2)], n_boot=200)
     better = logits.copy()
     better[:, attribute_index(A)] = [1, 1, 1, 1, 1, -1, -1, -1]  # all correct
-    after = pair_accuracy(better, labels, [(A, B), (A2, B2)], n_boot=200)
+    after = pair_metrics(better, labels, [(A, B), (A2, B2)], n_boot=200)
     table = paper_table({"pre-trained": before, "fine-tuned": after})
     assert list(table.columns) == PAPER_COLUMNS
     assert list(zip(table["attribute"], table["model"])) == [
@@ -212,13 +225,183 @@ def test_paper_table_layout(hand_case) -> None:
     assert row["test %"] == pytest.approx(50.0)
     assert row["conflict A∧¬B %"] == pytest.approx(100 / 3)
     assert row["reverse ¬A∧B %"] == pytest.approx(50.0)
-    assert row["worst group %"] == pytest.approx(100 / 3)
-    assert row["n conflict"] == 3 and row["n test"] == 8
-    lo, hi = before.set_index(["a", "subset"]).loc[(A, "A∧¬B"), ["ci_low", "ci_high"]]
+    assert row["worst group %"] == pytest.approx(100 / 3) and row["worst group"] == "A∧¬B"
+    assert row["conflict mean %"] == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
+    assert row["AUC within B"] == pytest.approx(0.625) and row["AUC within ¬B"] == 1.0
+    assert row["n conflict"] == 3 and row["n reverse"] == 2 and row["n test"] == 8
+    lo, hi = before.set_index("a").loc[A, ["acc_a_not_b_low", "acc_a_not_b_high"]]
     assert row["conflict 95% CI"] == f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+    lo, hi = before.set_index("a").loc[A, ["acc_worst_group_low", "acc_worst_group_high"]]
+    assert row["worst group 95% CI"] == f"[{100 * lo:.1f}, {100 * hi:.1f}]"
     fine = table.iloc[1]
     assert fine["test %"] == 100.0 and fine["worst group %"] == 100.0
-    assert fine["conflict 95% CI"] == "[100.0, 100.0]"
+    assert fine["conflict 95% CI"] == "[100.0, 100.0]" and fine["worst group 95% CI"] == "[100.0, 100.0]"
+    # The same view from the tidy frame of numbers.
+    pd.testing.assert_frame_equal(paper_table(metrics_table({"pre-trained": before, "fine-tuned": after})), table)
+    # pair_accuracy's long format gives the same view, without the AUCs it does not hold.
+    from_long = paper_table({"pre-trained": pair_accuracy(logits, labels, [(A, B), (A2, B2)], n_boot=200)})
+    auc = ["AUC within B", "AUC within ¬B"]
+    assert from_long[auc].isna().all().all()
+    pd.testing.assert_frame_equal(from_long.drop(columns=auc), table.iloc[[0, 2]].drop(columns=auc).reset_index(drop=True))
+    with pytest.raises(ValueError, match="model"):
+        metrics_table(before)
+
+
+# --------------------------------------------------------------------------------------------
+# pair_metrics: the headline that cannot be gamed, AUC, intervals
+# --------------------------------------------------------------------------------------------
+
+
+def _brute_force_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Every (positive, negative) pair: 1 when the positive scores higher, ½ on a tie."""
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_pair_metrics_hand_computation(hand_case) -> None:
+    logits, labels = hand_case
+    m = pair_metrics(logits, labels, [(A, B)], n_boot=500)
+    assert list(m.columns) == list(METRIC_COLUMNS)
+    r = m.iloc[0]
+    assert (r["a"], r["b"]) == (A, B)
+    for key, (n, acc) in {"ab": (2, 1 / 2), "a_not_b": (3, 1 / 3), "not_a_b": (2, 1 / 2),
+                          "not_a_not_b": (1, 1.0), "all": (8, 4 / 8)}.items():
+        assert r[f"n_{key}"] == n and r[f"acc_{key}"] == pytest.approx(acc), key
+        assert r[f"acc_{key}_low"] <= r[f"acc_{key}"] <= r[f"acc_{key}_high"], key
+    assert r["worst_group"] == "a_not_b" and r["acc_worst_group"] == pytest.approx(1 / 3)
+    assert r["acc_conflict_mean"] == pytest.approx(5 / 12)
+    # Within B: positives A∧B score 2, -1; negatives ¬A∧B 1, -1 → (1 + 1 + 0 + ½) / 4.
+    assert r["auc_within_b"] == pytest.approx(0.625)
+    # Within ¬B: positives 3, 0, -2 all above the one negative -5.
+    assert r["auc_within_not_b"] == 1.0
+    assert r["auc_within_b_low"] <= r["auc_within_b"] <= r["auc_within_b_high"]
+    # Numbers, not strings: every metric column is a float or an int.
+    numeric = [c for c in METRIC_COLUMNS if c not in ("a", "b", "worst_group")]
+    assert all(pd.api.types.is_numeric_dtype(m[c]) for c in numeric)
+    assert not any("%" in c or " " in c for c in METRIC_COLUMNS)
+
+
+def test_always_predicting_a_games_the_paper_column_but_not_the_headline(hand_case) -> None:
+    """A model that says "A" for every image is perfect on the paper's A∧¬B and useless on ¬A."""
+    logits, labels = hand_case
+    always = logits.copy()
+    always[:, attribute_index(A)] = 5.0
+    r = pair_metrics(always, labels, [(A, B)], n_boot=200).iloc[0]
+    assert r["acc_a_not_b"] == 1.0 and r["acc_a_not_b_low"] == 1.0
+    assert r["acc_not_a_b"] == 0.0 and r["acc_not_a_not_b"] == 0.0
+    assert r["acc_worst_group"] == 0.0 and r["acc_worst_group_high"] == 0.0
+    assert r["worst_group"] == "not_a_b"  # the first of the tied groups in GROUPS order
+    assert r["acc_conflict_mean"] == 0.5
+    assert r["auc_within_b"] == 0.5 and r["auc_within_not_b"] == 0.5  # a constant score ranks nothing
+    table = paper_table({"always A": pair_metrics(always, labels, [(A, B)], n_boot=200)}).iloc[0]
+    assert table["conflict A∧¬B %"] == 100.0 and table["worst group %"] == 0.0
+    assert table["reverse ¬A∧B %"] == 0.0 and table["conflict mean %"] == 50.0
+
+
+def test_auc_does_not_move_with_the_threshold(hand_case) -> None:
+    logits, labels = hand_case
+    m0 = pair_metrics(logits, labels, [(A, B)], n_boot=50).iloc[0]
+    m1 = pair_metrics(logits, labels, [(A, B)], n_boot=50, threshold=-1.5).iloc[0]
+    assert m1["acc_a_not_b"] > m0["acc_a_not_b"]  # more positives predicted: the paper's column rises
+    for c in ("auc_within_b", "auc_within_not_b", "auc_within_b_low", "auc_within_b_high"):
+        assert m1[c] == m0[c], c
+    assert m1["threshold"] == -1.5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mann_whitney_auc_against_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pos = rng.integers(-3, 4, 37).astype(float)  # small integer scores: many ties
+    neg = rng.integers(-4, 3, 23).astype(float)
+    assert mann_whitney_auc(pos, neg) == pytest.approx(_brute_force_auc(pos, neg), abs=1e-12)
+    cont_pos, cont_neg = rng.normal(0.5, 1, 50), rng.normal(0, 1, 40)
+    assert mann_whitney_auc(cont_pos, cont_neg) == pytest.approx(_brute_force_auc(cont_pos, cont_neg), abs=1e-12)
+    try:  # the reference implementation, where it is installed (the brute force above always runs)
+        from sklearn.metrics import roc_auc_score
+    except ImportError:
+        roc_auc_score = None
+    if roc_auc_score is not None:
+        y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        assert mann_whitney_auc(pos, neg) == pytest.approx(roc_auc_score(y, np.r_[pos, neg]), abs=1e-12)
+    assert math.isnan(mann_whitney_auc(pos, []))
+    assert mann_whitney_auc([1.0], [1.0]) == 0.5
+
+
+def test_pair_metrics_auc_matches_brute_force_on_random_labels() -> None:
+    rng = np.random.default_rng(4)
+    n = 60
+    ya, yb = rng.integers(0, 2, n), rng.integers(0, 2, n)
+    labels = _labels([{A: int(a), B: int(b)} for a, b in zip(ya, yb)])
+    logits = np.zeros((n, 40), np.float32)
+    logits[:, attribute_index(A)] = np.round(rng.normal(ya - 0.5, 1.0), 1)  # rounded: ties
+    r = pair_metrics(logits, labels, [(A, B)], n_boot=100).iloc[0]
+    z = logits[:, attribute_index(A)].astype(np.float64)
+    for name, side in (("auc_within_b", yb == 1), ("auc_within_not_b", yb == 0)):
+        assert r[name] == pytest.approx(_brute_force_auc(z[side & (ya == 1)], z[side & (ya == 0)]), abs=1e-12)
+
+
+def test_auc_interval_is_delongs_from_brute_force_components() -> None:
+    rng = np.random.default_rng(5)
+    pos, neg = rng.integers(-2, 4, 30).astype(float), rng.integers(-3, 2, 25).astype(float)  # ties
+    v10 = np.array([np.mean([1.0 if p > q else 0.5 if p == q else 0.0 for q in neg]) for p in pos])
+    v01 = np.array([np.mean([1.0 if p > q else 0.5 if p == q else 0.0 for p in pos]) for q in neg])
+    se = math.sqrt(v10.var(ddof=1) / len(pos) + v01.var(ddof=1) / len(neg))
+    auc = _brute_force_auc(pos, neg)
+    lo, hi = auc_interval(pos, neg)
+    assert (lo, hi) == pytest.approx((max(0.0, auc - 1.959963984540054 * se), min(1.0, auc + 1.959963984540054 * se)),
+                                     abs=1e-12)
+    assert auc_interval(pos, neg, level=0.5)[1] - auc_interval(pos, neg, level=0.5)[0] < hi - lo
+    assert all(math.isnan(v) for v in auc_interval(pos[:1], neg))
+    assert auc_interval(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == (1.0, 1.0)  # perfectly separated
+
+
+def test_auc_interval_matches_a_stratified_bootstrap() -> None:
+    """DeLong's standard error is the bootstrap's to first order. Tolerance: with 4,000 replicates the
+    bootstrap's SD has a Monte Carlo error of about 1/√(2·4000) ≈ 1.1 %, and the first-order term
+    differs from the exact resampling variance by O(1/n) ≈ 0.5 % here; 10 % is several times both."""
+    rng = np.random.default_rng(11)
+    pos, neg = rng.normal(0.8, 1.0, 200), rng.normal(0.0, 1.0, 200)
+    boot = np.array([mann_whitney_auc(pos[rng.integers(0, 200, 200)], neg[rng.integers(0, 200, 200)])
+                     for _ in range(4000)])
+    lo, hi = auc_interval(pos, neg)
+    assert (hi - lo) / (2 * 1.959963984540054) == pytest.approx(boot.std(ddof=1), rel=0.10)
+
+
+def test_worst_group_interval_is_the_minimum_of_the_same_resamples() -> None:
+    """Two groups of equal accuracy: the minimum of two independent draws lies below either one,
+    so the worst group's interval is lower than each group's own (a per-group interval would not be)."""
+    rows = [{A: 1, B: 0}] * 100 + [{A: 0, B: 1}] * 100 + [{A: 1, B: 1}] * 100 + [{A: 0, B: 0}] * 100
+    labels = _labels(rows)
+    logits = np.zeros((400, 40), np.float32)
+    ya = labels[A].to_numpy()
+    z = np.where(ya == 1, 1.0, -1.0)
+    for start in (0, 100):  # half of each conflict group wrong
+        z[start:start + 50] *= -1
+    logits[:, attribute_index(A)] = z
+    r = pair_metrics(logits, labels, [(A, B)], n_boot=2000).iloc[0]
+    assert r["acc_a_not_b"] == r["acc_not_a_b"] == 0.5 == r["acc_worst_group"]
+    assert r["acc_worst_group_high"] < min(r["acc_a_not_b_high"], r["acc_not_a_b_high"])
+    assert r["acc_worst_group_low"] < min(r["acc_a_not_b_low"], r["acc_not_a_b_low"])
+    # The conflict mean of 200 images is tighter than either group of 100.
+    width = r["acc_conflict_mean_high"] - r["acc_conflict_mean_low"]
+    assert width < r["acc_a_not_b_high"] - r["acc_a_not_b_low"]
+    assert r["acc_conflict_mean_low"] < 0.5 < r["acc_conflict_mean_high"]
+
+
+def test_pair_metrics_long_view_and_arguments(hand_case) -> None:
+    logits, labels = hand_case
+    m = pair_metrics(logits, labels, [(A, B)], n_boot=300, seed=2)
+    long = metrics_long(m).set_index("subset")
+    for subset, stem in (("A∧¬B", "a_not_b"), ("worst group", "worst_group"), ("all", "all")):
+        assert long.loc[subset, "accuracy"] == m.iloc[0][f"acc_{stem}"]
+        assert long.loc[subset, "ci_low"] == m.iloc[0][f"acc_{stem}_low"]
+    pd.testing.assert_frame_equal(pair_accuracy(logits, labels, [(A, B)], n_boot=300, seed=2), metrics_long(m))
+    none = pair_metrics(logits, labels, [(A, B)], n_boot=0).iloc[0]
+    assert none["acc_a_not_b"] == pytest.approx(1 / 3) and math.isnan(none["acc_a_not_b_low"])
+    with pytest.raises(ValueError, match="n_boot"):
+        pair_metrics(logits, labels, [(A, B)], n_boot=-1)
+    with pytest.raises(ValueError, match="level"):
+        pair_metrics(logits, labels, [(A, B)], level=1.5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -245,17 +245,22 @@ def test_paint_with_strokes_covers_the_region(tmp_path) -> None:
     assert editor.can_undo
 
 
-def _table(guided_conflict: float, control_ci: str = "[40.0, 60.0]", n: int = 200, test_drop: float = 0.0,
-           iou: tuple[float, float] = (0.1, 0.4)) -> pd.DataFrame:
+def _table(guided_worst: float, control_ci: tuple[float, float] = (40.0, 60.0), n: int = 200,
+           test_drop: float = 0.0, iou: tuple[float, float] = (0.1, 0.4), guided_ci: tuple[float, float] | None = None,
+           reverse: float = 80.0) -> pd.DataFrame:
+    """The numbers of :func:`nb.evaluate_models` for one pair, in percent here and fractions in the frame."""
     rows = []
-    for model, conflict, ci, test, soft in (
-        (nb.BASELINE, 45.0, "[38.0, 52.0]", 90.0, iou[0]),
-        (nb.CONTROL, 50.0, control_ci, 90.5, iou[0]),
-        (nb.GUIDED, guided_conflict, "[60.0, 75.0]", 90.0 - test_drop, iou[1]),
+    g_ci = guided_ci or (guided_worst - 6.0, guided_worst + 6.0)
+    for model, worst, ci, test, soft, rev in (
+        (nb.BASELINE, 45.0, (38.0, 52.0), 90.0, iou[0], 80.0),
+        (nb.CONTROL, 50.0, control_ci, 90.5, iou[0], 80.0),
+        (nb.GUIDED, guided_worst, g_ci, 90.0 - test_drop, iou[1], reverse),
     ):
-        rows.append({"attribute": "Wearing_Lipstick", "shortcut": "Heavy_Makeup", "model": model, "test %": test,
-                     "conflict A∧¬B %": conflict, "conflict 95% CI": ci, "n conflict": n, "reverse ¬A∧B %": 80.0,
-                     "worst group %": conflict, "n test": 4000, "mask soft_iou": soft})
+        rows.append({"attribute": "Wearing_Lipstick", "shortcut": "Heavy_Makeup", "model": model,
+                     "acc_worst_group": worst / 100, "acc_worst_group_low": ci[0] / 100,
+                     "acc_worst_group_high": ci[1] / 100, "worst_group": "a_not_b", "n_a_not_b": n,
+                     "acc_a_not_b": worst / 100, "acc_not_a_b": rev / 100, "n_not_a_b": 300,
+                     "acc_all": test / 100, "n_all": 4000, "mask soft_iou": soft})
     return pd.DataFrame(rows)
 
 
@@ -266,16 +271,25 @@ def test_verdict_in_plain_words() -> None:
     assert "control reached 50.0 %" in helped and "moved into the drawn region" in helped
     assert "no real cost" in helped
 
-    same = nb.verdict(_table(55.0))
-    assert "no clear difference" in same and "within the BCE-only control's interval" in same
+    # Above the control's interval but overlapping it: no conclusion (the old rule said "helped").
+    overlap = nb.verdict(_table(62.0, guided_ci=(55.0, 69.0)))
+    assert "no clear difference" in overlap and "nothing is concluded" in overlap
 
-    hurt = nb.verdict(_table(30.0, test_drop=5.0))
+    same = nb.verdict(_table(55.0))
+    assert "no clear difference" in same
+
+    hurt = nb.verdict(_table(20.0, test_drop=5.0))
     assert "did not help" in hurt and "a cost of 5.0 points" in hurt
 
     small = nb.verdict(_table(70.0, n=12))
     assert "only 12 images" in small
 
-    empty = _table(float("nan"), n=0)
+    # The paper's column rose because the reverse group was given up: said so.
+    gamed = nb.verdict(_table(55.0, reverse=20.0))
+    assert "predicts the attribute more often" in gamed
+    assert "predicts the attribute more often" not in same
+
+    empty = _table(float("nan"), n=0).assign(worst_group=None)
     assert "cannot be judged" in nb.verdict(empty)
 
     no_control = _table(70.0)
@@ -285,6 +299,8 @@ def test_verdict_in_plain_words() -> None:
 
     with pytest.raises(ValueError, match="columns"):
         nb.verdict(pd.DataFrame({"attribute": ["x"]}))
+    with pytest.raises(ValueError, match="not a display table"):
+        nb.verdict(nb.results_table(_table(70.0)).reset_index())
 
 
 def test_figures_are_returned_headless(workspace) -> None:

@@ -191,6 +191,10 @@ def test_run_protocol_gives_the_papers_table_next_to_cocams(first_run: pd.DataFr
             assert row[f"cocam {model} test 95% CI"].startswith("[")
             conflict = row[f"cocam {model} conflict %"]
             assert (0 <= conflict <= 100) if row["n conflict"] > 0 else math.isnan(conflict)
+            # the headline beside the paper's columns: never above any group it is the minimum of
+            worst, reverse = row[f"cocam {model} worst group %"], row[f"cocam {model} reverse %"]
+            assert 0 <= worst <= min(v for v in (conflict, reverse, 100.0) if not math.isnan(v))
+            assert row[f"cocam {model} worst group 95% CI"].startswith("[")
     assert df.set_index("attribute").loc["Wearing_Lipstick", "mask"] == str(masks / "Wearing_Lipstick.png")
     assert df.set_index("attribute").loc["Double_Chin", "mask"] == "built-in"
 
@@ -207,6 +211,7 @@ def test_run_protocol_gives_the_papers_table_next_to_cocams(first_run: pd.DataFr
     details = pd.read_csv(config.out / "protocol_details.csv")
     assert len(details) == 5 * 3  # every model on every pair
     assert "Wearing_Lipstick" in format_protocol_table(df) and "paper pre-trained" in format_protocol_table(df)
+    assert "worst group %" in format_protocol_table(df)
 
 
 def test_each_guided_run_guides_exactly_its_pairs_attribute(first_run: pd.DataFrame, config: ProtocolConfig) -> None:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from cocam.attributes import attribute_index, validate_attributes
 from cocam.dataset import CelebADataset, iterate_batches
 from cocam.gradcam import grad_cam
+from cocam.groups import CONFLICT_GROUPS, GROUPS
 from cocam.losses import soft_iou
 from cocam.model import SplitModel
 
@@ -99,12 +100,6 @@ def bootstrap_interval(correct: np.ndarray, *, level: float = 0.95, n_boot: int 
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
-#: The four (A, B) groups: tidy key → the label shown in tables. ``a_not_b`` is the paper's
-#: conflict subset, ``not_a_b`` the reverse conflict (B without A).
-GROUPS: dict[str, str] = {"ab": "A∧B", "a_not_b": "A∧¬B", "not_a_b": "¬A∧B", "not_a_not_b": "¬A∧¬B"}
-
-#: The two conflict groups, where A and B disagree: the only groups a shortcut through B gets wrong.
-CONFLICT_GROUPS: tuple[str, str] = ("a_not_b", "not_a_b")
 
 
 def _metric_columns() -> list[str]:

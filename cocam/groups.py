@@ -33,6 +33,7 @@ import pandas as pd
 from cocam.attributes import validate_attributes
 
 __all__ = [
+    "CONFLICT_GROUPS",
     "GROUPS",
     "balanced_resample",
     "balanced_subset",
@@ -41,8 +42,12 @@ __all__ = [
     "group_index",
 ]
 
-#: The four (A, B) groups, in the order of :func:`group_index`'s values.
-GROUPS: tuple[str, ...] = ("A∧B", "A∧¬B", "¬A∧B", "¬A∧¬B")
+#: The four (A, B) groups: tidy key → the label shown in tables, in the order of :func:`group_index`'s
+#: values. ``a_not_b`` is the paper's conflict subset, ``not_a_b`` the reverse conflict (B without A).
+GROUPS: dict[str, str] = {"ab": "A∧B", "a_not_b": "A∧¬B", "not_a_b": "¬A∧B", "not_a_not_b": "¬A∧¬B"}
+
+#: The two conflict groups, where A and B disagree: the only groups a shortcut through B gets wrong.
+CONFLICT_GROUPS: tuple[str, str] = ("a_not_b", "not_a_b")
 
 
 def _binary(labels: pd.DataFrame, name: str) -> np.ndarray:
@@ -53,7 +58,7 @@ def _binary(labels: pd.DataFrame, name: str) -> np.ndarray:
 
 
 def group_index(labels: pd.DataFrame, a: str, b: str) -> np.ndarray:
-    """``(N,)`` int array: the index into :data:`GROUPS` of each image's (A, B) group.
+    """``(N,)`` int array: the position in :data:`GROUPS` of each image's (A, B) group.
 
     ``labels`` holds 0/1 (or ±1) columns named by the attributes.
     """
@@ -67,7 +72,7 @@ def group_counts(labels: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> pd.D
     rows = []
     for a, b in pairs:
         counts = np.bincount(group_index(labels, a, b), minlength=len(GROUPS))
-        rows += [{"a": a, "b": b, "group": g, "n": int(n)} for g, n in zip(GROUPS, counts)]
+        rows += [{"a": a, "b": b, "group": g, "n": int(n)} for g, n in zip(GROUPS.values(), counts)]
     return pd.DataFrame(rows)
 
 

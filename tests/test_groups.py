@@ -23,7 +23,7 @@ def _labels(ab, cd=None):
 def test_group_index_follows_groups_order_and_accepts_plus_minus_one():
     labels = _labels([(1, 1), (1, 0), (0, 1), (0, 0)])
     assert group_index(labels, A, B).tolist() == [0, 1, 2, 3]
-    assert [GROUPS[i] for i in group_index(labels, A, B)] == ["A∧B", "A∧¬B", "¬A∧B", "¬A∧¬B"]
+    assert [list(GROUPS.values())[i] for i in group_index(labels, A, B)] == ["A∧B", "A∧¬B", "¬A∧B", "¬A∧¬B"]
     pm = labels.replace({0: -1})
     assert group_index(pm, A, B).tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="0/1 or -1/1"):

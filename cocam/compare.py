@@ -42,11 +42,14 @@ import torch
 
 from cocam.attributes import PAPER_PAIRS, validate_attributes
 from cocam.celeba import find_celeba_dir
-from cocam.checkpoint import ModelSpec, load_model
+from cocam.checkpoint import ModelSpec, load_model, save_checkpoint
 from cocam.dataset import CelebADataset
+from cocam.dfr import retrain_last_layer
 from cocam.evaluate import evaluate_checkpoints
+from cocam.groups import balanced_resample, balancing_weights
 from cocam.io import atomic_write_text
-from cocam.masks import resolve_mask
+from cocam.masks import default_mask, resolve_mask
+from cocam.regions import random_region
 from cocam.train import Guidance, TrainConfig, fit
 
 __all__ = [
@@ -68,6 +71,20 @@ __all__ = [
 #: Names of the two reference rows.
 CONTROL = "BCE-only control"
 PRE_TRAINED = "pre-trained"
+
+#: The controls and peers a comparison can run beside the guidance settings (``ComparisonConfig.peers``),
+#: each with the same baseline, steps, learning rate, data order and seeds as the guided runs:
+#:
+#: * ``random region`` — the reference guidance setting with every mask replaced by a region of the same
+#:   shape and area placed away from it and from the shortcut's region (:func:`cocam.regions.random_region`,
+#:   a new place per seed): does the *region* matter, or would any Grad-CAM regulariser do?
+#: * ``group-balanced`` — BCE only, on a resample of the training split in which the four (A, B)
+#:   groups of every pair weigh the same (:func:`cocam.groups.balancing_weights`): what a user holding
+#:   B's labels would do instead of drawing a region.
+#: * ``guided + balanced`` — the reference guidance setting on that resample: does guidance add to it?
+#: * ``last layer (DFR)`` — the baseline's last layer refit per guided attribute on a group-balanced
+#:   subset of the training split (:func:`cocam.dfr.retrain_last_layer`; no fine-tuning steps).
+PEERS: tuple[str, ...] = ("random region", "group-balanced", "guided + balanced", "last layer (DFR)")
 
 #: The guidance losses side by side: the paper's setting, then each loss guiding the evidence for
 #: the true label of every image (``target="both"``) at its default weight.
@@ -98,6 +115,13 @@ class ComparisonConfig:
         splits: where each run is scored (``"valid"`` for selection, ``"test"`` for the report).
         mask_dir: where ``<Attribute>.png`` masks are read (else the built-in regions).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``…
+        baseline_seeds: one converged baseline per seed (its initial weights and data order);
+            every fine-tuning seed runs from every baseline, so intervals cover both sources of
+            variance. Baseline 0 lives in ``out/baseline`` and its runs in ``out/<run>_seed<s>``;
+            baseline ``b > 0`` in ``out/baseline<b>`` and ``out/b<b>_<run>_seed<s>``.
+        peers: which of :data:`PEERS` to run beside the settings (all by default).
+        peer_setting: the setting whose loss, target and weight ``random region`` and
+            ``guided + balanced`` reuse (default: the first setting).
     """
 
     root: Path
@@ -115,11 +139,20 @@ class ComparisonConfig:
     splits: tuple[str, ...] = ("valid", "test")
     mask_dir: Path | None = Path("data/masks")
     device: str = "auto"
+    baseline_seeds: tuple[int, ...] = (0,)
+    peers: tuple[str, ...] = PEERS
+    peer_setting: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "baseline_seeds", tuple(int(s) for s in self.baseline_seeds))
+        object.__setattr__(self, "peers", tuple(self.peers))
+        if not self.baseline_seeds or len(set(self.baseline_seeds)) != len(self.baseline_seeds):
+            raise ValueError(f"baseline_seeds must be distinct and at least one, got {list(self.baseline_seeds)}.")
+        if unknown := [p for p in self.peers if p not in PEERS]:
+            raise ValueError(f"unknown peer {unknown[0]!r}: choose from {', '.join(PEERS)}.")
         object.__setattr__(self, "pairs", tuple((str(a), str(b)) for a, b in self.pairs))
         if not self.seeds:
             raise ValueError("a comparison needs at least one seed.")
@@ -235,28 +268,84 @@ def _scores(config: ComparisonConfig, key: str, name: str, seed: int, checkpoint
     return rows
 
 
+def _prefix(baseline_seed: int) -> str:
+    return "" if baseline_seed == 0 else f"b{baseline_seed}_"
+
+
+def _train_baseline(config: ComparisonConfig, spec: ModelSpec, train: CelebADataset, valid: CelebADataset,
+                    seed: int, progress: bool, say: Callable[[str], Any]) -> Path:
+    """The converged baseline of one initial seed (its weights' draw and its data order)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    base = fit(spec.build(), train, valid, TrainConfig(epochs=config.baseline_epochs, patience=config.patience,
+                                                       batch_size=config.batch_size, seed=seed, device=config.device),
+               spec=spec, run_dir=config.out / ("baseline" if seed == 0 else f"baseline{seed}"), resume=True,
+               progress=progress)
+    say(f"baseline (seed {seed}): {len(base.history)} epochs, best valid BCE {base.history.valid_bce.min():.4f} "
+        f"({time.perf_counter() - t0:.0f} s)")
+    return base.best_path
+
+
+def _control_regions(config: ComparisonConfig, masks: Sequence[np.ndarray], seed: int) -> tuple[np.ndarray, ...]:
+    """Per guided attribute, its mask moved away from itself and from its shortcut's built-in region."""
+    out = []
+    for i, ((_, b), mask) in enumerate(zip(config.pairs, masks)):
+        try:
+            avoid = [default_mask(b)]
+        except (KeyError, ValueError):  # a shortcut with no region of its own (e.g. a global attribute)
+            avoid = []
+        out.append(random_region(mask, seed=1009 * seed + i, avoid=avoid))
+    return tuple(out)
+
+
+def _last_layer_run(config: ComparisonConfig, base_path: Path, train: CelebADataset, seed: int,
+                    run_dir: Path) -> Path:
+    """DFR from the baseline, written once as ``run_dir/last.pt`` (reused when present)."""
+    path = run_dir / "last.pt"
+    if path.is_file():
+        return path
+    model, spec, _ = load_model(base_path)
+    retrained, info = retrain_last_layer(model, train, config.pairs, seed=seed, device=config.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, retrained, spec, last_layer_retraining={
+        "baseline": str(base_path), "seed": seed, "pairs": [list(p) for p in config.pairs],
+        "subset_sizes": info.n_subset.tolist()})
+    return path
+
+
 def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[str, Any]] | None = None, *,
                      baseline: str | Path | None = None, progress: bool = False,
                      log: Callable[[str], Any] | None = print) -> ComparisonResult:
-    """Run the baseline, the control and every setting for every seed; score them; summarise.
+    """Run the baselines, the control, every setting and the peers for every seed; score them; summarise.
 
     Args:
-        config: the shared budget.
+        config: the shared budget (and which baselines, seeds and peers).
         settings: setting name → :class:`~cocam.train.Guidance` keyword arguments (e.g.
             ``{"loss": "energy", "target": "both"}``); default :data:`METHODS`.
         baseline: a converged baseline checkpoint to start from (e.g. the notebooks'); its
-            spec must match ``config``'s image size. ``None`` trains one into
-            ``config.out / "baseline"``.
+            spec must match ``config``'s image size, and it replaces the trained baselines
+            (``config.baseline_seeds`` must then be one seed). ``None`` trains one per baseline seed.
         progress: progress bars of the training loops.
         log: called with one line per finished stage (``None``: silent).
 
+    Every run of a baseline seed and a fine-tuning seed starts from that baseline's best
+    checkpoint with the same steps, learning rate and data order; the rows of ``runs`` carry
+    ``baseline`` and ``seed``, and the gains pair each run with the control of the same two.
+
     Runs resume: a finished run folder is reloaded, not retrained, so an interrupted comparison
-    continues where it stopped and more seeds or settings can be added later.
+    continues where it stopped and more seeds, baselines or settings can be added later.
     """
     settings = dict(METHODS if settings is None else settings)
-    for reserved in (CONTROL, PRE_TRAINED):
+    for reserved in (CONTROL, PRE_TRAINED, *PEERS):
         if reserved in settings:
             raise ValueError(f"{reserved!r} is a reference row, not a setting name: rename it.")
+    needs_setting = {"random region", "guided + balanced"} & set(config.peers)
+    peer_setting = config.peer_setting or (next(iter(settings)) if settings else None)
+    if needs_setting and peer_setting not in settings:
+        raise ValueError(f"the peers {sorted(needs_setting)} reuse a guidance setting, but "
+                         f"{peer_setting!r} is not one of the settings: set peer_setting to one of {list(settings)}.")
+    if baseline is not None and len(config.baseline_seeds) != 1:
+        raise ValueError("a given baseline replaces the trained ones: use one baseline seed with baseline=.")
     say = log or (lambda _: None)
     attrs = tuple(a for a, _ in config.pairs)
     masks = tuple(resolve_mask(a, config.mask_dir)[0] for a in attrs)
@@ -271,49 +360,60 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
         indent=2, default=str))
 
     seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    if baseline is None:
-        torch.manual_seed(0)
-        base = fit(spec.build(), train, valid, TrainConfig(epochs=config.baseline_epochs, patience=config.patience,
-                                                           batch_size=config.batch_size, device=config.device),
-                   spec=spec, run_dir=config.out / "baseline", resume=True, progress=progress)
-        seconds["baseline"] = time.perf_counter() - t0
-        say(f"baseline: {len(base.history)} epochs, best valid BCE {base.history.valid_bce.min():.4f} "
-            f"({seconds['baseline']:.0f} s)")
-        base_path = base.best_path
-    else:
-        base_path = Path(baseline)
-        base_spec = load_model(base_path)[1]
-        if base_spec.image_size != spec.image_size:
-            raise ValueError(f"the baseline {base_path} takes {base_spec.image_size}px inputs but the comparison is "
-                             f"configured for {spec.image_size}px: set image_size={base_spec.image_size}.")
-        spec = base_spec
-        say(f"baseline: {base_path}")
-
     key = _scores_key(config)  # once: the dataset and masks do not change during a comparison
-    rows = _scores(config, key, PRE_TRAINED, -1, base_path)
-    runs: dict[str, Guidance | None] = {CONTROL: None} | guidances
-    for seed in config.seeds:
-        for name, guidance in runs.items():
-            t = time.perf_counter()
-            model, _, _ = load_model(base_path)
-            cfg = TrainConfig.fine_tuning(len(train), config.finetune_epochs, batch_size=config.batch_size,
-                                          lr=config.finetune_lr, seed=seed, device=config.device)
-            run_dir = config.out / f"{run_name(guidance)}_seed{seed}"
-            r = fit(model, train, valid, cfg, spec=spec, guidance=guidance, run_dir=run_dir, resume=True,
-                    progress=progress)
-            rows += _scores(config, key, name, seed, r.last_path)
-            seconds[f"{name} seed {seed}"] = time.perf_counter() - t
-            say(f"seed {seed} · {name}: {seconds[f'{name} seed {seed}']:.0f} s")
-            atomic_write_text(config.out / "runs.csv", pd.DataFrame(rows).to_csv(index=False))
+    rows: list[dict[str, Any]] = []
+    first_base: Path | None = None
+    cfg_steps = dict(batch_size=config.batch_size, lr=config.finetune_lr, device=config.device)
+    for b in config.baseline_seeds:
+        if baseline is None:
+            base_path = _train_baseline(config, spec, train, valid, b, progress, say)
+        else:
+            base_path = Path(baseline)
+            base_spec = load_model(base_path)[1]
+            if base_spec.image_size != spec.image_size:
+                raise ValueError(f"the baseline {base_path} takes {base_spec.image_size}px inputs but the comparison "
+                                 f"is configured for {spec.image_size}px: set image_size={base_spec.image_size}.")
+            spec = base_spec
+            say(f"baseline: {base_path}")
+        first_base = first_base or base_path
+        rows += [r | {"baseline": b} for r in _scores(config, key, PRE_TRAINED, -1, base_path)]
+        for seed in config.seeds:
+            balanced = None
+            if {"group-balanced", "guided + balanced"} & set(config.peers):
+                weights = balancing_weights(train.attributes, config.pairs)
+                balanced = train.resampled(balanced_resample(weights, len(train), seed))
+            runs: dict[str, tuple[Guidance | None, CelebADataset, str]] = {CONTROL: (None, train, "control")}
+            runs |= {name: (g, train, run_name(g)) for name, g in guidances.items()}
+            if "random region" in config.peers:
+                g = Guidance(attrs, _control_regions(config, masks, seed), **settings[peer_setting])
+                runs["random region"] = (g, train, f"random_{run_name(g)}")
+            if "group-balanced" in config.peers:
+                runs["group-balanced"] = (None, balanced, "balanced")
+            if "guided + balanced" in config.peers:
+                g = guidances[peer_setting]
+                runs["guided + balanced"] = (g, balanced, f"{run_name(g)}_balanced")
+            for name, (guidance, data, stem) in runs.items():
+                t = time.perf_counter()
+                model, _, _ = load_model(base_path)
+                cfg = TrainConfig.fine_tuning(len(train), config.finetune_epochs, seed=seed, **cfg_steps)
+                r = fit(model, data, valid, cfg, spec=spec, guidance=guidance, resume=True, progress=progress,
+                        run_dir=config.out / f"{_prefix(b)}{stem}_seed{seed}")
+                rows += [row | {"baseline": b} for row in _scores(config, key, name, seed, r.last_path)]
+                seconds[f"{name} baseline {b} seed {seed}"] = time.perf_counter() - t
+                say(f"baseline {b} · seed {seed} · {name}: {seconds[f'{name} baseline {b} seed {seed}']:.0f} s")
+                atomic_write_text(config.out / "runs.csv", pd.DataFrame(rows).to_csv(index=False))
+            if "last layer (DFR)" in config.peers:
+                path = _last_layer_run(config, base_path, train, seed, config.out / f"{_prefix(b)}dfr_seed{seed}")
+                rows += [row | {"baseline": b} for row in _scores(config, key, "last layer (DFR)", seed, path)]
+                atomic_write_text(config.out / "runs.csv", pd.DataFrame(rows).to_csv(index=False))
     runs_df = pd.DataFrame(rows)
     summary = summarize_comparison(runs_df)
     atomic_write_text(config.out / "summary.csv", summary.to_csv(index=False))
-    return ComparisonResult(runs=runs_df, summary=summary, baseline=base_path, seconds=seconds)
+    return ComparisonResult(runs=runs_df, summary=summary, baseline=first_base, seconds=seconds)
 
 
 def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds with 95 % t-intervals, per split, setting and attribute: numbers only.
+    """Mean over runs (baselines × seeds) with 95 % t-intervals, per split, setting and attribute: numbers only.
 
     Columns: ``split, setting, attribute, seeds, n_conflict, n_reverse``; for each metric of
     :data:`RUN_METRICS` present in ``runs`` and for ``truth_iou``/``mask_iou``, the mean and its
@@ -338,7 +438,8 @@ def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:
             entry[f"{col}_low"], entry[f"{col}_high"] = t_interval(g[col])
         control = runs[(runs.split == split) & (runs.setting == CONTROL) & (runs.attribute == attribute)]
         if name not in (CONTROL, PRE_TRAINED) and len(control):
-            mine, ref = g.set_index("seed"), control.set_index("seed")
+            cell = ["baseline", "seed"] if "baseline" in runs.columns else ["seed"]  # pair with the same run's control
+            mine, ref = g.set_index(cell), control.set_index(cell)
             for col in metrics:
                 key = GAINS[col]
                 diff = (mine[col] - ref[col]).dropna()

@@ -644,6 +644,20 @@ class CelebADataset(torch.utils.data.Dataset):
             merged[name] = value
         return self.subset_names(select_images(self.attributes, merged))
 
+    def resampled(self, indices: Any) -> CelebADataset:
+        """A dataset serving the given item indices, repeats allowed (a resample), sharing the cache.
+
+        An index listed k times is served k times per epoch — what group-balanced training
+        needs (:func:`cocam.groups.balanced_resample`). The result's :attr:`names` repeat, so
+        selecting from it by name is refused.
+        """
+        idx = _as_indices(indices, len(self))
+        if idx.size == 0:
+            raise ValueError("a resample needs at least one image.")
+        derived = copy.copy(self)
+        derived._set_rows(self._rows[idx])
+        return derived
+
 
 # --------------------------------------------------------------------------------------------
 # Fast batch iteration

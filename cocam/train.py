@@ -549,7 +549,7 @@ def fit(
         raise ValueError(f"The model expects {spec.image_size}px inputs but the dataset gives {train.image_size}px.")
     run_path = Path(run_dir) if run_dir is not None else None
 
-    with _run_lock(run_path, context):
+    with _run_lock(run_path, context), contextlib.ExitStack() as cleanup:
         torch.manual_seed(config.seed + context.rank)
         model.to(device)
         if channels_last:
@@ -593,6 +593,7 @@ def fit(
         done = step >= total_steps or (config.patience is not None and stale >= config.patience)
         bar = tqdm(total=total_steps, initial=step, desc="fine-tuning" if guidance else "training", unit="step",
                    disable=not show_progress)
+        cleanup.callback(bar.close)  # also on errors: the message starts on a line of its own
         epoch = start_epoch
         while not done and epoch < config.epochs:
             model.train()

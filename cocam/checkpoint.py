@@ -27,7 +27,8 @@ from cocam.errors import CocamError
 from cocam.io import atomic_write
 from cocam.model import SplitModel, build_model
 
-__all__ = ["CheckpointError", "ModelSpec", "load_checkpoint", "load_model", "save_checkpoint", "versions"]
+__all__ = ["CheckpointError", "ModelSpec", "checkpoint_spec", "load_checkpoint", "load_model", "load_weights",
+           "save_checkpoint", "versions"]
 
 FORMAT = "cocam-checkpoint-v1"
 
@@ -144,6 +145,46 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     return payload
 
 
+def checkpoint_spec(payload: Mapping[str, Any], path: str | os.PathLike) -> ModelSpec:
+    """The :class:`ModelSpec` stored in a loaded checkpoint ``payload`` (read from ``path``).
+
+    Raises:
+        CheckpointError: the checkpoint has no model description (``'spec'``) or a malformed one:
+            without it, no model can be built to receive the weights.
+    """
+    spec = payload.get("spec")
+    if not isinstance(spec, Mapping):
+        raise CheckpointError(f"{path} has no model description ('spec'): it was not written by cocam's "
+                              f"save_checkpoint (or was edited since), so no model can be built for its weights. "
+                              f"Use a checkpoint saved by `cocam train`/`cocam finetune`.")
+    try:
+        return ModelSpec.from_dict(dict(spec))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its model description ('spec') is malformed ({type(err).__name__}: {err}). "
+                              f"Use a checkpoint saved by `cocam train`/`cocam finetune`.") from err
+
+
+def load_weights(model: torch.nn.Module, weights: Mapping[str, Any], path: str | os.PathLike,
+                 spec: ModelSpec | None = None) -> None:
+    """Load a checkpoint's ``weights`` into ``model``; weights of another shape are a one-line :class:`CheckpointError`.
+
+    torch's own error lists every missing and unexpected key over many lines; this one names
+    the counts and the first key of each kind.
+    """
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        mine = model.state_dict()
+        missing = [k for k in mine if k not in weights]
+        unexpected = [k for k in weights if k not in mine]
+        reshaped = [k for k in mine if k in weights and tuple(mine[k].shape) != tuple(weights[k].shape)]
+        parts = [f"{len(v)} {what} (e.g. {v[0]!r})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if v]
+        target = f"a {spec.arch} model of this spec" if spec is not None else "this model"
+        raise CheckpointError(f"{path}: the weights do not fit {target}: {'; '.join(parts) or 'mismatch'} "
+                              f"weights. The file was made for another architecture or head width.") from err
+
+
 def load_model(path: str | os.PathLike, *, attributes: tuple[str, ...] | None = None,
                map_location: str | torch.device = "cpu") -> tuple[SplitModel, ModelSpec, dict[str, Any]]:
     """Rebuild the model stored in a checkpoint: ``(model, spec, payload)``.
@@ -153,12 +194,14 @@ def load_model(path: str | os.PathLike, *, attributes: tuple[str, ...] | None = 
             other attributes (or in another order) is refused with a clear error.
     """
     payload = load_checkpoint(path, map_location=map_location)
-    spec = ModelSpec.from_dict(payload["spec"])
+    spec = checkpoint_spec(payload, path)
     if attributes is not None and tuple(attributes) != spec.attributes:
         raise CheckpointError(f"{path} predicts other attributes than expected: {list(spec.attributes)[:5]}...")
-    model = spec.build()
     try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: the weights do not fit a {spec.arch} model of this spec ({err}).") from err
+        model = spec.build()
+    except ValueError as err:  # an architecture this version does not know
+        raise CheckpointError(f"{path}: its model description cannot be built ({err}).") from err
+    if not isinstance(payload.get("model"), Mapping):
+        raise CheckpointError(f"{path} holds no weights ('model'): use a checkpoint saved by cocam.")
+    load_weights(model, payload["model"], path, spec)
     return model, spec, payload

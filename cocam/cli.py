@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     torch.manual_seed(args.seed)  # --seed also fixes the initial weights
     result = fit(spec.build(pretrained=args.pretrained), train, valid, config, spec=spec, run_dir=args.out,
-                 resume=args.resume)
+                 resume=args.resume, overwrite=args.overwrite)
     print(result.history.to_string(index=False))
     print(f"best checkpoint: {result.best_path}")
     return 0
@@ -144,6 +144,15 @@ def _guidance(args: argparse.Namespace):
                     transfer=args.transfer)
 
 
+def _check_out_is_not_the_source(checkpoint: Path, out: Path) -> None:
+    """Fine-tuning writes ``last.pt``/``best.pt`` into ``out``: never the folder of the checkpoint it starts from."""
+    from cocam.train import RunExistsError
+
+    if os.path.realpath(Path(checkpoint).parent) == os.path.realpath(out):
+        raise RunExistsError(f"--out {out} is the folder of the checkpoint it starts from ({checkpoint}): the "
+                             f"fine-tuned run would replace it. Choose another --out (e.g. runs/guided).")
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from cocam.checkpoint import load_model
     from cocam.train import fit
@@ -151,11 +160,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not args.control and not args.attribute:
         raise ValueError("give at least one --attribute to guide (e.g. --attribute Wearing_Lipstick), "
                          "or --control for the BCE-only control.")
+    _check_out_is_not_the_source(args.checkpoint, args.out)
     model, spec, _ = load_model(args.checkpoint)
     train, valid = _datasets(args.root, spec.image_size)
     guidance = None if args.control else _guidance(args)
     result = fit(model, train, valid, _train_config(args, patience=None), spec=spec, guidance=guidance,
-                 run_dir=args.out, resume=args.resume)
+                 run_dir=args.out, resume=args.resume, overwrite=args.overwrite)
     print(result.history.to_string(index=False))
     print(f"fine-tuned checkpoint: {result.last_path}")
     return 0
@@ -372,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=None)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-        p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+        p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (same settings; only "
+                       "--epochs, --max-steps, --patience and --device may change)")
 
     def guidance_options(p):
         p.add_argument("--w-a", type=float, default=1.0, help="weight of the BCE term")
@@ -399,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--hidden", type=int, default=512, help="classifier width (0 = torchvision's 4096)")
     tr.add_argument("--pretrained", action="store_true", help="ImageNet weights (must be in the torch cache)")
     tr.add_argument("--patience", type=int, default=3)
+    tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out (its checkpoints "
+                    "and history are deleted); without it such a folder is refused")
     tr.set_defaults(func=cmd_train)
 
     ft = sub.add_parser("finetune", help="guided fine-tuning (or --control: BCE only) from a checkpoint")
@@ -411,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where <Attribute>.png masks are looked up (default: %(default)s)")
     ft.add_argument("--control", action="store_true", help="BCE-only control: no guidance term")
     guidance_options(ft)
+    ft.add_argument("--overwrite", action="store_true", help="replace a run already in --out (its checkpoints "
+                    "and history are deleted); without it such a folder is refused")
     ft.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="test and conflict-subset accuracy of checkpoints")

@@ -851,7 +851,7 @@ def run_protocol(config: ProtocolConfig, *, progress: bool = True, resume: bool 
         t = time.perf_counter()
         torch.manual_seed(config.seed)  # the initial weights
         base = fit(spec.build(pretrained=config.pretrained), train, valid, base_config, spec=spec,
-                   run_dir=base_dir, resume=resume, progress=progress)
+                   run_dir=base_dir, resume=resume, overwrite=not resume, progress=progress)
         times["baseline"] = time.perf_counter() - t
         if base.best_path is None:
             raise ProtocolError(f"The baseline in {base_dir} has no best.pt: its training ended before one epoch "
@@ -884,7 +884,7 @@ def run_protocol(config: ProtocolConfig, *, progress: bool = True, resume: bool 
             model, _, _ = load_model(base.best_path)
             t = time.perf_counter()
             result = fit(model, train, valid, ft_config, spec=spec, guidance=guidance, run_dir=run_dir,
-                         resume=resume, progress=progress)
+                         resume=resume, overwrite=not resume, progress=progress)
             times[stage] = time.perf_counter() - t
             if result.last_path is None or result.steps != ft_config.max_steps:
                 raise ProtocolError(f"{run_dir} ended after {result.steps} of {ft_config.max_steps} steps: delete it "

@@ -22,11 +22,21 @@ The loss, the target and ``w_g`` may also be given per attribute (``Guidance(("A
 loss=("iou", "energy"), target=("positive", "both"), w_g=(3.0, 1.0))``): the best setting
 often differs between biases, and all of them then train in one run, from one forward pass.
 
-Every epoch writes ``last.pt`` (and ``best.pt`` when the validation BCE improved) and
-``history.csv`` atomically into the run folder; ``resume=True`` continues from ``last.pt`` to
-the same result as an uninterrupted run (same seed, CPU). A non-finite loss stops training
-with :class:`TrainingDivergedError` naming the step and the term; the last good checkpoint is
-kept.
+The run folder (``run_dir``) holds ``last.pt``, ``best.pt`` (when the validation BCE improved),
+``history.csv`` and ``run.json``. Each epoch writes them as one recoverable transaction: the
+new files go under temporary names (``.last.pt.pending``, ...), then a commit marker
+(``.commit.json``) is written, then the files are renamed into place. A process killed at any
+point leaves a folder that the next run in it (fresh or resumed) finishes (marker present) or
+rolls back (no marker) to the last complete epoch, removing every temporary file; so the four
+files always describe the same epoch. ``resume=True`` continues from ``last.pt`` to the same
+result as an uninterrupted run (same seed, CPU), and refuses settings that would change what
+is trained (see :data:`RESUME_MAY_CHANGE`). A folder that already holds a run is never
+overwritten unless ``overwrite=True``; ``run.json`` appears with the first completed epoch.
+
+A non-finite loss stops training with :class:`TrainingDivergedError` naming the step and the
+term; after each epoch the weights must be finite and the BCE below :data:`ABSURD_BCE`, else
+the same error, and the diverged weights are never saved: ``last.pt`` is always the last good
+checkpoint.
 
 Under ``torchrun`` (or in any initialised process group of several processes) :func:`fit`
 trains data-parallel with :class:`~torch.nn.parallel.DistributedDataParallel`:
@@ -55,7 +65,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cocam.attributes import attribute_index, validate_attributes
-from cocam.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from cocam.checkpoint import (
+    CheckpointError,
+    ModelSpec,
+    checkpoint_spec,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from cocam.dataset import BatchLoader, CelebADataset
 from cocam.distributed import (
     DistributedContext,
@@ -66,7 +83,7 @@ from cocam.distributed import (
 from cocam.errors import CocamError
 from cocam.evaluate import predict
 from cocam.gradcam import grad_cam
-from cocam.io import LockedError, atomic_write_text, exclusive_lock
+from cocam.io import LockedError, atomic_write_text, exclusive_lock, remove_temp_files
 from cocam.losses import (
     CAM_LOSSES,
     DEFAULT_GUIDANCE_WEIGHTS,
@@ -81,7 +98,25 @@ from cocam.losses import (
 from cocam.masks import MASK_TRANSFERS, mask_to_feature, mask_to_input, masks_for_batch
 from cocam.model import SplitModel
 
-__all__ = ["FitResult", "Guidance", "RunLockedError", "TrainConfig", "TrainingDivergedError", "fit"]
+__all__ = ["ABSURD_BCE", "RESUME_MAY_CHANGE", "RUN_FILES", "DegenerateRunError", "DeviceUnavailableError",
+           "FitResult", "Guidance", "ResumeMismatchError", "RunExistsError", "RunLockedError", "TrainConfig",
+           "TrainingDivergedError", "fit"]
+
+#: The files of a run folder, written together once per epoch.
+RUN_FILES = ("last.pt", "best.pt", "history.csv", "run.json")
+
+#: The :class:`TrainConfig` fields that may differ when a run is resumed: when to stop (``epochs``,
+#: ``max_steps``, ``patience``) and where or how fast the same arithmetic runs (``device``,
+#: ``amp``, ``channels_last``). Every other field, the model spec, the guidance (settings and
+#: masks), the seed and the dataset sizes must equal the checkpoint's.
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "patience", "device", "amp", "channels_last")
+
+#: A BCE (mean over images and attributes, in nats) above this is divergence even when finite.
+#: A constant 0.5 prediction scores ln 2 ≈ 0.693 per label, and a prediction that is wrong with
+#: logit magnitude L costs ≈ L; 100·ln 2 ≈ 69 means logits around ±69 on the wrong side on
+#: average, far past where float32's sigmoid saturates (|logit| ≈ 17): no model that learns
+#: anything gets there, a diverging one (lr 30: 1e29) does.
+ABSURD_BCE = 100 * math.log(2)
 
 
 @dataclass(frozen=True)
@@ -132,6 +167,9 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be at least 1.")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be at least 1 (or None).")
+        if self.patience is not None and self.patience < 1:
+            raise DegenerateRunError(f"patience must be at least 1 epoch (or None: no early stopping), not "
+                                     f"{self.patience}: with {self.patience} the run would stop before its first step.")
 
 
 @dataclass(frozen=True)
@@ -243,7 +281,23 @@ class Guidance:
 
 
 class TrainingDivergedError(CocamError, RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the weights became NaN or infinite, or the BCE absurd (above :data:`ABSURD_BCE`)."""
+
+
+class DegenerateRunError(CocamError, ValueError):
+    """A run that would train nothing or validate on nothing (empty split, zero steps, ``patience=0``)."""
+
+
+class RunExistsError(CocamError, FileExistsError):
+    """The run folder already holds a run, and neither ``resume`` nor ``overwrite`` was asked for."""
+
+
+class ResumeMismatchError(CocamError, ValueError):
+    """``resume=True`` with settings that change what is trained (other than :data:`RESUME_MAY_CHANGE`)."""
+
+
+class DeviceUnavailableError(CocamError, RuntimeError):
+    """The requested device does not exist on this machine (e.g. ``cuda`` without a GPU)."""
 
 
 class RunLockedError(LockedError):
@@ -439,6 +493,7 @@ def fit(
     guidance: Guidance | None = None,
     run_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
@@ -453,7 +508,11 @@ def fit(
         guidance: guided fine-tuning; ``None`` trains with BCE only.
         run_dir: folder for ``last.pt``, ``best.pt``, ``history.csv`` and ``run.json``;
             ``None`` writes nothing.
-        resume: continue from ``run_dir/last.pt`` if it exists.
+        resume: continue from ``run_dir/last.pt`` if it exists; the settings must equal the
+            checkpoint's except :data:`RESUME_MAY_CHANGE` (else :class:`ResumeMismatchError`).
+        overwrite: replace a run already in ``run_dir`` (its files are deleted before training).
+            Without it (and without ``resume``), a folder holding ``last.pt``, ``best.pt`` or
+            ``history.csv`` is refused with :class:`RunExistsError`.
         progress: show a progress bar.
         on_epoch: called with each epoch's record (e.g. to update a live plot); on rank 0 only
             when data-parallel.
@@ -469,6 +528,10 @@ def fit(
     only rank 0 writes the run folder and reports. Every rank returns the same weights. See
     :mod:`cocam.distributed`.
     """
+    _check_device(config.device)
+    _check_splits(train, valid, config)
+    if resume and overwrite:
+        raise ValueError("resume=True continues the run in run_dir and overwrite=True replaces it: choose one.")
     context = init_from_env(config.device)
     device = context.device
     if context.enabled:
@@ -486,7 +549,7 @@ def fit(
         raise ValueError(f"The model expects {spec.image_size}px inputs but the dataset gives {train.image_size}px.")
     run_path = Path(run_dir) if run_dir is not None else None
 
-    with _run_lock(run_path, context):
+    with _run_lock(run_path, context), contextlib.ExitStack() as cleanup:
         torch.manual_seed(config.seed + context.rank)
         model.to(device)
         if channels_last:
@@ -496,23 +559,23 @@ def fit(
         start_epoch, step, best, stale = 0, 0, math.inf, 0
         last_path = run_path / "last.pt" if run_path else None
         best_path = run_path / "best.pt" if run_path else None
-        resuming = resume and last_path is not None and context.broadcast_object(last_path.exists())
+        resuming = run_path is not None and _on_main(
+            context, lambda: _prepare_run_folder(run_path, resume=resume, overwrite=overwrite))
         if resuming:
             state = _load_for_resume(last_path, device, context)
-            model.load_state_dict(state["model"])
+            _check_resume_settings(state, last_path, config, spec, guidance, train, valid)
+            load_weights(model, state["model"], last_path, spec)
             optimizer.load_state_dict(state["optimizer"])
             _restore_rng(state, config.seed, context)
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
             best, stale = float(state["best_valid_bce"]), int(state["stale_epochs"])
             history = list(state["history"])
-        if run_path is not None and context.is_main:
-            info = {"config": dataclasses.asdict(config), "spec": spec.to_dict(),
-                    "guidance": guidance.describe() if guidance else None, "train_images": len(train),
-                    "valid_images": len(valid) if valid is not None else 0, "device": str(device)}
-            if context.enabled:
-                info["distributed"] = {"world_size": context.world_size, "backend": context.backend,
-                                       "batch_size_per_process": config.batch_size // context.world_size}
-            atomic_write_text(run_path / "run.json", json.dumps(info, indent=2))
+        info = {"config": dataclasses.asdict(config), "spec": spec.to_dict(),
+                "guidance": guidance.describe() if guidance else None, "train_images": len(train),
+                "valid_images": len(valid) if valid is not None else 0, "device": str(device)}
+        if context.enabled:
+            info["distributed"] = {"world_size": context.world_size, "backend": context.backend,
+                                   "batch_size_per_process": config.batch_size // context.world_size}
 
         target_idx = [attribute_index(a) for a in guidance.attributes] if guidance else []
         masks = _masks_for(guidance, model, train.image_size, device) if guidance else None
@@ -522,13 +585,15 @@ def fit(
         step_loss = context.wrap(_StepLoss(model, guidance, target_idx, masks, context))
         steps_per_epoch = len(loader)
         if steps_per_epoch == 0:
-            raise ValueError(f"The training set ({len(train)} images) is smaller than one batch ({config.batch_size}).")
+            raise DegenerateRunError(f"The training set ({len(train)} images) is smaller than one batch "
+                                     f"({config.batch_size}): no training step. Lower --batch-size.")
         total_steps = config.epochs * steps_per_epoch
         if config.max_steps is not None:
             total_steps = min(total_steps, config.max_steps)
         done = step >= total_steps or (config.patience is not None and stale >= config.patience)
         bar = tqdm(total=total_steps, initial=step, desc="fine-tuning" if guidance else "training", unit="step",
                    disable=not show_progress)
+        cleanup.callback(bar.close)  # also on errors: the message starts on a line of its own
         epoch = start_epoch
         while not done and epoch < config.epochs:
             model.train()
@@ -574,18 +639,25 @@ def fit(
             elif valid is not None:
                 stale += 1
             history.append(record)
+            _check_epoch(model, record, last_path)  # diverged weights are never saved
             rng_states = context.all_gather_object(torch.get_rng_state()) if run_path and context.enabled else None
             if run_path is not None and context.is_main:
                 extra = {"config": dataclasses.asdict(config),
                          "guidance": guidance.describe() if guidance else None,
+                         "guidance_fingerprint": guidance.fingerprint() if guidance else None,
+                         "data": _data_sizes(train, valid),
                          "epoch": epoch, "step": step, "best_valid_bce": best, "stale_epochs": stale,
                          "history": history}
                 more = {"rng_ranks": rng_states} if rng_states is not None else {}
-                save_checkpoint(last_path, model, spec, optimizer=optimizer.state_dict(), rng=torch.get_rng_state(),
-                                **more, **extra)
+                optimizer_state, rng = optimizer.state_dict(), torch.get_rng_state()
+                writes: dict[str, Callable[[Path], Any]] = {
+                    "last.pt": lambda p: save_checkpoint(p, model, spec, optimizer=optimizer_state, rng=rng,
+                                                         **more, **extra)}
                 if improved or valid is None:
-                    save_checkpoint(best_path, model, spec, **extra)
-                _write_history(run_path / "history.csv", history)
+                    writes["best.pt"] = lambda p: save_checkpoint(p, model, spec, **extra)
+                writes["history.csv"] = lambda p: _write_history(p, history)
+                writes["run.json"] = lambda p: atomic_write_text(p, json.dumps(info, indent=2))
+                _commit_epoch(run_path, epoch, writes)
             if on_epoch is not None and context.is_main:
                 on_epoch(record)
             epoch += 1
@@ -642,3 +714,258 @@ def _restore_rng(state: dict[str, Any], seed: int, context: DistributedContext) 
         torch.set_rng_state(state["rng"].cpu())
     else:
         torch.manual_seed(hash((seed, context.rank, int(state["step"]))) & 0x7FFF_FFFF)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs checked before anything is written
+# --------------------------------------------------------------------------------------------
+
+
+def _check_device(device: str | torch.device | None) -> None:
+    """Refuse a device this machine does not have, in one line (torch's own error comes later, deep in a call).
+
+    ``"auto"`` always works; ``"cuda"``/``"cuda:i"`` need a visible GPU (of that index).
+    """
+    if device in (None, "auto"):
+        return
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceUnavailableError(f"{device!r} is not a device: use auto, cpu, cuda or cuda:N.") from err
+    if resolved.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        why = "this torch has no CUDA support" if torch.version.cuda is None else "torch sees no GPU"
+        raise DeviceUnavailableError(f"device {str(device)!r} asks for a GPU, but {why} on this machine: use "
+                                     f"--device cpu (or auto, which picks a GPU only when there is one).")
+    count = torch.cuda.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise DeviceUnavailableError(f"device {str(device)!r} does not exist: this machine has {count} GPU(s) "
+                                     f"(cuda:0 … cuda:{count - 1}).")
+
+
+def _check_splits(train: CelebADataset, valid: CelebADataset | None, config: TrainConfig) -> None:
+    """Degenerate data: an empty training set, or an empty validation split (NaN every epoch, never a best.pt)."""
+    if len(train) == 0:
+        raise DegenerateRunError("The training set has no images: no training step. Check the dataset's "
+                                 "train split (list_eval_partition.txt).")
+    if valid is not None and len(valid) == 0:
+        need = " (early stopping needs it)" if config.patience is not None else ""
+        raise DegenerateRunError(f"The validation split has no images{need}: its BCE would be NaN every epoch "
+                                 f"and no best.pt would be chosen. Add images to the valid split, or train "
+                                 f"without validation (valid=None).")
+
+
+def _data_sizes(train: CelebADataset, valid: CelebADataset | None) -> dict[str, int]:
+    return {"train_images": len(train), "valid_images": len(valid) if valid is not None else 0}
+
+
+def _check_epoch(model: torch.nn.Module, record: dict[str, Any], last_path: Path | None) -> None:
+    """Raise :class:`TrainingDivergedError` when this epoch's weights or BCE show divergence.
+
+    The per-step check sees only the training loss *before* each step; this one sees the
+    weights after the epoch's last step and the epoch's (validation and training) BCE, which
+    must be finite and at most :data:`ABSURD_BCE`. It runs before the epoch is saved.
+    """
+    problem = None
+    with torch.no_grad():
+        bad = [name for name, t in model.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        problem = f"{len(bad)} weight tensor(s) are not finite (e.g. {bad[0]})"
+    else:
+        for key in ("valid_bce", "train_bce"):
+            value = record.get(key)
+            if value is not None and not (math.isfinite(value) and value <= ABSURD_BCE):
+                problem = (f"the {key.replace('_', ' ').replace('bce', 'BCE')} is {value:.4g}"
+                           + ("" if not math.isfinite(value) else
+                              f", above {ABSURD_BCE:.1f} (100·ln 2; a constant 0.5 prediction scores 0.693)"))
+                break
+    if problem is None:
+        return
+    kept = (f"the last good checkpoint is {last_path}" if last_path is not None and last_path.exists()
+            else "no checkpoint was saved")
+    raise TrainingDivergedError(
+        f"Training diverged in epoch {record['epoch']} (step {record['step']}): {problem}. These weights were not "
+        f"saved; {kept}. Train again with a lower learning rate (or w_g), into another folder or with --overwrite.")
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder: refusing to overwrite, resuming only the same run, one transaction per epoch
+# --------------------------------------------------------------------------------------------
+
+_JOURNAL = ".commit.json"
+
+
+def _pending(run_dir: Path, name: str) -> Path:
+    """Where an epoch's new ``name`` waits until the epoch is committed."""
+    return run_dir / f".{name}.pending"
+
+
+def _on_main(context: DistributedContext, action: Callable[[], Any]) -> Any:
+    """Run ``action`` on rank 0 only; every rank gets its result, or raises the :class:`CocamError` it raised."""
+    if not context.enabled:
+        return action()
+    outcome: tuple[Any, str | None, type | None] = (None, None, None)
+    if context.is_main:
+        try:
+            outcome = (action(), None, None)
+        except CocamError as err:
+            outcome = (None, str(err), type(err))
+    value, message, kind = context.broadcast_object(outcome)
+    if message is not None:
+        raise kind(message)
+    return value
+
+
+def _commit_epoch(run_dir: Path, epoch: int, writes: dict[str, Callable[[Path], Any]]) -> None:
+    """Write one epoch's files as a transaction: all of them replace the old ones, or none does.
+
+    Each file is written (atomically) to its pending name, then the commit marker lists them,
+    then they are renamed into place and the marker is removed. A crash before the marker
+    leaves the previous epoch's files untouched (:func:`_recover_run_folder` deletes the pending
+    ones); a crash after it is finished by the next run in the folder.
+    """
+    for name in writes:
+        _pending(run_dir, name).unlink(missing_ok=True)
+    for name, write in writes.items():
+        write(_pending(run_dir, name))
+    atomic_write_text(run_dir / _JOURNAL, json.dumps({"epoch": epoch, "files": list(writes)}))
+    _apply_journal(run_dir)
+
+
+def _apply_journal(run_dir: Path) -> None:
+    """Move the committed epoch's pending files into place (idempotent: ones already moved are skipped)."""
+    journal = run_dir / _JOURNAL
+    try:
+        names = json.loads(journal.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = []  # not a marker this code wrote (it writes them atomically): nothing to finish
+    for name in names:
+        if name not in RUN_FILES:
+            continue  # only the run's own files are ever moved
+        pending = _pending(run_dir, name)
+        if pending.exists():
+            os.replace(pending, run_dir / name)
+    _fsync_folder(run_dir)
+    journal.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _recover_run_folder(run_dir: Path) -> None:
+    """Bring a run folder back to its last complete epoch after a crash, and remove its temporary files.
+
+    A commit marker means the epoch was complete: its pending files are moved into place.
+    Without one, pending files belong to an epoch that never finished and are deleted. The
+    ``.tmp-*`` files of interrupted atomic writes of the run's files are deleted too. Only
+    called while holding the folder's lock.
+    """
+    if not run_dir.is_dir():
+        return
+    if (run_dir / _JOURNAL).exists():
+        _apply_journal(run_dir)
+    names = [*RUN_FILES, _JOURNAL]
+    for name in RUN_FILES:
+        _pending(run_dir, name).unlink(missing_ok=True)
+        names.append(_pending(run_dir, name).name)
+    remove_temp_files(run_dir, names)
+
+
+def _prepare_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Recover ``run_dir`` and decide how to use it: ``True`` to resume from its ``last.pt``, ``False`` to start.
+
+    Raises :class:`RunExistsError` for a folder that holds a run (``last.pt``, ``best.pt`` or
+    ``history.csv``) when neither ``resume`` (with a ``last.pt``) nor ``overwrite`` allows
+    using it; with ``overwrite`` the old run's files are deleted.
+    """
+    _recover_run_folder(run_dir)
+    held = [name for name in ("last.pt", "best.pt", "history.csv") if (run_dir / name).exists()]
+    if resume and "last.pt" in held:
+        return True
+    if held and overwrite:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        return False
+    if held and resume:
+        raise RunExistsError(f"cannot resume {run_dir}: it holds {', '.join(held)} but no last.pt to continue "
+                             f"from. Use another --out folder, or --overwrite (overwrite=True) to start it over.")
+    if held:
+        raise RunExistsError(f"{run_dir} already holds a run ({', '.join(held)}): continue it with --resume "
+                             f"(resume=True), replace it with --overwrite (overwrite=True), or use another --out "
+                             f"folder.")
+    return False
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would store it (tuples as lists), so stored and new settings compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_resume_settings(state: dict[str, Any], path: Path, config: TrainConfig, spec: ModelSpec,
+                           guidance: Guidance | None, train: CelebADataset, valid: CelebADataset | None) -> None:
+    """Refuse to resume ``path`` with settings that change what is trained (one line listing the differences).
+
+    Compared: every :class:`TrainConfig` field except :data:`RESUME_MAY_CHANGE` (a field the
+    checkpoint lacks, e.g. one added since, counts as its default), the model spec, the
+    guidance settings and masks, and the sizes of the training and validation sets.
+    """
+    missing = [k for k in ("model", "optimizer", "rng", "epoch", "step", "best_valid_bce", "stale_epochs",
+                           "history") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} cannot be resumed: it lacks {', '.join(repr(k) for k in missing)} (a best.pt "
+                              f"or a checkpoint not written by fit?). Resume needs the run's own last.pt; use "
+                              f"another --out folder or --overwrite to start over.")
+    stored_spec = checkpoint_spec(state, path).to_dict()
+    differences = []
+    stored_config = state.get("config") or {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        old = stored_config.get(f.name, f.default)
+        new = getattr(config, f.name)
+        if _plain(old) != _plain(new):
+            differences.append(f"{f.name} {_shown(old)} → {_shown(new)}")
+    for k, new in spec.to_dict().items():
+        if _plain(stored_spec.get(k)) != _plain(new):
+            differences.append(f"{k} {_shown(stored_spec.get(k))} → {_shown(new)}")
+    old_g, new_g = state.get("guidance"), guidance.describe() if guidance is not None else None
+    if (old_g is None) != (new_g is None):
+        differences.append(f"guidance {'none' if old_g is None else _shown(old_g.get('attributes'))} → "
+                           f"{'none' if new_g is None else _shown(new_g.get('attributes'))}")
+    elif old_g is not None:
+        for k in sorted(set(old_g) | set(new_g)):
+            if _plain(old_g.get(k)) != _plain(new_g.get(k)):
+                differences.append(f"{'masks' if k == 'mask_pixels' else k} {_shown(old_g.get(k))} → "
+                                   f"{_shown(new_g.get(k))}")
+        old_fp = state.get("guidance_fingerprint")
+        if old_fp is not None and old_fp != guidance.fingerprint() and not any(
+                d.startswith("masks ") for d in differences):
+            differences.append("masks (another drawing of the same area)")
+    stored_data = state.get("data")
+    if isinstance(stored_data, dict):
+        for k, new in _data_sizes(train, valid).items():
+            if stored_data.get(k) is not None and stored_data.get(k) != new:
+                differences.append(f"{k} {stored_data.get(k)} → {new}")
+    if differences:
+        raise ResumeMismatchError(
+            f"cannot resume {path}: it was trained with other settings ({'; '.join(differences)}). Resume with the "
+            f"same settings (only {', '.join(RESUME_MAY_CHANGE)} may change), or train into another --out folder "
+            f"(or with --overwrite).")

@@ -238,3 +238,30 @@ def test_subclassed_scalars_are_stored_as_their_base_type(tmp_path: Path, model)
     payload = load_checkpoint(path)
     assert payload["colour"] == "red" and type(payload["colour"]) is str
     assert payload["version"] == str(torch.__version__)
+
+
+@pytest.mark.parametrize("damage", ["no spec", "spec not a dict", "spec without arch"])
+def test_a_checkpoint_without_its_model_description_is_a_checkpoint_error(saved: Path, tmp_path: Path,
+                                                                          damage: str) -> None:
+    payload = torch.load(saved, weights_only=True)
+    if damage == "no spec":
+        del payload["spec"]
+    elif damage == "spec not a dict":
+        payload["spec"] = "alexnet"
+    else:
+        del payload["spec"]["arch"]
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="'spec'") as info:
+        load_model(tmp_path / "damaged.pt")
+    assert str(tmp_path / "damaged.pt") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_weights_of_another_architecture_are_one_line(tmp_path: Path, model) -> None:
+    resnet = ModelSpec(arch="resnet18", image_size=64, hidden=None)
+    path = save_checkpoint(tmp_path / "resnet.pt", resnet.build(), resnet)
+    payload = torch.load(path, weights_only=True)
+    payload["spec"] = SPEC.to_dict()  # says alexnet, holds a resnet's weights
+    torch.save(payload, tmp_path / "lying.pt")
+    with pytest.raises(CheckpointError, match=r"do not fit a alexnet model.*missing.*unexpected") as info:
+        load_model(tmp_path / "lying.pt")
+    assert "\n" not in str(info.value)  # torch's own message lists every key over many lines

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -353,6 +354,56 @@ def test_two_runs_writing_to_the_same_output_folder(data, tmp_path) -> None:
         with pytest.raises(RunLockedError, match="in use"):
             fit(_model(0), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, progress=False)
         assert not (run / "last.pt").exists()
+
+
+def _one_error_line(capsys, command: str) -> str:
+    """The single ``cocam <command>: error: ...`` line on stderr (progress bars aside), never a traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.startswith(f"cocam {command}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_cli_never_overwrites_a_run_and_refuses_in_one_line(synthetic_root, tmp_path, capsys) -> None:
+    base = tmp_path / "base"
+    common = ["--root", str(synthetic_root), "--image-size", "64", "--hidden", "32", "--batch-size", "96",
+              "--device", "cpu", "--epochs", "1"]
+    assert main(["train", *common, "--out", str(base)]) == 0
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    capsys.readouterr()
+
+    assert main(["train", *common, "--out", str(base)]) == 1
+    line = _one_error_line(capsys, "train")
+    assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
+
+    finetune = ["finetune", "--root", str(synthetic_root), "--checkpoint", str(base / "best.pt"), "--batch-size",
+                "96", "--max-steps", "1", "--device", "cpu", "--control"]
+    for extra in ([], ["--overwrite"]):  # the checkpoint it starts from is never replaced
+        assert main([*finetune, "--out", str(base), *extra]) == 1
+        assert "is the folder of the checkpoint it starts from" in _one_error_line(capsys, "finetune")
+
+    assert main(["train", *common, "--out", str(base), "--resume", "--arch", "resnet18"]) == 1
+    line = _one_error_line(capsys, "train")
+    assert "cannot resume" in line and "arch 'alexnet' → 'resnet18'" in line
+    assert main(["train", *common, "--out", str(base), "--resume", "--lr", "0.01"]) == 1
+    assert "lr 0.0003 → 0.01" in _one_error_line(capsys, "train")
+
+    assert main(["train", *common, "--out", str(tmp_path / "p0"), "--patience", "0"]) == 1
+    assert "patience must be at least 1" in _one_error_line(capsys, "train")
+    if not torch.cuda.is_available():
+        assert main(["train", *common, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 1
+        assert "asks for a GPU" in _one_error_line(capsys, "train")
+    assert not (tmp_path / "p0").exists() and not (tmp_path / "gpu").exists()
+
+    payload = torch.load(base / "best.pt", weights_only=True)
+    del payload["spec"]
+    torch.save(payload, tmp_path / "nospec.pt")
+    assert main([*finetune, "--checkpoint", str(tmp_path / "nospec.pt"), "--out", str(tmp_path / "ft")]) == 1
+    assert "no model description ('spec')" in _one_error_line(capsys, "finetune")
+
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before  # every refusal left the run alone
+    assert main(["train", *common, "--out", str(base), "--seed", "1", "--overwrite"]) == 0
+    assert json.loads((base / "run.json").read_text())["config"]["seed"] == 1
 
 
 def test_notebook_rerun_out_of_order(synthetic_root, tmp_path) -> None:

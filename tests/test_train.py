@@ -24,8 +24,13 @@ from cocam.io import pid_alive
 from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS, guided_loss, iou_loss
 from cocam.masks import default_mask, mask_to_feature, mask_to_input
 from cocam.train import (
+    ABSURD_BCE,
+    DegenerateRunError,
+    DeviceUnavailableError,
     FitResult,
     Guidance,
+    ResumeMismatchError,
+    RunExistsError,
     RunLockedError,
     TrainConfig,
     TrainingDivergedError,
@@ -465,25 +470,31 @@ def _snapshot(run: Path) -> dict[str, bytes]:
 
 
 def test_nan_guidance_term_stops_training_and_keeps_the_checkpoint(data, base_checkpoint, lipstick_mask,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, monkeypatch) -> None:
     train, _ = data
     run = tmp_path / "run"
-    fit(_load(base_checkpoint), train, None, _config(epochs=1), spec=SPEC, run_dir=run, progress=False)
+    guidance = _guidance(lipstick_mask)
+    fit(_load(base_checkpoint), train, None, _config(epochs=1), spec=SPEC, guidance=guidance, run_dir=run,
+        progress=False)
     before = _snapshot(run)
     assert set(before) == RUN_FILES
 
+    real = train_module.guided_loss
+
+    def nan_guidance(*args, **kwargs):  # the guidance term turns NaN from the next step on
+        terms = real(*args, **kwargs)
+        nan = torch.tensor(float("nan"))
+        return dataclasses.replace(terms, total=terms.total + nan, guidance=terms.guidance + nan)
+
+    monkeypatch.setattr(train_module, "guided_loss", nan_guidance)
     with pytest.raises(TrainingDivergedError) as info:
         fit(_load(base_checkpoint), train, None, _config(epochs=2), spec=SPEC, run_dir=run, resume=True,
-            guidance=_guidance(lipstick_mask, w_g=float("nan")), progress=False)
+            guidance=guidance, progress=False)
     message = str(info.value)
     assert "step 4" in message and "epoch 1" in message  # the first step after the 3 good ones
     assert "guidance (loss_g)" in message and "BCE" not in message
     assert str(run / "last.pt") in message
-    # Nothing was overwritten (run.json is rewritten with the new settings; the rest is intact).
-    after = _snapshot(run)
-    assert set(after) == RUN_FILES
-    for name in ("last.pt", "best.pt", "history.csv"):
-        assert after[name] == before[name], name
+    assert _snapshot(run) == before  # nothing was overwritten, run.json included
     assert load_checkpoint(run / "last.pt")["step"] == 3
 
 
@@ -496,6 +507,150 @@ def test_infinite_bce_stops_training(data, tmp_path: Path, monkeypatch) -> None:
         fit(_model(), train, None, _config(), spec=SPEC, run_dir=run, progress=False)
     assert "inf" in str(info.value) and "last good checkpoint" not in str(info.value)
     assert not (run / "last.pt").exists() and not (run / ".lock").exists()
+    assert not (run / "run.json").exists()  # no record of a run that never took a step
+
+
+def _poison_step(monkeypatch, at_step: int) -> None:
+    """From optimiser step ``at_step`` on (counted over the process), the step leaves a NaN in the weights."""
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= at_step:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_weights_that_diverge_on_an_epochs_last_step_are_never_saved(data, tmp_path: Path, monkeypatch) -> None:
+    train, _ = data
+    run = tmp_path / "run"
+    fit(_model(), train, None, _config(epochs=1), spec=SPEC, run_dir=run, progress=False)  # steps 1-3
+    before = _snapshot(run)
+    _poison_step(monkeypatch, at_step=3)  # the last step of the resumed epoch (step 6): no loss sees it
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1 \(step 6\): 1 weight tensor\(s\) are not finite") as info:
+        fit(_model(), train, None, _config(epochs=2), spec=SPEC, run_dir=run, resume=True, progress=False)
+    assert f"the last good checkpoint is {run / 'last.pt'}" in str(info.value)
+    assert _snapshot(run) == before  # last.pt is still the good epoch 0, and resuming from it works
+    monkeypatch.undo()
+    again = fit(_model(), train, None, _config(epochs=2), spec=SPEC, run_dir=run, resume=True, progress=False)
+    assert again.steps == 6 and all(torch.isfinite(p).all() for p in again.model.parameters())
+
+
+def test_divergence_with_max_steps_is_an_error(data, tmp_path: Path, monkeypatch) -> None:
+    train, _ = data
+    _poison_step(monkeypatch, at_step=1)
+    with pytest.raises(TrainingDivergedError, match="no checkpoint was saved"):
+        fit(_model(), train, None, _config(max_steps=1), spec=SPEC, run_dir=tmp_path / "run", progress=False)
+    assert not [p.name for p in (tmp_path / "run").iterdir()]  # nothing saved, run.json included
+
+
+def test_a_finite_but_absurd_validation_bce_is_divergence(data, tmp_path: Path, monkeypatch) -> None:
+    train, valid = data
+    assert math.isclose(ABSURD_BCE, 100 * math.log(2))
+    _scripted_validation(monkeypatch, [0.5, 1.2e29])  # lr 30 gives such numbers
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1 .*valid BCE is 1\.2e\+29, above 69\.3"):
+        fit(_model(), train, valid, _config(epochs=2, batch_size=96), spec=SPEC, run_dir=run, progress=False)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0 and len(pd.read_csv(run / "history.csv")) == 1
+    _scripted_validation(monkeypatch, [0.5, 0.9 * ABSURD_BCE])  # bad but below the bound: an ordinary epoch
+    fit(_model(), train, valid, _config(epochs=2, batch_size=96), spec=SPEC, run_dir=tmp_path / "ok", progress=False)
+
+
+def test_degenerate_runs_are_errors(data, tmp_path: Path) -> None:
+    train, valid = data
+    empty = valid.subset_names([])
+    assert len(empty) == 0
+    for patience in (2, None):
+        with pytest.raises(DegenerateRunError, match="validation split has no images"):
+            fit(_model(), train, empty, _config(patience=patience), spec=SPEC, run_dir=tmp_path / "run",
+                progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(DegenerateRunError, match="patience must be at least 1"):
+        _config(patience=0)
+    with pytest.raises(DegenerateRunError, match="smaller than one batch"):
+        fit(_model(), train, None, _config(batch_size=97), spec=SPEC, run_dir=tmp_path / "run", progress=False)
+    assert not [p.name for p in (tmp_path / "run").iterdir()]  # no run.json for a run without a step
+
+
+def test_a_device_this_machine_lacks_is_refused(data) -> None:
+    train, _ = data
+    bad = ["gpu", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(DeviceUnavailableError, match=repr(device)):
+            fit(_model(), train, None, _config(device=device, max_steps=1), spec=SPEC, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder: never overwritten, resumed only with the same settings
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_existing_run_is_not_overwritten_without_overwrite(data, tmp_path: Path) -> None:
+    train, _ = data
+    run = tmp_path / "run"
+    fit(_model(0), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, progress=False)
+    before = _snapshot(run)
+    with pytest.raises(RunExistsError, match=r"already holds a run \(last.pt, best.pt, history.csv\).*--resume"):
+        fit(_model(1), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, progress=False)
+    assert _snapshot(run) == before
+    (run / "last.pt").unlink()  # what is left is still somebody's run
+    with pytest.raises(RunExistsError, match="no last.pt to continue from"):
+        fit(_model(1), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, resume=True, progress=False)
+    with pytest.raises(ValueError, match="choose one"):
+        fit(_model(1), train, None, _config(max_steps=1), spec=SPEC, run_dir=run, resume=True, overwrite=True,
+            progress=False)
+    fresh = fit(_model(1), train, None, _config(max_steps=1, seed=3), spec=SPEC, run_dir=run, overwrite=True,
+                progress=False)
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    _assert_same_params(load_checkpoint(run / "last.pt")["model"], _params(fresh.model), atol=0)
+    assert json.loads((run / "run.json").read_text())["config"]["seed"] == 3
+
+
+def test_resume_refuses_settings_that_change_what_is_trained(data, lipstick_mask, tmp_path: Path) -> None:
+    train, valid = data
+    run = tmp_path / "run"
+    fit(_model(), train, valid, _config(max_steps=1), spec=SPEC, run_dir=run, progress=False)
+    before = _snapshot(run)
+    narrow = ModelSpec(image_size=64, hidden=16)
+    refused = [
+        (dict(config=_config(max_steps=2, lr=1e-2)), r"lr 0\.001 → 0\.01"),
+        (dict(config=_config(max_steps=2, batch_size=48, seed=1)), r"batch_size 32 → 48; seed 0 → 1"),
+        (dict(guidance=_guidance(lipstick_mask)), r"guidance none → \['Wearing_Lipstick'\]"),
+        (dict(spec=narrow, model=_model(0, narrow)), r"hidden 32 → 16"),
+        (dict(valid=valid.subset_names(valid.names[:16])), r"valid_images 32 → 16"),
+    ]
+    for change, expected in refused:
+        kwargs = dict(model=_model(), config=_config(max_steps=2), spec=SPEC, valid=valid) | change
+        with pytest.raises(ResumeMismatchError, match=expected) as info:
+            fit(kwargs["model"], train, kwargs["valid"], kwargs["config"], spec=kwargs["spec"],
+                guidance=kwargs.get("guidance"), run_dir=run, resume=True, progress=False)
+        assert "only epochs, max_steps, patience" in str(info.value)
+        assert _snapshot(run) == before
+    # What may change: when to stop, and the device.
+    result = fit(_model(), train, valid, _config(max_steps=2, epochs=3, patience=5, device="auto" if not
+                 torch.cuda.is_available() else "cpu"), spec=SPEC, run_dir=run, resume=True, progress=False)
+    assert result.steps == 2
+
+
+def test_resume_with_other_guidance_masks_is_refused(data, base_checkpoint, lipstick_mask, tmp_path: Path) -> None:
+    train, _ = data
+    run = tmp_path / "run"
+    fit(_load(base_checkpoint), train, None, _config(max_steps=1), spec=SPEC, guidance=_guidance(lipstick_mask),
+        run_dir=run, progress=False)
+    moved = lipstick_mask.copy()
+    moved[:, 1:] = lipstick_mask[:, :-1]  # the same area, one pixel to the right
+    assert moved.sum() == lipstick_mask.sum()
+    for guidance, expected in ((_guidance(moved), "another drawing of the same area"),
+                               (_guidance(lipstick_mask, w_g=2.0), r"w_g 1\.0 → 2\.0"),
+                               (_guidance(lipstick_mask, target="positive"), "target 'both' → 'positive'")):
+        with pytest.raises(ResumeMismatchError, match=expected):
+            fit(_load(base_checkpoint), train, None, _config(max_steps=2), spec=SPEC, guidance=guidance,
+                run_dir=run, resume=True, progress=False)
 
 
 def test_a_live_lock_is_refused(data, tmp_path: Path) -> None:

@@ -281,7 +281,7 @@ def _train_baseline(config: ComparisonConfig, spec: ModelSpec, train: CelebAData
                                                        batch_size=config.batch_size, seed=seed, device=config.device),
                spec=spec, run_dir=config.out / ("baseline" if seed == 0 else f"baseline{seed}"), resume=True,
                progress=progress)
-    say(f"baseline (seed {seed}): {len(base.history)} epochs, best valid BCE {base.history.valid_bce.min():.4f} "
+    say(f"baseline: seed {seed}, {len(base.history)} epochs, best valid BCE {base.history.valid_bce.min():.4f} "
         f"({time.perf_counter() - t0:.0f} s)")
     return base.best_path
 

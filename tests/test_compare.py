@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from cocam.compare import (
     CONTROL,
@@ -21,6 +22,7 @@ from cocam.compare import (
     summarize_comparison,
     t_interval,
 )
+from cocam.attributes import attribute_index
 from cocam.losses import GUIDANCE_LOSSES
 
 
@@ -122,7 +124,7 @@ def test_compare_end_to_end_on_tiny_data(synthetic_root: Path, tmp_path: Path, o
     config = ComparisonConfig(root=synthetic_root, out=tmp_path / "cmp", seeds=(0,),
                               pairs=(("Wearing_Lipstick", "Heavy_Makeup"),), image_size=64, hidden=32,
                               baseline_epochs=1, finetune_epochs=1, batch_size=32, splits=("valid", "test"),
-                              device="cpu")
+                              device="cpu", peers=())
     settings = {"energy": {"loss": "energy"}, "rrr_input": {"loss": "rrr_input"}}
     lines: list[str] = []
     result = compare_guidance(config, settings, log=lines.append)
@@ -210,3 +212,65 @@ def test_landed_runs_are_rescored_per_block_on_the_worst_group() -> None:
     assert summary.loc[(1500, "good"), "gain_worst_group"] == pytest.approx(19.0)  # blocks are not mixed
     assert summary.loc[(750, "good"), "gain_conflict_mean"] == pytest.approx((18.0 - 2.0) / 2)  # from `reverse`
     assert set(summary.split) == {"test"}
+
+
+def test_controls_and_peers_from_several_baselines(synthetic_root: Path, tmp_path: Path, one_thread) -> None:
+    from cocam.checkpoint import load_model
+    from cocam.compare import PEERS
+    from cocam.dfr import split_last_linear
+
+    pair = ("Wearing_Lipstick", "Heavy_Makeup")
+    config = ComparisonConfig(root=synthetic_root, out=tmp_path / "peers", seeds=(0,), baseline_seeds=(0, 1),
+                              pairs=(pair,), image_size=64, hidden=32, baseline_epochs=1, finetune_epochs=1,
+                              batch_size=32, splits=("valid",), device="cpu")
+    assert config.peers == PEERS
+    result = compare_guidance(config, {"iou": {"loss": "iou"}}, log=None)
+    runs = result.runs
+    assert set(runs.setting) == {PRE_TRAINED, CONTROL, "iou", *PEERS}
+    assert set(runs.baseline) == {0, 1}
+    # two baselines from different initial seeds: different weights
+    b0, b1 = (load_model(config.out / d / "best.pt")[0] for d in ("baseline", "baseline1"))
+    assert not torch.equal(split_last_linear(b0.head)[1].weight, split_last_linear(b1.head)[1].weight)
+    # every fine-tuning run of a baseline took the same steps; the random region is another guidance
+    for prefix in ("", "b1_"):
+        folders = [p for p in config.out.glob(f"{prefix}*_seed0") if (p / "history.csv").is_file()
+                   and (prefix or not p.name.startswith("b1_"))]
+        names = sorted(p.name.split("_seed")[0].removeprefix(prefix) for p in folders)
+        assert names[0] == "balanced" and names[1] == "control" and any(n.startswith("random_iou") for n in names)
+        assert any(n.startswith("iou") and n.endswith("_balanced") for n in names)
+        assert len({pd.read_csv(p / "history.csv").step.iloc[-1] for p in folders}) == 1
+    # last-layer retraining changed the guided attribute's row of the baseline only
+    dfr, _, _ = load_model(config.out / "dfr_seed0" / "last.pt")
+    old, new = split_last_linear(b0.head)[1], split_last_linear(dfr.head)[1]
+    k = attribute_index(pair[0])
+    assert not torch.equal(old.weight[k], new.weight[k])
+    rest = [i for i in range(40) if i != k]
+    assert torch.equal(old.weight[rest], new.weight[rest])
+    # gains pair each run with the control of the same baseline and seed: two cells per setting
+    summary = result.summary
+    peer_rows = summary[summary.setting.isin(PEERS)]
+    assert (peer_rows.seeds == 2).all() and peer_rows.gain_worst_group.notna().all()
+    control = runs[runs.setting == CONTROL].set_index("baseline").worst_group
+    mine = runs[runs.setting == "group-balanced"].set_index("baseline").worst_group
+    row = summary[summary.setting == "group-balanced"].iloc[0]
+    assert row.gain_worst_group == pytest.approx((mine - control).mean())
+
+    with pytest.raises(ValueError, match="unknown peer"):
+        ComparisonConfig(root=synthetic_root, out=tmp_path / "x", peers=("oracle?",))
+    with pytest.raises(ValueError, match="reuse a guidance setting"):
+        compare_guidance(dataclasses.replace(config, out=tmp_path / "y"), {}, log=None)
+
+
+def test_a_resampled_dataset_serves_the_indices_with_repeats(synthetic_root: Path) -> None:
+    from cocam.dataset import CelebADataset
+
+    train = CelebADataset(synthetic_root, "train", image_size=64, progress=False)
+    idx = np.array([3, 3, 0, 7, 3])
+    view = train.resampled(idx)
+    assert len(view) == 5
+    np.testing.assert_array_equal(view.targets, train.targets[idx])
+    images, _, _ = view.get_batch(np.arange(5))
+    reference, _, _ = train.get_batch(idx)
+    assert torch.equal(images, reference)
+    with pytest.raises(ValueError, match="at least one"):
+        train.resampled([])

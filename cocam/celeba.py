@@ -1,4 +1,4 @@
-"""CelebA annotation files: fast readers, byte-exact writers, loading and subset selection.
+"""CelebA annotation files: fast readers, writers of the same layout, loading and subset selection.
 
 The layout is the one ``torchvision.datasets.CelebA(root)`` uses::
 
@@ -16,7 +16,9 @@ File formats (the real files use CRLF line endings; LF is accepted too):
 
 * ``list_attr_celeba.txt``: the image count, then the 40 attribute names separated by single
   spaces with a trailing space, then one row per image: the file name followed by 40 values
-  ``-1``/``1``, each right-aligned in a field of width 3. Read as 0/1 ``uint8``.
+  ``-1``/``1``. The first value follows the name after one space, unpadded (``1`` or ``-1``,
+  so rows differ in length by one byte); the others are right-aligned in fields of width 3.
+  Any other whitespace is accepted too. Read as 0/1 ``uint8``.
 * ``list_eval_partition.txt``: no header, rows ``000001.jpg 0`` (0 train, 1 valid, 2 test).
 * ``list_landmarks_align_celeba.txt``: the count, a header of the 10 coordinate names, then the
   file name and 10 integers per row, padded with spaces.
@@ -157,6 +159,7 @@ def _show(raw: bytes | str, limit: int = 80) -> str:
 _PAD = 4  # spaces appended after the data so look-ahead never runs off the end
 _TOKEN_RE = re.compile(rb"[^\x00-\x20]+")
 _MAX_DIGITS = 18  # int64-safe
+_MAX_ROW_LENGTHS = 4  # distinct row lengths the fast path handles (the real attribute file has 2)
 
 
 @dataclass
@@ -205,23 +208,56 @@ def _split_preamble(path: Path, data: bytes, n_lines: int) -> tuple[list[bytes],
 def _parse_uniform(
     body: np.ndarray, nbytes: int, n_values: int, *, plus_minus_one: bool = False
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Fast path for files whose rows all have the same length and right-aligned columns.
+    """Fast path for files whose rows have a few distinct lengths and right-aligned columns.
 
-    Returns (names as a numpy unicode array, values (n, n_values) integers), or ``None`` when the
-    file does not have that shape or anything looks wrong; the caller then falls back to the
-    general tokenizer, which also produces the precise error message. With
-    ``plus_minus_one`` only the tokens ``1`` and ``-1`` are accepted (a few column gathers
-    instead of a full integer parse: the attribute file is the largest one).
+    The rows are grouped by length (the real attribute file has two: its first value is
+    written ``1`` after a single space where ``-1`` takes two characters, so rows whose first
+    attribute is positive are one byte shorter); each group is a fixed-width table parsed with
+    a few column gathers. Returns (names as a numpy unicode array, values (n, n_values)
+    integers) in file order, or ``None`` when the file does not have that shape or anything
+    looks wrong; the caller then falls back to the general tokenizer, which also produces the
+    precise error message. With ``plus_minus_one`` only the tokens ``1`` and ``-1`` are
+    accepted (the attribute file is the largest one).
     """
     if nbytes == 0 or body[nbytes - 1] != 10:
         return None
     data = body[:nbytes]
     newlines = np.flatnonzero(data == 10)
-    length = int(newlines[0]) + 1
-    n = len(newlines)
-    if n * length != nbytes or not np.array_equal(newlines, np.arange(length - 1, nbytes, length)):
+    starts = np.concatenate(([0], newlines[:-1] + 1))
+    lengths = newlines + 1 - starts
+    distinct = np.unique(lengths)
+    if len(distinct) > _MAX_ROW_LENGTHS:
         return None
-    rows = data.reshape(n, length)
+    n = len(newlines)
+    if len(distinct) == 1:
+        groups = [(np.arange(n), data.reshape(n, int(distinct[0])))]
+    else:
+        groups = []
+        for length in distinct.tolist():
+            where = np.flatnonzero(lengths == length)
+            groups.append((where, data[starts[where, None] + np.arange(length)]))
+    parts = []
+    for where, rows in groups:
+        parsed = _parse_fixed_rows(rows, n_values, plus_minus_one)
+        if parsed is None:
+            return None
+        parts.append((where, *parsed))
+    if len(parts) == 1:
+        return parts[0][1], parts[0][2]
+    width = max(p[1].dtype.itemsize for p in parts) // 4
+    names = np.empty(n, dtype=f"U{width}")
+    values = np.empty((n, n_values), dtype=np.result_type(*(p[2].dtype for p in parts)))
+    for where, group_names, group_values in parts:
+        names[where] = group_names
+        values[where] = group_values
+    return names, values
+
+
+def _parse_fixed_rows(
+    rows: np.ndarray, n_values: int, plus_minus_one: bool
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Parse ``(n, length)`` rows of one length whose tokens all sit in the columns of the first row."""
+    n = len(rows)
     spans = [(m.start(), m.end()) for m in _TOKEN_RE.finditer(rows[0].tobytes())]
     if len(spans) != n_values + 1 or spans[0][0] != 0:
         return None
@@ -229,6 +265,10 @@ def _parse_uniform(
     last_end = spans[-1][1]
     # Names: left-aligned, no whitespace; everything after the last value: whitespace only.
     if not (rows[:, :name_end] > 32).all() or (rows[:, last_end:] > 32).any():
+        return None
+    # The column right after each token of the first row separates it from the next one.
+    separators = np.array([spans[k][1] for k in range(n_values)])
+    if (rows[:, separators] > 32).any():
         return None
     names_bytes = np.ascontiguousarray(rows[:, :name_end]).view(f"S{name_end}").ravel()
     try:
@@ -274,7 +314,7 @@ def _parse_uniform_plus_minus_one(rows: np.ndarray, spans: list[tuple[int, int]]
     """Values of fixed-width ``-1``/``1`` cells as int8, or ``None`` if any cell is anything else."""
     starts = np.array([spans[k][1] for k in range(len(spans) - 1)])  # separator column of each cell
     ends = np.array([spans[k + 1][1] for k in range(len(spans) - 1)])  # exclusive end of each value
-    if ((ends - starts) < 3).any():
+    if ((ends - starts) < 2).any():
         return None
     if not (rows[:, ends - 1] == 49).all():  # every value ends in '1'
         return None
@@ -282,8 +322,8 @@ def _parse_uniform_plus_minus_one(rows: np.ndarray, spans: list[tuple[int, int]]
     negative = sign == 45
     if not (negative | (sign <= 32)).all():
         return None
-    padding = np.concatenate([np.arange(a, e - 2) for a, e in zip(starts.tolist(), ends.tolist())])
-    if (rows[:, padding] > 32).any():
+    padding = [np.arange(a, e - 2) for a, e in zip(starts.tolist(), ends.tolist())]
+    if padding and (rows[:, np.concatenate(padding)] > 32).any():
         return None
     return 1 - 2 * negative.view(np.int8)
 
@@ -588,12 +628,20 @@ def _write_rows(
 
 
 def write_attributes(path: str | os.PathLike, df: pd.DataFrame, *, line_ending: str = "\r\n") -> None:
-    """Write ``list_attr_celeba.txt`` exactly as CelebA does, atomically.
+    """Write ``list_attr_celeba.txt`` in the layout of the distributed file, atomically.
+
+    The layout is the one described in this module: the count, the 40 names with a trailing
+    space, then per row the name and the values. The first value follows the name after one
+    space, unpadded (``-1`` or ``1``: the real file's rows whose first attribute is positive
+    are one byte shorter); each later value is right-aligned in width 3 (`` -1`` / ``  1``).
+    :func:`read_attributes` reads it back exactly. Only this layout is promised, not byte
+    identity with the distributed file (whose other details, e.g. trailing whitespace, are not
+    checked here).
 
     Args:
         path: destination file.
         df: indexed by image name, the 40 attribute columns (any order; written in that order),
-            values 0/1 or bool. Written as -1/1, each right-aligned in width 3.
+            values 0/1 or bool.
         line_ending: ``"\\r\\n"`` (CelebA's) or ``"\\n"``.
     """
     columns = validate_attributes([str(c) for c in df.columns])
@@ -607,16 +655,20 @@ def write_attributes(path: str | os.PathLike, df: pd.DataFrame, *, line_ending: 
     if line_ending not in ("\r\n", "\n"):
         raise ValueError(f"line_ending must be '\\r\\n' (as CelebA) or '\\n', got {line_ending!r}")
     header = " ".join(columns) + " "  # CelebA's header line ends with a space
-    cells = np.frombuffer(b" -1  1", dtype=np.uint8).reshape(2, 3)[values].reshape(len(names), -1)
+    n = len(names)
+    cells = np.frombuffer(b" -1  1", dtype=np.uint8).reshape(2, 3)[values].reshape(n, -1)
     encoded = [name.encode("utf-8") for name in names]
     ending = line_ending.encode("ascii")
-    preamble = f"{len(names)}{line_ending}{header}{line_ending}".encode("ascii")
+    preamble = f"{n}{line_ending}{header}{line_ending}".encode("ascii")
     if encoded and len({len(e) for e in encoded}) == 1:
-        name_block = np.frombuffer(b"".join(encoded), dtype=np.uint8).reshape(len(names), -1)
-        end_block = np.broadcast_to(np.frombuffer(ending, dtype=np.uint8), (len(names), len(ending)))
-        rows = np.concatenate([name_block, cells, end_block], axis=1).tobytes()
+        name_block = np.frombuffer(b"".join(encoded), dtype=np.uint8).reshape(n, -1)
+        end_block = np.broadcast_to(np.frombuffer(ending, dtype=np.uint8), (n, len(ending)))
+        table = np.concatenate([name_block, cells, end_block], axis=1)
+        keep = np.ones(table.shape, dtype=bool)
+        keep[:, name_block.shape[1]] = values[:, 0] == 0  # a positive first value loses its padding space
+        rows = table[keep].tobytes()
     else:
-        rows = b"".join(e + c.tobytes() + ending for e, c in zip(encoded, cells))
+        rows = b"".join(e + (c[1:] if v else c).tobytes() + ending for e, c, v in zip(encoded, cells, values[:, 0]))
     atomic_write_bytes(path, preamble + rows)
 
 

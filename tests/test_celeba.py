@@ -259,7 +259,7 @@ def test_bad_attribute_value(tmp_path, bad):
 
 
 def test_bad_attribute_value_names_column(tmp_path):
-    text = LITERAL_ATTR.replace("000003.jpg -1", "000003.jpg  0", 1)
+    text = LITERAL_ATTR.replace("000003.jpg 1", "000003.jpg 0", 1)
     with pytest.raises(AnnotationError, match=r"line 5: image '000003\.jpg' \(column '5_o_Clock_Shadow'\).*-1 or 1"):
         read_attributes(_write(tmp_path, ATTR_FILE, text))
 
@@ -313,7 +313,10 @@ def test_writer_round_trip(fixture_data, tmp_path, ending):
     raw = (tmp_path / ATTR_FILE).read_bytes()
     lines = raw.split(ending.encode())
     assert lines[0] == b"30" and lines[1].endswith(b"Young ") and lines[-1] == b""
-    assert len(lines[2]) == 10 + 40 * 3
+    first_positive = d.attributes.iloc[:, 0].to_numpy() == 1
+    assert first_positive.any() and not first_positive.all()  # both row lengths are exercised
+    for line, positive in zip(lines[2:-1], first_positive):
+        assert len(line) == 10 + 40 * 3 - int(positive)  # a positive first value is unpadded
     if ending == "\n":
         assert b"\r" not in raw
     else:
@@ -488,3 +491,29 @@ def test_reader_speed_smoke(tmp_path):
     result = read_attributes(tmp_path / ATTR_FILE)
     assert time.perf_counter() - start < 1.0
     assert result.shape == (n, 40)
+
+
+def test_fast_parser_reads_rows_of_mixed_padding(fixture_data, tmp_path, monkeypatch):
+    """Rows whose first value is an unpadded ``1`` (one byte shorter) stay on the fast path."""
+    import cocam.celeba as celeba
+
+    write_attributes(tmp_path / ATTR_FILE, fixture_data.attributes)
+    raw = (tmp_path / ATTR_FILE).read_bytes()
+    assert b".jpg 1 " in raw and b".jpg -1 " in raw
+
+    def no_general(*args, **kwargs):
+        raise AssertionError("the general tokenizer was used")
+
+    monkeypatch.setattr(celeba, "_parse_general", no_general)
+    pd.testing.assert_frame_equal(read_attributes(tmp_path / ATTR_FILE), fixture_data.attributes,
+                                  check_index_type=False)
+    literal = read_attributes(_write(tmp_path, "literal.txt", LITERAL_ATTR))
+    for name, row in LITERAL_ATTR_ROWS.items():
+        assert literal.loc[name].tolist() == row
+
+
+def test_fast_parser_rejects_a_value_glued_to_the_name(tmp_path):
+    """A row ``name-1 ...`` has no separator: an error, never the name ``name`` with a value -1."""
+    text = LITERAL_ATTR.replace("000003.jpg 1 -1", "000003.jpg-1 -1", 1)
+    with pytest.raises(AnnotationError, match=r"line 5: expected 41 fields"):
+        read_attributes(_write(tmp_path, ATTR_FILE, text))

@@ -390,7 +390,7 @@ def test_missing_folder(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
 
 
-@pytest.mark.parametrize("missing", [ATTR_FILE, PARTITION_FILE, LANDMARKS_FILE])
+@pytest.mark.parametrize("missing", [ATTR_FILE, PARTITION_FILE])
 def test_missing_required_file(tmp_path, missing):
     d = make_celeba(tmp_path, n=6, images=False)
     (d.folder / missing).unlink()
@@ -401,13 +401,21 @@ def test_missing_required_file(tmp_path, missing):
     assert "list_attr_celeba.txt" in message and "cocam generate" in message
 
 
-@pytest.mark.parametrize("missing", [BBOX_FILE, IDENTITY_FILE])
+@pytest.mark.parametrize("missing", [BBOX_FILE, IDENTITY_FILE, LANDMARKS_FILE])
 def test_optional_files(tmp_path, missing):
     d = make_celeba(tmp_path, n=6, images=False)
     (d.folder / missing).unlink()
     ann = load_annotations(tmp_path)
     assert (ann.bbox is None) == (missing == BBOX_FILE)
     assert (ann.identity is None) == (missing == IDENTITY_FILE)
+    assert (ann.landmarks is None) == (missing == LANDMARKS_FILE)
+    pd.testing.assert_frame_equal(ann.attributes, d.attributes, check_index_type=False)
+    if missing == LANDMARKS_FILE:
+        with pytest.raises(DatasetNotFoundError, match=r"the landmark transfer needs the landmark file .*"
+                                                       r"list_landmarks_align_celeba\.txt.*--transfer template"):
+            ann.require_landmarks("the landmark transfer")
+    else:
+        pd.testing.assert_frame_equal(ann.require_landmarks("x"), d.landmarks, check_index_type=False)
     with pytest.raises(DatasetNotFoundError, match=missing):
         load_annotations(tmp_path, require_optional=True)
 

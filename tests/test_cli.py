@@ -28,8 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _elsewhere(tmp_path: Path, monkeypatch) -> None:
-    """Run from an empty folder, so no mask of the working copy (data/masks/) is picked up."""
+    """Run from an empty folder with an empty default mask folder, so no mask of the working copy
+    (the project's data/masks/, found from the project wherever a command starts) is picked up."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "no-masks").mkdir()
+    monkeypatch.setenv("COCAM_MASK_DIR", str(tmp_path / "no-masks"))
 
 
 @pytest.fixture(scope="module")

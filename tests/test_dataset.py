@@ -118,7 +118,10 @@ def test_properties(data, train):
     assert list(train.attributes.columns) == list(CELEBA_ATTRIBUTES)
     pd.testing.assert_frame_equal(train.attributes, data.attributes.loc[train.names], check_index_type=False)
     pd.testing.assert_frame_equal(train.landmarks_aligned, data.landmarks.loc[train.names], check_index_type=False)
-    assert train.cache_path.parent == data.folder.resolve() / ".cocam_cache"
+    # Not a generated dataset: cached under the user's cache folder, not in the dataset folder.
+    assert train.cache_path.parent == dataset_module.default_cache_dir(data.root)
+    assert train.cache_path.parent.parent == dataset_module.user_cache_root()
+    assert not (data.folder / ".cocam_cache").exists()
     assert train.targets.shape == (len(train), 40) and not train.targets.flags.writeable
 
 
@@ -239,7 +242,7 @@ def test_missing_jpeg_names_the_file(tmp_path):
     Image.new("RGB", (100, 100)).save(victim)
     with pytest.raises(ImageReadError, match=r"000002\.jpg is 100x100"):
         CelebADataset(d.root, "all", image_size=SIZE, progress=False)
-    assert not (d.folder / ".cocam_cache" / f"all_{SIZE}px.json").exists()
+    assert not (dataset_module.default_cache_dir(d.root) / f"all_{SIZE}px.json").exists()
 
 
 # --------------------------------------------------------------------------------------------

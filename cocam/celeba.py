@@ -137,13 +137,13 @@ LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
 _REQUIRED_KINDS = ("attributes", "partition")
 _OPTIONAL_KINDS = ("landmarks", "bbox", "identity")
 
-_LAYOUT = f"""\
-Expected one of the CelebA layouts (the attribute and partition files are required):
-    torchvision: <root>/celeba/{{{ATTR_FILE}, {PARTITION_FILE}, {IMAGE_DIR}/000001.jpg ...}}
-    official:    <root>/{{Anno/{ATTR_FILE}, Eval/{PARTITION_FILE}, Img/{IMAGE_DIR}/}}
-    kaggle:      <root>/{{list_attr_celeba.csv, list_eval_partition.csv, {IMAGE_DIR}/{IMAGE_DIR}/}}
-`root` may be the folder that contains celeba/ or the dataset folder itself.
-To use the synthetic CelebA-format dataset instead, generate it with `cocam generate`."""
+_LAYOUT = (
+    f"Expected the CelebA layout of torchvision (<root>/celeba/{ATTR_FILE}, {PARTITION_FILE}, "
+    f"{IMAGE_DIR}/000001.jpg ...), the official one (<root>/Anno/{ATTR_FILE}, <root>/Eval/{PARTITION_FILE}, "
+    f"<root>/Img/{IMAGE_DIR}/) or Kaggle's (<root>/list_attr_celeba.csv, list_eval_partition.csv, "
+    f"{IMAGE_DIR}/{IMAGE_DIR}/); `root` may be the folder that contains celeba/ or the dataset folder itself. "
+    "To use the synthetic CelebA-format dataset instead, generate it with `cocam generate`."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class AnnotationError(CocamError, ValueError):
 
 
 def _not_found(path: Path, what: str) -> DatasetNotFoundError:
-    return DatasetNotFoundError(f"{what} not found: {path}\n{_LAYOUT}")
+    return DatasetNotFoundError(f"{what} not found: {path}. {_LAYOUT}")
 
 
 def _annotation_error(path: Path, line: int | None, what: str) -> AnnotationError:

@@ -144,3 +144,19 @@ def test_cache_env_and_generated_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset_module, "_is_writable", lambda p: False)
     assert default_cache_dir(d.root).parent == user_cache_root()  # generated, but read-only
     clear_annotation_cache()
+
+
+def test_fit_with_landmark_transfer_needs_the_landmark_file(tmp_path):
+    from cocam.checkpoint import ModelSpec
+    from cocam.masks import default_mask
+    from cocam.train import Guidance, TrainConfig, fit
+
+    d = make_celeba(tmp_path / "nolm", n=8, seed=8)
+    (d.folder / LANDMARKS_FILE).unlink()
+    ds = CelebADataset(d.root, "all", image_size=64, progress=False, num_workers=0)
+    spec = ModelSpec(image_size=64, hidden=8)
+    guidance = Guidance(("Wearing_Lipstick",), (default_mask("Wearing_Lipstick"),), transfer="landmarks")
+    with pytest.raises(DatasetNotFoundError, match=r"landmark mask transfer.*list_landmarks_align_celeba\.txt"):
+        fit(spec.build(), ds, ds, TrainConfig(epochs=1, batch_size=4, device="cpu"), spec=spec, guidance=guidance,
+            run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -349,7 +349,9 @@ def resolve_mask_dir(mask_dir: str | os.PathLike | None = None) -> Path:
 _DEFAULT = object()
 
 
-def resolve_mask(attribute: str, mask_dir: str | os.PathLike | None = _DEFAULT) -> tuple[np.ndarray, str]:  # type: ignore[assignment]
+def resolve_mask(attribute: str,
+                 mask_dir: str | os.PathLike | None = _DEFAULT,  # type: ignore[assignment]
+                 ) -> tuple[np.ndarray, str]:
     """The user's mask ``<mask_dir>/<attribute>.png`` if it exists, else :func:`default_mask`.
 
     ``mask_dir`` left out: :func:`default_mask_dir` (``$COCAM_MASK_DIR``, else the project's

@@ -563,8 +563,8 @@ def requirements_check(config: ProtocolConfig, *, measure_steps: int = 3) -> tup
                      f"{_gib(need)} (free: {_gib(free)}).")
         if need > free:
             problems.append(f"the decoded cache needs {_gib(need)} but {probe} has {_gib(free)} free: free space, "
-                            f"put the cache elsewhere (--cache-dir or $COCAM_CACHE_DIR), or lower image_size (the cache "
-                            f"grows with its square).")
+                            f"put the cache elsewhere (--cache-dir or $COCAM_CACHE_DIR), or lower image_size "
+                            f"(the cache grows with its square).")
     else:
         lines.append(f"Decoded image cache ({config.image_size} px, {cache_dir}): complete.")
 

@@ -454,3 +454,27 @@ def test_landmark_transfer_without_landmarks_names_the_file(root: Path, baseline
     err = _last_line(capsys.readouterr().err)
     assert err.startswith("cocam finetune: error: --transfer landmarks needs the landmark file")
     assert "list_landmarks_align_celeba.txt" in err 
+
+
+def test_mask_folder_is_resolved_from_one_documented_place(tmp_path: Path, monkeypatch) -> None:
+    import cocam
+    from cocam.masks import default_mask_dir, resolve_mask, resolve_mask_dir
+
+    monkeypatch.delenv("COCAM_MASK_DIR")
+    monkeypatch.delenv("COCAM_PROJECT_DIR", raising=False)
+    # The current folder (tmp_path) has a data/masks of its own: it is not what is used.
+    save_mask(tmp_path / "data" / "masks" / "Wearing_Lipstick.png", default_mask("Wearing_Lipstick"))
+    source_project = Path(cocam.__file__).resolve().parents[1]
+    assert default_mask_dir() == source_project / "data" / "masks"
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    monkeypatch.chdir(project / "notebooks")  # a notebook's folder: the project above it
+    assert default_mask_dir() == project / "data" / "masks"
+    monkeypatch.setenv("COCAM_MASK_DIR", str(tmp_path / "data" / "masks"))
+    assert default_mask_dir() == tmp_path / "data" / "masks"
+    assert resolve_mask("Wearing_Lipstick")[1] == str(tmp_path / "data" / "masks" / "Wearing_Lipstick.png")
+    assert resolve_mask("Wearing_Lipstick", None)[1] == "built-in"
+    assert resolve_mask_dir(tmp_path / "data" / "masks") == tmp_path / "data" / "masks"
+    with pytest.raises(FileNotFoundError, match=r"mask folder .*typo does not exist"):
+        resolve_mask_dir(tmp_path / "typo")

@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-conflict-scale", type=float,
                    help="bias strength: 1 keeps CelebA's rates in train, smaller amplifies co-occurrence")
     g.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset cocam generated here (never a folder without its cocam_synthetic.json)")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("stats", help="co-occurrence statistics of a CelebA-layout dataset")

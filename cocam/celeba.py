@@ -190,7 +190,6 @@ def _show(raw: bytes | str, limit: int = 80) -> str:
 _PAD = 4  # spaces appended after the data so look-ahead never runs off the end
 _TOKEN_RE = re.compile(rb"[^\x00-\x20]+")
 _MAX_DIGITS = 18  # int64-safe
-_MAX_ROW_LENGTHS = 4  # distinct row lengths the fast path handles (the real attribute file has 2)
 
 
 @dataclass
@@ -239,12 +238,13 @@ def _split_preamble(path: Path, data: bytes, n_lines: int) -> tuple[list[bytes],
 def _parse_uniform(
     body: np.ndarray, nbytes: int, n_values: int, *, plus_minus_one: bool = False
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Fast path for files whose rows have a few distinct lengths and right-aligned columns.
+    """Fast path for files whose rows have right-aligned columns and one length (or two, see below).
 
-    The rows are grouped by length (the real attribute file has two: its first value is
-    written ``1`` after a single space where ``-1`` takes two characters, so rows whose first
-    attribute is positive are one byte shorter); each group is a fixed-width table parsed with
-    a few column gathers. Returns (names as a numpy unicode array, values (n, n_values)
+    The real attribute file has rows of two lengths: its first value is written ``1`` after a
+    single space where ``-1`` takes two characters, so rows whose first attribute is positive
+    are one byte shorter. Those rows get the missing padding space back after the name (one
+    boolean-mask copy of the whole file), and the table is parsed as a fixed-width one with a
+    few column gathers. Returns (names as a numpy unicode array, values (n, n_values)
     integers) in file order, or ``None`` when the file does not have that shape or anything
     looks wrong; the caller then falls back to the general tokenizer, which also produces the
     precise error message. With ``plus_minus_one`` only the tokens ``1`` and ``-1`` are
@@ -254,34 +254,25 @@ def _parse_uniform(
         return None
     data = body[:nbytes]
     newlines = np.flatnonzero(data == 10)
-    starts = np.concatenate(([0], newlines[:-1] + 1))
-    lengths = newlines + 1 - starts
-    distinct = np.unique(lengths)
-    if len(distinct) > _MAX_ROW_LENGTHS:
-        return None
     n = len(newlines)
-    if len(distinct) == 1:
-        groups = [(np.arange(n), data.reshape(n, int(distinct[0])))]
-    else:
-        groups = []
-        for length in distinct.tolist():
-            where = np.flatnonzero(lengths == length)
-            groups.append((where, data[starts[where, None] + np.arange(length)]))
-    parts = []
-    for where, rows in groups:
-        parsed = _parse_fixed_rows(rows, n_values, plus_minus_one)
-        if parsed is None:
-            return None
-        parts.append((where, *parsed))
-    if len(parts) == 1:
-        return parts[0][1], parts[0][2]
-    width = max(p[1].dtype.itemsize for p in parts) // 4
-    names = np.empty(n, dtype=f"U{width}")
-    values = np.empty((n, n_values), dtype=np.result_type(*(p[2].dtype for p in parts)))
-    for where, group_names, group_values in parts:
-        names[where] = group_names
-        values[where] = group_values
-    return names, values
+    lengths = np.diff(newlines, prepend=-1)
+    longest = int(lengths.max())
+    short = lengths != longest
+    if not short.any():
+        return _parse_fixed_rows(data.reshape(n, longest), n_values, plus_minus_one)
+    if (lengths[short] != longest - 1).any():
+        return None
+    # The name ends at the first whitespace of a full-length row; a short row lacks one space there.
+    full = int(np.flatnonzero(~short)[0])
+    row = data[newlines[full] + 1 - longest : newlines[full] + 1]
+    name_end = int(np.argmax(row <= 32))
+    if name_end == 0:
+        return None
+    keep = np.ones((n, longest), dtype=bool)
+    keep[short, name_end] = False
+    rows = np.full((n, longest), 32, dtype=np.uint8)
+    rows[keep] = data  # row-major: each row's bytes in order, with a space at name_end in short rows
+    return _parse_fixed_rows(rows, n_values, plus_minus_one)
 
 
 def _parse_fixed_rows(

@@ -272,6 +272,8 @@ def _parse_uniform(
     keep[short, name_end] = False
     rows = np.full((n, longest), 32, dtype=np.uint8)
     rows[keep] = data  # row-major: each row's bytes in order, with a space at name_end in short rows
+    if name_end + 1 >= longest or (rows[short, name_end + 1] > 32).any():
+        return None  # a short row whose name is not followed by whitespace ("name-1 ..."): not this shape
     return _parse_fixed_rows(rows, n_values, plus_minus_one)
 
 

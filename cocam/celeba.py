@@ -1,22 +1,37 @@
-"""CelebA annotation files: fast readers, byte-exact writers, loading and subset selection.
+"""CelebA annotation files: fast readers, writers of the same layout, loading and subset selection.
 
-The layout is the one ``torchvision.datasets.CelebA(root)`` uses::
+Three layouts are read, each with the same content (:data:`LAYOUTS`):
+
+* ``torchvision`` (what ``torchvision.datasets.CelebA(root)`` uses)::
 
     <root>/celeba/
         img_align_celeba/000001.jpg ...        aligned JPEGs, 178 wide x 218 high
         list_attr_celeba.txt                   required
         list_eval_partition.txt                required
-        list_landmarks_align_celeba.txt        required
+        list_landmarks_align_celeba.txt        needed only by the landmark features
         list_bbox_celeba.txt                   optional
         identity_CelebA.txt                    optional
 
-``root`` may point at the folder containing ``celeba/`` or at ``celeba/`` itself.
+* ``official`` (the folders of the CelebA download): ``Anno/list_attr_celeba.txt``,
+  ``Anno/list_landmarks_align_celeba.txt``, ``Anno/list_bbox_celeba.txt``,
+  ``Anno/identity_CelebA.txt``, ``Eval/list_eval_partition.txt``, ``Img/img_align_celeba/``.
+* ``kaggle`` (the widely used Kaggle copy): ``list_attr_celeba.csv`` (values 0/1 or -1/1),
+  ``list_eval_partition.csv``, ``list_landmarks_align_celeba.csv``, ``list_bbox_celeba.csv``,
+  each with a header row starting ``image_id``, and the images in
+  ``img_align_celeba/img_align_celeba/`` (or ``img_align_celeba/``).
+
+``root`` may point at the folder containing ``celeba/`` or at the dataset folder itself.
+Only the attribute and partition files are required; the landmark file is loaded when present
+and demanded (by :meth:`CelebAAnnotations.require_landmarks`, naming the feature) only where
+landmarks are used: the ``landmarks`` mask transfer and its quality measurement.
 
 File formats (the real files use CRLF line endings; LF is accepted too):
 
 * ``list_attr_celeba.txt``: the image count, then the 40 attribute names separated by single
   spaces with a trailing space, then one row per image: the file name followed by 40 values
-  ``-1``/``1``, each right-aligned in a field of width 3. Read as 0/1 ``uint8``.
+  ``-1``/``1``. The first value follows the name after one space, unpadded (``1`` or ``-1``,
+  so rows differ in length by one byte); the others are right-aligned in fields of width 3.
+  Any other whitespace is accepted too. Read as 0/1 ``uint8``.
 * ``list_eval_partition.txt``: no header, rows ``000001.jpg 0`` (0 train, 1 valid, 2 test).
 * ``list_landmarks_align_celeba.txt``: the count, a header of the 10 coordinate names, then the
   file name and 10 integers per row, padded with spaces.
@@ -31,6 +46,7 @@ and report malformed content as :class:`AnnotationError` with the file and the 1
 from __future__ import annotations
 
 import difflib
+import io
 import os
 import re
 import threading
@@ -54,12 +70,14 @@ __all__ = [
     "IMAGE_DIR",
     "LANDMARKS_FILE",
     "LANDMARK_COLUMNS",
+    "LAYOUTS",
     "PARTITION_FILE",
     "SPLITS",
     "AnnotationError",
     "CelebAAnnotations",
     "DatasetNotFoundError",
     "clear_annotation_cache",
+    "detect_layout",
     "find_celeba_dir",
     "load_annotations",
     "parse_conditions",
@@ -97,20 +115,35 @@ LANDMARK_COLUMNS: tuple[str, ...] = (
 #: Column names of the bounding-box file (after ``image_id``).
 BBOX_COLUMNS: tuple[str, ...] = ("x_1", "y_1", "width", "height")
 
-_REQUIRED_FILES = (ATTR_FILE, PARTITION_FILE, LANDMARKS_FILE)
-_OPTIONAL_FILES = (BBOX_FILE, IDENTITY_FILE)
+#: The dataset layouts cocam reads: for each, the path of every file (and of the image folder)
+#: relative to the dataset folder. ``images`` lists candidates, the first existing one is used.
+LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "torchvision": {
+        "attributes": (ATTR_FILE,), "partition": (PARTITION_FILE,), "landmarks": (LANDMARKS_FILE,),
+        "bbox": (BBOX_FILE,), "identity": (IDENTITY_FILE,), "images": (IMAGE_DIR,),
+    },
+    "official": {
+        "attributes": (f"Anno/{ATTR_FILE}",), "partition": (f"Eval/{PARTITION_FILE}",),
+        "landmarks": (f"Anno/{LANDMARKS_FILE}",), "bbox": (f"Anno/{BBOX_FILE}",),
+        "identity": (f"Anno/{IDENTITY_FILE}",), "images": (f"Img/{IMAGE_DIR}",),
+    },
+    "kaggle": {
+        "attributes": ("list_attr_celeba.csv",), "partition": ("list_eval_partition.csv",),
+        "landmarks": ("list_landmarks_align_celeba.csv",), "bbox": ("list_bbox_celeba.csv",),
+        "identity": (IDENTITY_FILE,), "images": (f"{IMAGE_DIR}/{IMAGE_DIR}", IMAGE_DIR),
+    },
+}  # fmt: skip
 
-_LAYOUT = f"""\
-Expected the CelebA layout used by torchvision.datasets.CelebA:
-    <root>/celeba/
-        {IMAGE_DIR}/000001.jpg ...   (aligned JPEGs, 178x218)
-        {ATTR_FILE}
-        {PARTITION_FILE}
-        {LANDMARKS_FILE}
-        {BBOX_FILE}               (optional)
-        {IDENTITY_FILE}                (optional)
-`root` may be the folder that contains celeba/ or the celeba/ folder itself.
-To use the synthetic CelebA-format dataset instead, generate it with `cocam generate`."""
+_REQUIRED_KINDS = ("attributes", "partition")
+_OPTIONAL_KINDS = ("landmarks", "bbox", "identity")
+
+_LAYOUT = (
+    f"Expected the CelebA layout of torchvision (<root>/celeba/{ATTR_FILE}, {PARTITION_FILE}, "
+    f"{IMAGE_DIR}/000001.jpg ...), the official one (<root>/Anno/{ATTR_FILE}, <root>/Eval/{PARTITION_FILE}, "
+    f"<root>/Img/{IMAGE_DIR}/) or Kaggle's (<root>/list_attr_celeba.csv, list_eval_partition.csv, "
+    f"{IMAGE_DIR}/{IMAGE_DIR}/); `root` may be the folder that contains celeba/ or the dataset folder itself. "
+    "To use the synthetic CelebA-format dataset instead, generate it with `cocam generate`."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +169,7 @@ class AnnotationError(CocamError, ValueError):
 
 
 def _not_found(path: Path, what: str) -> DatasetNotFoundError:
-    return DatasetNotFoundError(f"{what} not found: {path}\n{_LAYOUT}")
+    return DatasetNotFoundError(f"{what} not found: {path}. {_LAYOUT}")
 
 
 def _annotation_error(path: Path, line: int | None, what: str) -> AnnotationError:
@@ -205,23 +238,50 @@ def _split_preamble(path: Path, data: bytes, n_lines: int) -> tuple[list[bytes],
 def _parse_uniform(
     body: np.ndarray, nbytes: int, n_values: int, *, plus_minus_one: bool = False
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Fast path for files whose rows all have the same length and right-aligned columns.
+    """Fast path for files whose rows have right-aligned columns and one length (or two, see below).
 
-    Returns (names as a numpy unicode array, values (n, n_values) integers), or ``None`` when the
-    file does not have that shape or anything looks wrong; the caller then falls back to the
-    general tokenizer, which also produces the precise error message. With
-    ``plus_minus_one`` only the tokens ``1`` and ``-1`` are accepted (a few column gathers
-    instead of a full integer parse: the attribute file is the largest one).
+    The real attribute file has rows of two lengths: its first value is written ``1`` after a
+    single space where ``-1`` takes two characters, so rows whose first attribute is positive
+    are one byte shorter. Those rows get the missing padding space back after the name (one
+    boolean-mask copy of the whole file), and the table is parsed as a fixed-width one with a
+    few column gathers. Returns (names as a numpy unicode array, values (n, n_values)
+    integers) in file order, or ``None`` when the file does not have that shape or anything
+    looks wrong; the caller then falls back to the general tokenizer, which also produces the
+    precise error message. With ``plus_minus_one`` only the tokens ``1`` and ``-1`` are
+    accepted (the attribute file is the largest one).
     """
     if nbytes == 0 or body[nbytes - 1] != 10:
         return None
     data = body[:nbytes]
     newlines = np.flatnonzero(data == 10)
-    length = int(newlines[0]) + 1
     n = len(newlines)
-    if n * length != nbytes or not np.array_equal(newlines, np.arange(length - 1, nbytes, length)):
+    lengths = np.diff(newlines, prepend=-1)
+    longest = int(lengths.max())
+    short = lengths != longest
+    if not short.any():
+        return _parse_fixed_rows(data.reshape(n, longest), n_values, plus_minus_one)
+    if (lengths[short] != longest - 1).any():
         return None
-    rows = data.reshape(n, length)
+    # The name ends at the first whitespace of a full-length row; a short row lacks one space there.
+    full = int(np.flatnonzero(~short)[0])
+    row = data[newlines[full] + 1 - longest : newlines[full] + 1]
+    name_end = int(np.argmax(row <= 32))
+    if name_end == 0:
+        return None
+    keep = np.ones((n, longest), dtype=bool)
+    keep[short, name_end] = False
+    rows = np.full((n, longest), 32, dtype=np.uint8)
+    rows[keep] = data  # row-major: each row's bytes in order, with a space at name_end in short rows
+    if name_end + 1 >= longest or (rows[short, name_end + 1] > 32).any():
+        return None  # a short row whose name is not followed by whitespace ("name-1 ..."): not this shape
+    return _parse_fixed_rows(rows, n_values, plus_minus_one)
+
+
+def _parse_fixed_rows(
+    rows: np.ndarray, n_values: int, plus_minus_one: bool
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Parse ``(n, length)`` rows of one length whose tokens all sit in the columns of the first row."""
+    n = len(rows)
     spans = [(m.start(), m.end()) for m in _TOKEN_RE.finditer(rows[0].tobytes())]
     if len(spans) != n_values + 1 or spans[0][0] != 0:
         return None
@@ -229,6 +289,10 @@ def _parse_uniform(
     last_end = spans[-1][1]
     # Names: left-aligned, no whitespace; everything after the last value: whitespace only.
     if not (rows[:, :name_end] > 32).all() or (rows[:, last_end:] > 32).any():
+        return None
+    # The column right after each token of the first row separates it from the next one.
+    separators = np.array([spans[k][1] for k in range(n_values)])
+    if (rows[:, separators] > 32).any():
         return None
     names_bytes = np.ascontiguousarray(rows[:, :name_end]).view(f"S{name_end}").ravel()
     try:
@@ -274,7 +338,7 @@ def _parse_uniform_plus_minus_one(rows: np.ndarray, spans: list[tuple[int, int]]
     """Values of fixed-width ``-1``/``1`` cells as int8, or ``None`` if any cell is anything else."""
     starts = np.array([spans[k][1] for k in range(len(spans) - 1)])  # separator column of each cell
     ends = np.array([spans[k + 1][1] for k in range(len(spans) - 1)])  # exclusive end of each value
-    if ((ends - starts) < 3).any():
+    if ((ends - starts) < 2).any():
         return None
     if not (rows[:, ends - 1] == 49).all():  # every value ends in '1'
         return None
@@ -282,8 +346,8 @@ def _parse_uniform_plus_minus_one(rows: np.ndarray, spans: list[tuple[int, int]]
     negative = sign == 45
     if not (negative | (sign <= 32)).all():
         return None
-    padding = np.concatenate([np.arange(a, e - 2) for a, e in zip(starts.tolist(), ends.tolist())])
-    if (rows[:, padding] > 32).any():
+    padding = [np.arange(a, e - 2) for a, e in zip(starts.tolist(), ends.tolist())]
+    if padding and (rows[:, np.concatenate(padding)] > 32).any():
         return None
     return 1 - 2 * negative.view(np.int8)
 
@@ -446,13 +510,55 @@ def _first_bad(path: Path, table: _Table, bad: np.ndarray, what: str, columns: S
     )
 
 
+def _read_csv_table(path: str | os.PathLike, columns: Sequence[str] | None, *, n_values: int) -> _Table:
+    """Read a comma-separated annotation file (the Kaggle copy): a header ``image_id,...``, then rows.
+
+    ``columns`` are the expected names after ``image_id`` (``None``: any ``n_values`` names,
+    returned as the header). Values must be integers; errors name the file and the 1-based line.
+    """
+    path, data = _read_raw(path)
+    try:
+        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise _annotation_error(path, None, f"not a readable CSV file ({str(exc).strip().splitlines()[0]})") from None
+    header = [str(c).strip() for c in frame.columns]
+    if not header or header[0] != "image_id" or len(header) != n_values + 1:
+        wanted = "image_id," + (",".join(columns) if columns is not None else f"<{n_values} names>")
+        raise _annotation_error(path, 1, f"expected the header {wanted!r}, found {','.join(header)!r}")
+    if columns is not None and header[1:] != list(columns):
+        raise _annotation_error(path, 1, f"expected the header {'image_id,' + ','.join(columns)!r}, "
+                                         f"found {','.join(header)!r}")
+    names = frame.iloc[:, 0].str.strip()
+    cells = frame.iloc[:, 1:].apply(lambda col: col.str.strip())
+    numeric = cells.apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna().to_numpy() | (numeric.to_numpy() != np.round(numeric.to_numpy()))
+    if bad.any():
+        row, col = divmod(int(np.flatnonzero(bad.ravel())[0]), bad.shape[1])
+        raise _annotation_error(path, row + 2, f"value {header[col + 1]!r} of image {names.iloc[row]!r} is not an "
+                                               f"integer: {cells.iat[row, col]!r}")
+    if (names == "").any():
+        row = int(np.flatnonzero((names == "").to_numpy())[0])
+        raise _annotation_error(path, row + 2, "empty image name")
+    index = pd.Index(names.to_numpy(dtype=object), name="image_id")
+    if index.has_duplicates:
+        pos = int(np.flatnonzero(index.duplicated())[0])
+        first = int(np.flatnonzero(index == index[pos])[0])
+        raise _annotation_error(path, pos + 2, f"duplicate image {index[pos]!r} (first listed on line {first + 2})")
+    values = numeric.to_numpy().astype(np.int64)
+    return _Table(path, None, header[1:], index, values, 2)
+
+
+def _is_csv(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".csv"
+
+
 # --------------------------------------------------------------------------------------------
 # Readers
 # --------------------------------------------------------------------------------------------
 
 
 def read_attributes(path: str | os.PathLike) -> pd.DataFrame:
-    """Read ``list_attr_celeba.txt``.
+    """Read ``list_attr_celeba.txt`` (or the Kaggle ``list_attr_celeba.csv``, values 0/1 or -1/1).
 
     Returns:
         DataFrame indexed by image file name (index name ``"image_id"``) with the 40 attribute
@@ -462,6 +568,8 @@ def read_attributes(path: str | os.PathLike) -> pd.DataFrame:
         DatasetNotFoundError: the file does not exist.
         AnnotationError: malformed content (header, counts, columns, values other than +-1).
     """
+    if _is_csv(path):
+        return _read_attributes_csv(path)
     table = _read_table(path, n_values=len(CELEBA_ATTRIBUTES), has_header=True, plus_minus_one=True)
     path = table.path
     header = table.header or []
@@ -483,14 +591,38 @@ def read_attributes(path: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
+def _read_attributes_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """``list_attr_celeba.csv`` (Kaggle): header ``image_id,<40 names>``, values all -1/1 or all 0/1."""
+    table = _read_csv_table(path, None, n_values=len(CELEBA_ATTRIBUTES))
+    header = table.header or []
+    try:
+        validate_attributes(header)
+    except UnknownAttributeError as exc:
+        raise _annotation_error(table.path, 1, f"bad attribute header: {exc}") from exc
+    if sorted(header) != sorted(CELEBA_ATTRIBUTES):
+        missing = [a for a in CELEBA_ATTRIBUTES if a not in header]
+        raise _annotation_error(table.path, 1, f"attribute header must name the 40 attributes once each; missing: "
+                                               f"{', '.join(missing) or 'none (some are repeated)'}")
+    values = table.values
+    if (values == -1).any():  # the +-1 convention: 0 is not a value of it
+        _first_bad(table.path, table, (values != 1) & (values != -1),
+                   "attribute values must be all -1/1 or all 0/1 (this file uses -1)", header)
+    else:
+        _first_bad(table.path, table, (values != 1) & (values != 0), "attribute values must be 0/1 or -1/1", header)
+    return pd.DataFrame((values == 1).astype(np.uint8), index=table.names, columns=pd.Index(header))
+
+
 def read_partition(path: str | os.PathLike) -> pd.Series:
-    """Read ``list_eval_partition.txt``.
+    """Read ``list_eval_partition.txt`` (or the Kaggle ``list_eval_partition.csv``).
 
     Returns:
         Series indexed by image name (``"image_id"``) named ``"split"``: a Categorical with
         categories ``("train", "valid", "test")`` (file codes 0, 1, 2).
     """
-    table = _read_table(path, n_values=1, has_header=False)
+    if _is_csv(path):
+        table = _read_csv_table(path, ("partition",), n_values=1)
+    else:
+        table = _read_table(path, n_values=1, has_header=False)
     codes = table.values[:, 0]
     _first_bad(table.path, table, ((codes < 0) | (codes > 2))[:, None], "split code must be 0, 1 or 2")
     categorical = pd.Categorical.from_codes(codes.astype(np.int8), categories=list(SPLITS))
@@ -508,26 +640,32 @@ def _check_header(path: Path, header: list[str] | None, expected: Sequence[str])
 
 
 def read_landmarks(path: str | os.PathLike) -> pd.DataFrame:
-    """Read ``list_landmarks_align_celeba.txt``.
+    """Read ``list_landmarks_align_celeba.txt`` (or the Kaggle ``.csv``).
 
     Returns:
         DataFrame indexed by image name with the 10 int64 columns of :data:`LANDMARK_COLUMNS`
         (pixel coordinates in the aligned 178x218 image).
     """
-    table = _read_table(path, n_values=len(LANDMARK_COLUMNS), has_header=True)
-    _check_header(table.path, table.header, LANDMARK_COLUMNS)
+    if _is_csv(path):
+        table = _read_csv_table(path, LANDMARK_COLUMNS, n_values=len(LANDMARK_COLUMNS))
+    else:
+        table = _read_table(path, n_values=len(LANDMARK_COLUMNS), has_header=True)
+        _check_header(table.path, table.header, LANDMARK_COLUMNS)
     return pd.DataFrame(table.values.astype(np.int64), index=table.names, columns=pd.Index(LANDMARK_COLUMNS))
 
 
 def read_bbox(path: str | os.PathLike) -> pd.DataFrame:
-    """Read ``list_bbox_celeba.txt``.
+    """Read ``list_bbox_celeba.txt`` (or the Kaggle ``.csv``).
 
     Returns:
         DataFrame indexed by image name with int64 columns ``x_1, y_1, width, height``
         (coordinates in the original, unaligned images).
     """
-    table = _read_table(path, n_values=len(BBOX_COLUMNS), has_header=True)
-    _check_header(table.path, table.header, BBOX_COLUMNS)
+    if _is_csv(path):
+        table = _read_csv_table(path, BBOX_COLUMNS, n_values=len(BBOX_COLUMNS))
+    else:
+        table = _read_table(path, n_values=len(BBOX_COLUMNS), has_header=True)
+        _check_header(table.path, table.header, BBOX_COLUMNS)
     return pd.DataFrame(table.values.astype(np.int64), index=table.names, columns=pd.Index(BBOX_COLUMNS))
 
 
@@ -588,12 +726,20 @@ def _write_rows(
 
 
 def write_attributes(path: str | os.PathLike, df: pd.DataFrame, *, line_ending: str = "\r\n") -> None:
-    """Write ``list_attr_celeba.txt`` exactly as CelebA does, atomically.
+    """Write ``list_attr_celeba.txt`` in the layout of the distributed file, atomically.
+
+    The layout is the one described in this module: the count, the 40 names with a trailing
+    space, then per row the name and the values. The first value follows the name after one
+    space, unpadded (``-1`` or ``1``: the real file's rows whose first attribute is positive
+    are one byte shorter); each later value is right-aligned in width 3 (`` -1`` / ``  1``).
+    :func:`read_attributes` reads it back exactly. Only this layout is promised, not byte
+    identity with the distributed file (whose other details, e.g. trailing whitespace, are not
+    checked here).
 
     Args:
         path: destination file.
         df: indexed by image name, the 40 attribute columns (any order; written in that order),
-            values 0/1 or bool. Written as -1/1, each right-aligned in width 3.
+            values 0/1 or bool.
         line_ending: ``"\\r\\n"`` (CelebA's) or ``"\\n"``.
     """
     columns = validate_attributes([str(c) for c in df.columns])
@@ -607,16 +753,20 @@ def write_attributes(path: str | os.PathLike, df: pd.DataFrame, *, line_ending: 
     if line_ending not in ("\r\n", "\n"):
         raise ValueError(f"line_ending must be '\\r\\n' (as CelebA) or '\\n', got {line_ending!r}")
     header = " ".join(columns) + " "  # CelebA's header line ends with a space
-    cells = np.frombuffer(b" -1  1", dtype=np.uint8).reshape(2, 3)[values].reshape(len(names), -1)
+    n = len(names)
+    cells = np.frombuffer(b" -1  1", dtype=np.uint8).reshape(2, 3)[values].reshape(n, -1)
     encoded = [name.encode("utf-8") for name in names]
     ending = line_ending.encode("ascii")
-    preamble = f"{len(names)}{line_ending}{header}{line_ending}".encode("ascii")
+    preamble = f"{n}{line_ending}{header}{line_ending}".encode("ascii")
     if encoded and len({len(e) for e in encoded}) == 1:
-        name_block = np.frombuffer(b"".join(encoded), dtype=np.uint8).reshape(len(names), -1)
-        end_block = np.broadcast_to(np.frombuffer(ending, dtype=np.uint8), (len(names), len(ending)))
-        rows = np.concatenate([name_block, cells, end_block], axis=1).tobytes()
+        name_block = np.frombuffer(b"".join(encoded), dtype=np.uint8).reshape(n, -1)
+        end_block = np.broadcast_to(np.frombuffer(ending, dtype=np.uint8), (n, len(ending)))
+        table = np.concatenate([name_block, cells, end_block], axis=1)
+        keep = np.ones(table.shape, dtype=bool)
+        keep[:, name_block.shape[1]] = values[:, 0] == 0  # a positive first value loses its padding space
+        rows = table[keep].tobytes()
     else:
-        rows = b"".join(e + c.tobytes() + ending for e, c in zip(encoded, cells))
+        rows = b"".join(e + (c[1:] if v else c).tobytes() + ending for e, c, v in zip(encoded, cells, values[:, 0]))
     atomic_write_bytes(path, preamble + rows)
 
 
@@ -692,8 +842,29 @@ def validate_split(split: str, *, allow_all: bool = True) -> str:
     raise ValueError(f"Unknown split {split!r}.{hint} Choose one of {', '.join(valid)}.")
 
 
+def _layout_files(folder: Path, layout: str) -> dict[str, Path]:
+    """Paths of every file of ``layout`` in ``folder`` (the first existing image folder candidate)."""
+    files = {}
+    for kind, candidates in LAYOUTS[layout].items():
+        paths = [folder / c for c in candidates]
+        files[kind] = next((p for p in paths if p.is_dir()), paths[-1]) if kind == "images" else paths[0]
+    return files
+
+
+def detect_layout(folder: str | os.PathLike) -> str | None:
+    """The name of the :data:`LAYOUTS` entry whose attribute file ``folder`` holds, or ``None``."""
+    folder = Path(folder)
+    for name in LAYOUTS:
+        if _layout_files(folder, name)["attributes"].is_file():
+            return name
+    return None
+
+
 def find_celeba_dir(root: str | os.PathLike) -> Path:
-    """Resolve ``root`` (the folder containing ``celeba/``, or ``celeba/`` itself) to ``celeba/``.
+    """Resolve ``root`` (the folder containing ``celeba/``, or the dataset folder) to the dataset folder.
+
+    ``root/celeba`` is preferred when it exists; otherwise ``root`` itself, when it holds the
+    files of one of the :data:`LAYOUTS` (or is named ``celeba``, or holds ``img_align_celeba``).
 
     Raises:
         DatasetNotFoundError: ``root`` does not exist or holds no CelebA folder.
@@ -706,7 +877,7 @@ def find_celeba_dir(root: str | os.PathLike) -> Path:
     nested = root / "celeba"
     if nested.is_dir():
         return nested.resolve()
-    if root.name == "celeba" or (root / ATTR_FILE).exists() or (root / IMAGE_DIR).is_dir():
+    if root.name == "celeba" or detect_layout(root) is not None or (root / IMAGE_DIR).is_dir():
         return root.resolve()
     raise _not_found(nested, "CelebA folder")
 
@@ -718,25 +889,43 @@ class CelebAAnnotations:
     The frames are shared by every user of the in-process cache: treat them as read-only.
 
     Attributes:
-        root: the ``celeba/`` folder.
+        root: the dataset folder (``celeba/`` in the torchvision layout).
         attributes: 0/1 ``uint8`` attributes (see :func:`read_attributes`).
         split: categorical ``train``/``valid``/``test`` per image.
-        landmarks: aligned landmarks, 10 int columns.
+        landmarks: aligned landmarks, 10 int columns, or ``None`` when the file is absent (see
+            :meth:`require_landmarks`).
         bbox: bounding boxes, or ``None`` when the optional file is absent.
         identity: identity ids, or ``None`` when the optional file is absent.
+        layout: the :data:`LAYOUTS` name the folder was read as.
+        files: the path of each file of that layout (``attributes``, ``partition``,
+            ``landmarks``, ``bbox``, ``identity``, ``images``), present or not.
     """
 
     root: Path
     attributes: pd.DataFrame
     split: pd.Series
-    landmarks: pd.DataFrame
+    landmarks: pd.DataFrame | None = None
     bbox: pd.DataFrame | None = None
     identity: pd.Series | None = None
+    layout: str = "torchvision"
+    files: Mapping[str, Path] | None = None
 
     @property
     def image_dir(self) -> Path:
-        """The ``img_align_celeba`` folder."""
+        """The folder of the aligned JPEGs (``img_align_celeba`` of the layout)."""
+        if self.files is not None:
+            return self.files["images"]
         return self.root / IMAGE_DIR
+
+    def require_landmarks(self, feature: str) -> pd.DataFrame:
+        """The landmarks, or a :class:`DatasetNotFoundError` saying that ``feature`` needs the file."""
+        if self.landmarks is None:
+            path = (self.files or {}).get("landmarks", self.root / LANDMARKS_FILE)
+            raise DatasetNotFoundError(
+                f"{feature} needs the landmark file {path}, which this dataset lacks: put CelebA's "
+                f"{Path(path).name} there, or use a feature without landmarks (e.g. --transfer template)."
+            )
+        return self.landmarks
 
     def names(self, split: str | None = None) -> pd.Index:
         """Image names of ``split`` (``train``/``valid``/``test``; ``None`` or ``all`` for every image)."""
@@ -751,12 +940,11 @@ class CelebAAnnotations:
 
 def _align(
     ref: pd.Index,
-    ref_file: str,
+    ref_file: Path,
     ref_first_line: int,
     other: pd.DataFrame | pd.Series,
-    other_file: str,
+    other_file: Path,
     other_first_line: int,
-    root: Path,
 ) -> pd.DataFrame | pd.Series:
     """Check ``other`` lists the same images as ``ref`` and return it in ``ref``'s order."""
     if other.index.equals(ref):
@@ -765,13 +953,13 @@ def _align(
     if not in_other.all():
         pos = int(np.flatnonzero(~in_other)[0])
         raise _annotation_error(
-            root / ref_file, ref_first_line + pos, f"image {ref[pos]!r} is not listed in {other_file}"
+            ref_file, ref_first_line + pos, f"image {ref[pos]!r} is not listed in {other_file.name}"
         )
     in_ref = other.index.isin(ref)
     if not in_ref.all():
         pos = int(np.flatnonzero(~in_ref)[0])
         raise _annotation_error(
-            root / other_file, other_first_line + pos, f"image {other.index[pos]!r} is not listed in {ref_file}"
+            other_file, other_first_line + pos, f"image {other.index[pos]!r} is not listed in {ref_file.name}"
         )
     return other.reindex(ref)
 
@@ -795,40 +983,58 @@ def _stat_key(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def load_annotations(root: str | os.PathLike, *, require_optional: bool = False) -> CelebAAnnotations:
-    """Load and cross-check the annotation files of a CelebA folder.
+def _first_line(path: Path, kind: str) -> int:
+    """1-based line of the first data row of an annotation file of ``kind``."""
+    if _is_csv(path):
+        return 2
+    return 1 if kind in ("partition", "identity") else 3
 
-    The attribute, partition and landmark files are required; the bbox and identity files are
-    loaded when present (required when ``require_optional``). Every loaded file must list the
-    same images; they are returned in the attribute file's order. Results are cached in-process
-    per (folder, file modification times, sizes and inodes), so constructing datasets repeatedly is cheap.
+
+_READERS = {"attributes": read_attributes, "partition": read_partition, "landmarks": read_landmarks,
+            "bbox": read_bbox, "identity": read_identity}
+
+
+def load_annotations(root: str | os.PathLike, *, require_optional: bool = False) -> CelebAAnnotations:
+    """Load and cross-check the annotation files of a CelebA folder (any of the :data:`LAYOUTS`).
+
+    The attribute and partition files are required; the landmark, bbox and identity files are
+    loaded when present (all required when ``require_optional``). A missing landmark file is
+    reported only by the features that use landmarks (:meth:`CelebAAnnotations.require_landmarks`).
+    Every loaded file must list the same images; they are returned in the attribute file's
+    order. Results are cached in-process per (folder, file modification times, sizes and
+    inodes), so constructing datasets repeatedly is cheap.
 
     Raises:
         DatasetNotFoundError: the folder or a required file is missing (the first one is named).
         AnnotationError: malformed files, or files that disagree about the images.
     """
     folder = find_celeba_dir(root)
-    for name in _REQUIRED_FILES + (_OPTIONAL_FILES if require_optional else ()):
-        if not (folder / name).is_file():
-            what = "Required annotation file" if name in _REQUIRED_FILES else "Annotation file"
-            raise _not_found(folder / name, what)
-    key = (str(folder), tuple(_stat_key(folder / name) for name in _REQUIRED_FILES + _OPTIONAL_FILES))
+    layout = detect_layout(folder) or "torchvision"
+    files = _layout_files(folder, layout)
+    for kind in _REQUIRED_KINDS + (_OPTIONAL_KINDS if require_optional else ()):
+        if not files[kind].is_file():
+            what = "Required annotation file" if kind in _REQUIRED_KINDS else "Annotation file"
+            raise _not_found(files[kind], what)
+    kinds = _REQUIRED_KINDS + _OPTIONAL_KINDS
+    key = (str(folder), layout, tuple(_stat_key(files[kind]) for kind in kinds))
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
         if cached is not None:
             _CACHE.move_to_end(key)
             return cached
 
-    attributes = read_attributes(folder / ATTR_FILE)
+    attributes = read_attributes(files["attributes"])
     ref = attributes.index
-    split = _align(ref, ATTR_FILE, 3, read_partition(folder / PARTITION_FILE), PARTITION_FILE, 1, folder)
-    landmarks = _align(ref, ATTR_FILE, 3, read_landmarks(folder / LANDMARKS_FILE), LANDMARKS_FILE, 3, folder)
-    bbox = identity = None
-    if (folder / BBOX_FILE).is_file():
-        bbox = _align(ref, ATTR_FILE, 3, read_bbox(folder / BBOX_FILE), BBOX_FILE, 3, folder)
-    if (folder / IDENTITY_FILE).is_file():
-        identity = _align(ref, ATTR_FILE, 3, read_identity(folder / IDENTITY_FILE), IDENTITY_FILE, 1, folder)
-    result = CelebAAnnotations(folder, attributes, split, landmarks, bbox, identity)
+    ref_file, ref_line = files["attributes"], _first_line(files["attributes"], "attributes")
+    loaded: dict[str, pd.DataFrame | pd.Series | None] = {}
+    for kind in ("partition", *_OPTIONAL_KINDS):
+        path = files[kind]
+        if kind != "partition" and not path.is_file():
+            loaded[kind] = None
+            continue
+        loaded[kind] = _align(ref, ref_file, ref_line, _READERS[kind](path), path, _first_line(path, kind))
+    result = CelebAAnnotations(folder, attributes, loaded["partition"], loaded["landmarks"], loaded["bbox"],
+                               loaded["identity"], layout=layout, files=files)
     with _CACHE_LOCK:
         _CACHE[key] = result
         while len(_CACHE) > _CACHE_SIZE:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -51,13 +52,14 @@ def stats_report(root: Path, pairs: list[tuple[str, str]], top: int = 10) -> str
     from cocam.cooccurrence import celeba_reference, cooccurrence, pair_summary, rank_pairs
 
     ann = load_annotations(root)
-    stats = cooccurrence(ann.attributes, ann.split)
-    summary = pair_summary(stats, pairs, reference=celeba_reference())
+    stats = cooccurrence(ann.attributes, ann.split, include_all=True)
+    summary = pair_summary(stats, pairs, reference=celeba_reference(include_all=True))
     cols = ["split", "a", "b", "n_a", "p_b_given_a", "celeba_p_b_given_a", "p_a_given_b", "celeba_p_a_given_b",
             "n_conflict"]
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         lines = [
-            f"Co-occurrence of the guided pairs in {ann.root} (P(B|A) and P(A|B), next to real CelebA's):",
+            f"Co-occurrence of the guided pairs in {ann.root} (P(B|A) and P(A|B), next to real CelebA's; "
+            f"split 'all' is every image, the numbers usually quoted for CelebA):",
             summary[cols].to_string(index=False),
             "",
             f"Most co-occurring pairs (test split, phi coefficient, top {top}):",
@@ -96,9 +98,31 @@ def _train_config(args: argparse.Namespace, **override):
 
 
 def _datasets(root: Path, image_size: int, splits=("train", "valid")):
+    """The splits as CelebADatasets (cache location and skipping: see ``--cache-dir``, ``--skip-unreadable``)."""
     from cocam.dataset import CelebADataset
 
     return [CelebADataset(root, s, image_size=image_size) for s in splits]
+
+
+def _mask_dir(args: argparse.Namespace) -> Path:
+    """The mask folder of a command: ``--mask-dir``, else ``$COCAM_MASK_DIR``, else the project's ``data/masks``."""
+    from cocam.masks import resolve_mask_dir
+
+    return resolve_mask_dir(getattr(args, "mask_dir", None))
+
+
+def _print_masks(attributes, mask_dir: Path, what: str = "mask") -> None:
+    """Say which file each attribute's mask comes from (or that it is the built-in region)."""
+    from cocam.masks import resolve_mask
+
+    for a in attributes:
+        print(f"{a}: {what} {resolve_mask(a, mask_dir)[1]}")
+
+
+def _require_landmarks(guidance, dataset) -> None:
+    """Stop with a one-line error when ``--transfer landmarks`` meets a dataset without landmarks."""
+    if guidance is not None and guidance.transfer == "landmarks":
+        dataset.require_landmarks("--transfer landmarks")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -123,25 +147,37 @@ def _guidance(args: argparse.Namespace):
     from cocam.masks import load_mask, resolve_mask
     from cocam.train import Guidance
 
+    from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS
+
     attributes = validate_attributes(args.attribute)
+    mask_dir = _mask_dir(args)
     if args.mask and len(args.mask) != len(attributes):
         raise ValueError(f"--mask given {len(args.mask)} times for {len(attributes)} --attribute: give one each, "
-                         f"or none to use {args.mask_dir}/<Attribute>.png (or the built-in region).")
+                         f"or none to use {mask_dir}/<Attribute>.png (or the built-in region).")
     masks = []
+    print(f"masks: {'--mask' if args.mask else mask_dir}")
     for i, a in enumerate(attributes):
         if args.mask:
             masks.append(load_mask(args.mask[i]))
             print(f"{a}: mask {args.mask[i]}")
         else:
-            mask, source = resolve_mask(a, args.mask_dir)
+            mask, source = resolve_mask(a, mask_dir)
             masks.append(mask)
             print(f"{a}: mask {source}")
+
     def one_or_each(values):  # one value for all attributes, or one per --attribute
         return values[0] if values is not None and len(values) == 1 else values
 
-    return Guidance(tuple(attributes), tuple(masks), w_a=args.w_a, w_g=one_or_each(args.w_g),
-                    target=one_or_each(args.target), exact=not args.first_order, loss=one_or_each(args.loss),
-                    transfer=args.transfer)
+    guidance = Guidance(tuple(attributes), tuple(masks), w_a=args.w_a, w_g=one_or_each(args.w_g),
+                        target=one_or_each(args.target), exact=not args.first_order, loss=one_or_each(args.loss),
+                        transfer=args.transfer)
+    losses = args.loss if len(args.loss) > 1 else args.loss * len(attributes)
+    w_g = args.w_g if args.w_g is not None else [DEFAULT_GUIDANCE_WEIGHTS.get(loss) for loss in losses]
+    print(f"guidance: loss {' '.join(args.loss)}, target {' '.join(args.target)}, "
+          f"w_g {' '.join(f'{w:g}' for w in w_g) if all(w is not None for w in w_g) else w_g}"
+          f"{'' if args.w_g is not None else ' (the loss default)'}, w_a {args.w_a:g}, transfer {args.transfer}, "
+          f"{'first-order' if args.first_order else 'exact'} gradients")
+    return guidance
 
 
 def _check_out_is_not_the_source(checkpoint: Path, out: Path) -> None:
@@ -164,6 +200,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     model, spec, _ = load_model(args.checkpoint)
     train, valid = _datasets(args.root, spec.image_size)
     guidance = None if args.control else _guidance(args)
+    _require_landmarks(guidance, train)
     result = fit(model, train, valid, _train_config(args, patience=None), spec=spec, guidance=guidance,
                  run_dir=args.out, resume=args.resume, overwrite=args.overwrite)
     print(result.history.to_string(index=False))
@@ -182,7 +219,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               image_size=args.image_size, hidden=args.hidden or None,
                               baseline_epochs=args.epochs, patience=args.patience,
                               finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                              batch_size=args.batch_size, mask_dir=args.mask_dir, device=args.device)
+                              batch_size=args.batch_size, mask_dir=_mask_dir(args), device=args.device)
+    _print_masks([a for a, _ in config.pairs], config.mask_dir)
     result = compare_guidance(config, {m: METHODS[m] for m in names}, baseline=args.baseline,
                               progress=not args.quiet)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 40):
@@ -242,8 +280,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         checkpoints[name or Path(path).parent.name] = Path(path)
     from cocam.evaluate import evaluate_checkpoints
 
-    table, long = evaluate_checkpoints(args.root, checkpoints, _pairs(args.pair), split=args.split,
-                                       attention=not args.no_attention, mask_dir=args.mask_dir)
+    pairs = _pairs(args.pair)
+    mask_dir = _mask_dir(args)
+    if not args.no_attention:
+        _print_masks([a for a, _ in pairs], mask_dir, what="attention scored against the mask")
+    table, long = evaluate_checkpoints(args.root, checkpoints, pairs, split=args.split,
+                                       attention=not args.no_attention, mask_dir=mask_dir)
     print(_format_table(table))
     if args.out:
         from cocam.evaluate import write_results
@@ -267,7 +309,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     times = {}
     t = time.perf_counter()
-    folder = generate_synthetic_celeba(args.root, PRESETS[args.preset], workers=args.workers)
+    try:
+        folder = generate_synthetic_celeba(args.root, PRESETS[args.preset], workers=args.workers)
+    except FileExistsError as err:
+        raise FileExistsError(
+            f"cocam demo runs on the synthetic dataset it generates, and {args.root} holds another dataset "
+            f"({err}). Give the demo a new --root; to run the method on your own CelebA use `cocam paper` or "
+            f"`cocam train` / `cocam finetune` / `cocam evaluate --root {args.root}`."
+        ) from None
     times["generate"] = time.perf_counter() - t
     print(f"dataset: {folder}\n")
     print(stats_report(args.root, list(PAPER_PAIRS)))
@@ -286,8 +335,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cocam.checkpoint import load_model
 
     args.attribute = [a for a, _ in PAPER_PAIRS]
-    args.mask, args.mask_dir = None, "data/masks"
+    args.mask = None
     guidance = _guidance(args)
+    _require_landmarks(guidance, train)
     tuned = {}
     config = TrainConfig.fine_tuning(len(train), args.finetune_epochs, batch_size=args.batch_size,
                                      lr=args.finetune_lr, seed=args.seed, device=args.device)
@@ -361,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-conflict-scale", type=float,
                    help="bias strength: 1 keeps CelebA's rates in train, smaller amplifies co-occurrence")
     g.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset cocam generated here (never a folder without its cocam_synthetic.json)")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("stats", help="co-occurrence statistics of a CelebA-layout dataset")
@@ -420,8 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", type=Path, default=Path("runs/guided"))
     ft.add_argument("--attribute", action="append", default=[], help="guided attribute (repeatable)")
     ft.add_argument("--mask", action="append", type=Path, help="mask file per --attribute (PNG or .npy)")
-    ft.add_argument("--mask-dir", type=Path, default=Path("data/masks"),
-                    help="where <Attribute>.png masks are looked up (default: %(default)s)")
+    ft.add_argument("--mask-dir", type=Path, default=None, help=_MASK_DIR_HELP)
     ft.add_argument("--control", action="store_true", help="BCE-only control: no guidance term")
     guidance_options(ft)
     ft.add_argument("--overwrite", action="store_true", help="replace a run already in --out (its checkpoints "
@@ -435,8 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--out", type=Path, help="write the table as CSV")
     ev.add_argument("--no-attention", action="store_true", help="skip the Grad-CAM attention metrics")
-    ev.add_argument("--mask-dir", type=Path, default=Path("data/masks"),
-                    help="masks scored against: <mask-dir>/<Attribute>.png, else the built-in region")
+    ev.add_argument("--mask-dir", type=Path, default=None, help="masks scored against: " + _MASK_DIR_HELP)
     ev.set_defaults(func=cmd_evaluate)
 
     bi = sub.add_parser("bias", help="rank attribute pairs by what a trained model gets wrong")
@@ -451,12 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--device", default="auto")
     bi.set_defaults(func=cmd_bias)
 
-    from cocam.protocol import add_protocol_arguments, run_from_args
+    from cocam.protocol import add_protocol_arguments
 
     pp = sub.add_parser("paper", help="the paper's experiment on your CelebA, next to the paper's numbers "
                                       "(--check: what it needs and how long it takes)")
     add_protocol_arguments(pp)
-    pp.set_defaults(func=run_from_args)
 
     c = sub.add_parser("compare", help="guidance losses vs the BCE-only control: same budget, several seeds")
     c.add_argument("--root", type=Path, default=DEFAULT_ROOT)
@@ -474,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--finetune-epochs", type=int, default=2)
     c.add_argument("--finetune-lr", type=float, default=3e-4)
     c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--mask-dir", type=Path, default=Path("data/masks"))
+    c.add_argument("--mask-dir", type=Path, default=None, help=_MASK_DIR_HELP)
     c.add_argument("--device", default="auto")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compare)
@@ -489,9 +537,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--patience", type=int, default=3)
     d.add_argument("--finetune-epochs", type=int, default=1)
     d.add_argument("--finetune-lr", type=float, default=3e-4)
+    d.add_argument("--mask-dir", type=Path, default=None, help=_MASK_DIR_HELP)
     guidance_options(d)
     d.set_defaults(func=cmd_demo)
+
+    for name in ("train", "finetune", "evaluate", "bias", "compare", "demo", "paper"):
+        data_options(sub.choices[name])
+    pp.set_defaults(mask_dir=None, func=cmd_paper)
     return parser
+
+
+_MASK_DIR_HELP = ("folder of <Attribute>.png masks (default: $COCAM_MASK_DIR, else the project's data/masks, "
+                  "found from the project, not the current folder; an attribute without a file uses its "
+                  "built-in region)")
+
+
+def data_options(p: argparse.ArgumentParser) -> None:
+    """``--cache-dir`` and ``--skip-unreadable``: how a command reads the images."""
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="folder under which the decoded-image cache is kept (default: $COCAM_CACHE_DIR, else "
+                        "inside a dataset cocam generated, else ~/.cache/cocam; never inside a real dataset "
+                        "folder unless given here)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out listed images that are missing or cannot be decoded (counted in a warning, "
+                        "all listed in a file beside the cache) instead of stopping")
+
+
+def cmd_paper(args: argparse.Namespace) -> int:
+    """``cocam paper``: the protocol, with the mask folder resolved like every other command's."""
+    from cocam.protocol import run_from_args
+
+    args.mask_dir = _mask_dir(args)
+    return run_from_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,10 +578,37 @@ def main(argv: list[str] | None = None) -> int:
     from cocam.errors import CocamError
 
     try:
-        return args.func(args)
+        with _data_environment(args):
+            return args.func(args)
     except (CocamError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         print(f"cocam {args.command}: error: {err}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _data_environment(args: argparse.Namespace):
+    """Set ``$COCAM_CACHE_DIR`` / ``$COCAM_SKIP_UNREADABLE`` from the options for the command's run.
+
+    The variables reach every dataset the command builds, also those built inside the
+    evaluation, comparison and protocol code; the previous values are restored afterwards.
+    """
+    from cocam.dataset import CACHE_ENV, SKIP_UNREADABLE_ENV
+
+    wanted = {}
+    if getattr(args, "cache_dir", None) is not None:
+        wanted[CACHE_ENV] = os.fspath(Path(args.cache_dir).expanduser().resolve())
+    if getattr(args, "skip_unreadable", False):
+        wanted[SKIP_UNREADABLE_ENV] = "1"
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 if __name__ == "__main__":

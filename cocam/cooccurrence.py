@@ -27,23 +27,35 @@ __all__ = [
 _COUNT_COLUMNS = ["split", "a", "b", "n_images", "n_a", "n_b", "n_ab"]
 
 
-def celeba_reference() -> pd.DataFrame:
+def _with_all_splits(counts: pd.DataFrame) -> pd.DataFrame:
+    """``counts`` plus split ``"all"``: the per-pair counts summed over the splits (counts add up)."""
+    total = counts.groupby(["a", "b"], sort=False, as_index=False)[["n_images", "n_a", "n_b", "n_ab"]].sum()
+    total.insert(0, "split", "all")
+    return pd.concat([counts[_COUNT_COLUMNS], total[_COUNT_COLUMNS]], ignore_index=True)
+
+
+def celeba_reference(*, include_all: bool = False) -> pd.DataFrame:
     """Counts of real CelebA per split and ordered attribute pair, with derived rates.
 
     Columns: ``split, a, b, n_images, n_a, n_b, n_ab`` plus those of :func:`derive_rates`.
+    With ``include_all`` the rows of split ``"all"`` (all 202,599 images: the numbers usually
+    quoted for CelebA) follow those of train, valid and test.
     """
     with resources.files("cocam.data").joinpath("celeba_cooccurrence.csv").open("r") as fh:
         counts = pd.read_csv(fh)
-    return derive_rates(counts)
+    return derive_rates(_with_all_splits(counts) if include_all else counts)
 
 
-def cooccurrence(attributes: pd.DataFrame, split: pd.Series | None = None) -> pd.DataFrame:
+def cooccurrence(attributes: pd.DataFrame, split: pd.Series | None = None, *,
+                 include_all: bool = False) -> pd.DataFrame:
     """Counts and rates for every ordered attribute pair, per split.
 
     Args:
         attributes: 0/1 labels, one row per image, one column per attribute.
         split: optional split name per image (same index); without it every row counts as
             split ``"all"``.
+        include_all: with ``split``, also the rows of split ``"all"`` (every image), after the
+            per-split rows.
 
     Returns:
         One row per (split, a, b) with the columns of :func:`celeba_reference`.
@@ -73,7 +85,10 @@ def cooccurrence(attributes: pd.DataFrame, split: pd.Series | None = None) -> pd
                 }
             )
         )
-    return derive_rates(pd.concat(frames, ignore_index=True))
+    counts = pd.concat(frames, ignore_index=True)
+    if include_all and split is not None:
+        counts = _with_all_splits(counts)
+    return derive_rates(counts)
 
 
 def derive_rates(counts: pd.DataFrame) -> pd.DataFrame:

@@ -9,10 +9,13 @@ with the downscale factor).
 Decoding JPEGs is the slow part of training, so each (split, image size) is decoded once into
 ``<cache_dir>/<split>_<size>px.uint8``, a raw ``(N, S, S, 3)`` ``uint8`` array that is memory
 mapped afterwards, plus a JSON sidecar recording the image count, size and a fingerprint of
-the split's image names. The array is written to a temporary file, fsync'ed and renamed; the
-sidecar is written last, so an interrupted build is never mistaken for a complete one. A
-sidecar whose fingerprint disagrees (other images, other size) triggers a rebuild. Subsets
-index into their split's cache.
+the split's image names, file sizes and modification times (one ``stat`` per image). The
+array is written to a temporary file, fsync'ed and renamed; the sidecar is written last, so an
+interrupted build is never mistaken for a complete one; temporaries left by a killed build are
+deleted by the next build (builds hold a lock file). A sidecar whose fingerprint disagrees
+(other images, a replaced image, other size) triggers a rebuild. Subsets index into their
+split's cache. Where the cache lives is decided by :func:`default_cache_dir`: real CelebA is
+cached under the user's cache folder, never inside the dataset folder unless asked.
 
 Two ways to read batches:
 
@@ -52,25 +55,32 @@ from cocam.celeba import (
     LANDMARK_COLUMNS,
     CelebAAnnotations,
     DatasetNotFoundError,
+    find_celeba_dir,
     load_annotations,
     select_images,
     validate_split,
 )
 from cocam.errors import CocamError
 from cocam.geometry import ALIGNED_HEIGHT, ALIGNED_WIDTH, CROP_BOX, aligned_to_input
-from cocam.io import atomic_write_text
+from cocam.io import atomic_write_text, exclusive_lock
 
 __all__ = [
+    "CACHE_DIRNAME",
+    "CACHE_ENV",
+    "SKIP_UNREADABLE_ENV",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BatchLoader",
     "CelebADataset",
+    "ImageCacheError",
     "ImageReadError",
-    "decode_image",
-    "iterate_batches",
-    "CACHE_DIRNAME",
     "cache_files",
+    "decode_image",
+    "default_cache_dir",
+    "iterate_batches",
     "normalize_uint8",
+    "unreadable_list_path",
+    "user_cache_root",
 ]
 
 #: Per-channel RGB mean and standard deviation of ImageNet (inputs are scaled to [0, 1] first).
@@ -82,11 +92,73 @@ _CACHE_VERSION = 1
 CACHE_DIRNAME = ".cocam_cache"
 _CHUNK = 128  # images per task sent to a decode worker
 _MIN_IMAGES_FOR_POOL = 256  # below this, decoding in-process beats starting workers
-_FINGERPRINT_SAMPLES = 32  # JPEG file sizes mixed into the fingerprint
+#: Environment variable naming the folder under which decoded-image caches are kept.
+CACHE_ENV = "COCAM_CACHE_DIR"
+#: Environment variable: ``1`` makes ``skip_unreadable=None`` (the default) skip unreadable images
+#: (the CLI's ``--skip-unreadable`` sets it for the command's run, reaching every dataset it builds).
+SKIP_UNREADABLE_ENV = "COCAM_SKIP_UNREADABLE"
+_UNREADABLE_SHOWN = 5  # unreadable images named in the warning (all are listed in a file)
+_SKIP_HINT = "or pass skip_unreadable=True (CLI: --skip-unreadable) to leave such images out"
 
 
 class ImageReadError(CocamError, OSError):
     """A CelebA image exists but cannot be decoded (or has the wrong size)."""
+
+
+class ImageCacheError(CocamError, OSError):
+    """The decoded-image cache cannot be written (no writable folder, not enough space)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Where the decoded-image cache lives
+# --------------------------------------------------------------------------------------------
+
+
+def user_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/cocam``, or ``~/.cache/cocam`` when that variable is unset or empty."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cocam"
+
+
+def _dataset_key(folder: Path) -> str:
+    """A folder name unique to a dataset: its folder's name and a hash of its resolved path."""
+    resolved = folder.resolve()
+    return f"{resolved.name}-{hashlib.sha256(os.fsencode(resolved)).hexdigest()[:16]}"
+
+
+def _is_writable(path: Path) -> bool:
+    """Whether new files can be created in the folder ``path`` (tests replace this: root writes anywhere)."""
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def default_cache_dir(root: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+    """Where the decoded images of the dataset at ``root`` are cached when no ``cache_dir`` is given.
+
+    The rule, in order:
+
+    1. ``$COCAM_CACHE_DIR`` set: ``$COCAM_CACHE_DIR/<dataset key>`` (the CLI's ``--cache-dir``
+       sets it for the command's run).
+    2. A dataset cocam generated (its ``cocam_synthetic.json`` marker is present) in a writable
+       folder: ``<dataset>/.cocam_cache``, inside the folder cocam made.
+    3. Anything else — real CelebA, or a generated dataset in a read-only folder:
+       :func:`user_cache_root` ``/<dataset key>``. A real dataset folder is never written to
+       unless ``cache_dir=`` (or ``--cache-dir``) points into it.
+
+    The dataset key is the dataset folder's name and a hash of its resolved path, so several
+    datasets share one cache root without mixing. ``base`` given: ``base/<dataset key>``
+    (what a workspace's own cache folder uses).
+    """
+    from cocam.synthetic.generate import MARKER_FILE
+
+    folder = find_celeba_dir(root)
+    if base is not None:
+        return Path(base).expanduser() / _dataset_key(folder)
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser() / _dataset_key(folder)
+    if (folder / MARKER_FILE).is_file() and _is_writable(folder):
+        return folder / CACHE_DIRNAME
+    return user_cache_root() / _dataset_key(folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,8 +185,8 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
             rgb = image.convert("RGB")
     except FileNotFoundError:
         raise DatasetNotFoundError(
-            f"Image file not found: {path}\nEvery image listed in {ATTR_FILE} must exist in {IMAGE_DIR}/. "
-            "Re-extract the images, or regenerate the synthetic dataset with `cocam generate`."
+            f"Image file not found: {path}. Every image listed in {ATTR_FILE} must exist in {IMAGE_DIR}/: "
+            "re-extract the images, or regenerate the synthetic dataset with `cocam generate`."
         ) from None
     except ImageReadError:
         raise
@@ -140,18 +212,31 @@ def _decode_or_skip(path: str | os.PathLike, size: int, skip: bool) -> np.ndarra
         return None
 
 
-def _decode_chunk(task: tuple[str, list[str], int, int, bool]) -> tuple[int, np.ndarray, list[int]]:
-    """Worker: decode ``names`` from ``image_dir``; returns (offset, (n, S, S, 3) uint8, unreadable positions)."""
+def _decode_chunk(
+    task: tuple[str, list[str], int, int, bool],
+) -> tuple[int, np.ndarray, list[int], tuple[int, str, str] | None]:
+    """Worker: decode ``names`` from ``image_dir``.
+
+    Returns (offset, (n, S, S, 3) uint8, unreadable positions, error). Without ``skip`` the
+    chunk stops at its first unreadable image and ``error`` is (position, ``"missing"`` or
+    ``"unreadable"``, message): the parent raises it as one clear error, never as a traceback
+    of the worker process.
+    """
     image_dir, names, offset, size, skip = task
     out = np.zeros((len(names), size, size, 3), dtype=np.uint8)
     bad: list[int] = []
     for j, name in enumerate(names):
-        pixels = _decode_or_skip(os.path.join(image_dir, name), size, skip)
+        try:
+            pixels = _decode_or_skip(os.path.join(image_dir, name), size, skip)
+        except DatasetNotFoundError as exc:
+            return offset, out, bad, (offset + j, "missing", str(exc))
+        except ImageReadError as exc:
+            return offset, out, bad, (offset + j, "unreadable", str(exc))
         if pixels is None:
             bad.append(offset + j)
         else:
             out[j] = pixels
-    return offset, out, bad
+    return offset, out, bad, None
 
 
 def normalize_uint8(images: torch.Tensor, *, channels_last: bool = False) -> torch.Tensor:
@@ -192,21 +277,37 @@ def cache_files(cache_dir: str | os.PathLike, split: str, image_size: int) -> tu
     return cache_dir / f"{split}_{image_size}px.uint8", cache_dir / f"{split}_{image_size}px.json"
 
 
-def _fingerprint(image_dir: Path, names: Sequence[str], image_size: int) -> str:
-    """Hash of the pipeline settings, the image names and the sizes of a sample of the JPEGs."""
+def _image_stats(image_dir: Path, names: Sequence[str]) -> list[tuple[int, int] | None]:
+    """(size, modification time in ns) of every listed image, ``None`` where it is missing.
+
+    One ``stat`` per image and no read: cheap next to decoding (a fraction of a second for
+    CelebA's 162,770 training images on a local disk).
+    """
+    stats: list[tuple[int, int] | None] = []
+    base = os.fspath(image_dir)
+    for name in names:
+        try:
+            st = os.stat(os.path.join(base, name))
+        except OSError:
+            stats.append(None)
+        else:
+            stats.append((st.st_size, st.st_mtime_ns))
+    return stats
+
+
+def _fingerprint(names: Sequence[str], stats: Sequence[tuple[int, int] | None], image_size: int) -> str:
+    """Hash of the pipeline settings and of every image's name, size and modification time.
+
+    Replacing, adding or removing any image (not only a sampled one) changes it, and so
+    triggers a rebuild of the cache.
+    """
     digest = hashlib.sha256()
     digest.update(
         f"cocam-image-cache v{_CACHE_VERSION} size={image_size} crop={CROP_BOX} resample=bilinear\n".encode()
     )
-    digest.update("\n".join(names).encode("utf-8"))
-    if len(names):
-        picks = np.unique(np.linspace(0, len(names) - 1, min(len(names), _FINGERPRINT_SAMPLES)).astype(int))
-        for i in picks.tolist():
-            try:
-                size = os.stat(image_dir / names[i]).st_size
-            except OSError:
-                size = -1
-            digest.update(f"\n{names[i]}:{size}".encode())
+    digest.update(
+        "\n".join(f"{n}:{st[0]}:{st[1]}" if st else f"{n}:-1" for n, st in zip(names, stats)).encode("utf-8")
+    )
     return digest.hexdigest()
 
 
@@ -231,6 +332,26 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def unreadable_list_path(data_path: Path) -> Path:
+    """The text file beside a split cache listing every image it left out (one name per line)."""
+    return data_path.with_name(data_path.name.replace(".uint8", "") + ".unreadable.txt")
+
+
+def _remove_stale_temps(data_path: Path) -> None:
+    """Delete temporaries of ``data_path`` left by a killed build (the caller holds the build lock)."""
+    for stale in data_path.parent.glob(f".{data_path.name}.tmp-*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def _image_error(kind: str, message: str, missing: int, total: int, image_dir: Path) -> CocamError:
+    """The one-line error for the first image (in dataset order) that could not be read."""
+    if kind == "missing":
+        count = f" ({missing:,} of the {total:,} listed images are missing from {image_dir})" if missing > 1 else ""
+        return DatasetNotFoundError(f"{message}{count}; {_SKIP_HINT}.")
+    return ImageReadError(f"{message}. Replace the file (re-extract it), {_SKIP_HINT}.")
+
+
 def _build_cache(
     image_dir: Path,
     names: Sequence[str],
@@ -243,22 +364,30 @@ def _build_cache(
     progress: bool,
     desc: str,
     skip_unreadable: bool = False,
+    missing: int = 0,
 ) -> list[str]:
     """Decode every image into ``data_path``: temporary file, fsync, rename, then the sidecar.
 
-    With ``skip_unreadable``, a missing or undecodable image is left as zeros and its name is
-    recorded in the sidecar's ``"unreadable"`` list (returned); otherwise it is an error.
+    The caller holds the cache's build lock, so temporaries left by a killed build are deleted
+    first. With ``skip_unreadable``, a missing or undecodable image is left as zeros and its
+    name is recorded in the sidecar's ``"unreadable"`` list (returned) and in
+    :func:`unreadable_list_path`; otherwise the first such image in dataset order is an error
+    (``missing``: how many listed images do not exist, for its message).
     """
     n = len(names)
     nbytes = n * image_size * image_size * 3
     cache_dir = data_path.parent
     with contextlib.suppress(FileNotFoundError):
         meta_path.unlink()  # from here on the old cache is invalid, whatever happens
+    with contextlib.suppress(FileNotFoundError):
+        data_path.unlink()  # invalid without its sidecar: free its space for the new one
+    _remove_stale_temps(data_path)
     free = shutil.disk_usage(cache_dir).free
     if nbytes > free:
-        raise OSError(
-            f"Not enough disk space for the image cache {data_path}: needs {nbytes / 2**30:.2f} GiB, "
-            f"{free / 2**30:.2f} GiB free. Pass cache_dir= to put it elsewhere or use a smaller image_size."
+        raise ImageCacheError(
+            f"Not enough disk space for the image cache {data_path}: it needs {nbytes / 2**30:.2f} GiB and "
+            f"{free / 2**30:.2f} GiB are free. Free some space, put the cache elsewhere (--cache-dir or "
+            f"${CACHE_ENV}; cache_dir= in Python), or use a smaller image size."
         )
     fd, tmp_name = tempfile.mkstemp(prefix=f".{data_path.name}.tmp-", dir=cache_dir)
     os.close(fd)
@@ -271,24 +400,27 @@ def _build_cache(
         with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
             bad: list[int] = []
             if num_workers <= 1 or n < _MIN_IMAGES_FOR_POOL:
-                for i, name in enumerate(names):
-                    pixels = _decode_or_skip(image_dir / name, image_size, skip_unreadable)
-                    if pixels is None:
-                        bad.append(i)
-                        array[i] = 0
-                    else:
-                        array[i] = pixels
-                    bar.update(1)
+                results: Iterable = (_decode_chunk((str(image_dir), list(names[i : i + _CHUNK]), i, image_size,
+                                                    skip_unreadable)) for i in range(0, n, _CHUNK))
+                pool = None
             else:
                 tasks = [
                     (str(image_dir), list(names[i : i + _CHUNK]), i, image_size, skip_unreadable)
                     for i in range(0, n, _CHUNK)
                 ]
-                with multiprocessing.get_context().Pool(num_workers) as pool:
-                    for offset, block, block_bad in pool.imap_unordered(_decode_chunk, tasks):
-                        array[offset : offset + len(block)] = block
-                        bad.extend(block_bad)
-                        bar.update(len(block))
+                pool = multiprocessing.get_context().Pool(num_workers)
+                results = pool.imap(_decode_chunk, tasks)  # in order: the first error is the first image's
+            try:
+                for offset, block, block_bad, error in results:
+                    if error is not None:
+                        raise _image_error(error[1], error[2], missing, n, image_dir)
+                    array[offset : offset + len(block)] = block
+                    bad.extend(block_bad)
+                    bar.update(len(block))
+            finally:
+                if pool is not None:
+                    pool.terminate()
+                    pool.join()
         unreadable = [names[i] for i in sorted(bad)]
         meta = {**meta, "unreadable": unreadable}
         array.flush()
@@ -302,6 +434,12 @@ def _build_cache(
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+        listing = unreadable_list_path(data_path)
+        if unreadable:
+            atomic_write_text(listing, "".join(f"{name}\n" for name in unreadable))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                listing.unlink()
         atomic_write_text(meta_path, json.dumps(dict(meta), indent=2) + "\n")
         with contextlib.suppress(OSError):
             os.chmod(meta_path, mode)
@@ -344,13 +482,17 @@ class CelebADataset(torch.utils.data.Dataset):
         image_size: side of the square model input in pixels.
         images: restrict to these image names (all must belong to ``split``), in this order.
         transform: applied to the normalised ``(3, S, S)`` float image in ``__getitem__``.
-        cache_dir: where the decoded-image cache lives (default ``<celeba>/.cocam_cache``).
+        cache_dir: the folder of the decoded-image cache (default: :func:`default_cache_dir`, which
+            never writes into a real dataset's folder).
         num_workers: decode processes used when the cache is built (``<= 1``: in-process).
         progress: show a progress bar while building the cache.
         skip_unreadable: what to do with a listed image that is missing or cannot be decoded
-            while the cache is built. ``False`` (default): raise (:class:`ImageReadError` or
+            while the cache is built (``None``, the default: ``True`` when ``$COCAM_SKIP_UNREADABLE``
+            is ``1``, else ``False``). ``False``: raise (:class:`ImageReadError` or
             :class:`~cocam.celeba.DatasetNotFoundError`, naming the file). ``True``: warn
-            (:class:`UserWarning` naming each such file) and leave it out of the dataset. The
+            (:class:`UserWarning` counting them and naming the first few; the full list is
+            written to ``<cache_dir>/<split>_<size>px.unreadable.txt``, see
+            :func:`unreadable_list_path`) and leave them out of the dataset. The
             names are recorded in the cache's sidecar, so a later construction with the same
             cache leaves out the same images (and warns again); a construction with
             ``skip_unreadable=False`` over such a cache rebuilds it and raises. An image passed
@@ -358,7 +500,8 @@ class CelebADataset(torch.utils.data.Dataset):
 
     Items are ``(image, target, landmarks)``: float32 ``(3, S, S)`` ImageNet-normalised,
     float32 ``(40,)`` 0/1 in :data:`~cocam.attributes.CELEBA_ATTRIBUTES` order, float32 ``(5, 2)``
-    (x, y) of the eyes, nose and mouth corners in model-input pixels.
+    (x, y) of the eyes, nose and mouth corners in model-input pixels — NaN when the dataset
+    has no landmark file (:attr:`has_landmarks`; :attr:`landmarks` then raises, naming the file).
     """
 
     def __init__(
@@ -372,9 +515,11 @@ class CelebADataset(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None = None,
         num_workers: int = 2,
         progress: bool = True,
-        skip_unreadable: bool = False,
+        skip_unreadable: bool | None = None,
     ) -> None:
         split = validate_split(split)
+        if skip_unreadable is None:
+            skip_unreadable = os.environ.get(SKIP_UNREADABLE_ENV, "") == "1"
         try:
             image_size = operator.index(image_size)
         except TypeError:
@@ -402,15 +547,20 @@ class CelebADataset(torch.utils.data.Dataset):
             if split == "all"
             else np.flatnonzero((annotations.split == split).to_numpy())
         )
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else annotations.root / CACHE_DIRNAME
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(annotations.root)
         self._cache_path, self._meta_path = cache_files(self.cache_dir, split, image_size)
         unreadable = self._ensure_cache(num_workers=num_workers, progress=progress, skip_unreadable=skip_unreadable)
         self._memmap: np.ndarray | None = None
         rows = np.arange(len(split_names)) if images is None else self._rows_for(images, split_names)
         if unreadable:
+            listing = unreadable_list_path(self._cache_path)
+            if not listing.is_file():  # deleted since the build: the warning promises it
+                with contextlib.suppress(OSError):
+                    atomic_write_text(listing, "".join(f"{name}\n" for name in unreadable))
+            shown = ", ".join(unreadable[:_UNREADABLE_SHOWN]) + (", ..." if len(unreadable) > _UNREADABLE_SHOWN else "")
             warnings.warn(
-                f"Skipping {len(unreadable)} unreadable image(s) in {self._annotations.image_dir}: "
-                + ", ".join(unreadable),
+                f"Skipping {len(unreadable):,} missing or unreadable image(s) of the {split} split in "
+                f"{self._annotations.image_dir} (first: {shown}); the full list is in {listing}",
                 UserWarning,
                 stacklevel=2,
             )
@@ -420,9 +570,15 @@ class CelebADataset(torch.utils.data.Dataset):
     # -- construction helpers ----------------------------------------------------------------
 
     def _ensure_cache(self, *, num_workers: int, progress: bool, skip_unreadable: bool = False) -> list[str]:
-        """Build the split cache if needed; the names of the images it could not read (skipped)."""
+        """Build the split cache if needed; the names of the images it could not read (skipped).
+
+        Builds run under a lock file beside the cache (``.<split>_<size>px.lock``), so two
+        processes never build the same cache at once; the second waits and then reuses it.
+        """
         names = self._split_names.tolist()
         size = self._image_size
+        image_dir = self._annotations.image_dir
+        stats = _image_stats(image_dir, names)
         meta = {
             "format": "cocam-image-cache",
             "version": _CACHE_VERSION,
@@ -433,36 +589,52 @@ class CelebADataset(torch.utils.data.Dataset):
             "dtype": "uint8",
             "crop_box": list(CROP_BOX),
             "resample": "bilinear",
-            "fingerprint": _fingerprint(self._annotations.image_dir, names, size),
+            "fingerprint": _fingerprint(names, stats, size),
         }
         if not names:
             return []
-        if _cache_is_valid(self._cache_path, self._meta_path, meta):
-            try:
-                unreadable = list(json.loads(self._meta_path.read_text(encoding="utf-8")).get("unreadable") or [])
-            except (OSError, ValueError):
-                unreadable = None
-            if unreadable is not None and (skip_unreadable or not unreadable):
-                return unreadable
+        reused = self._reusable(meta, skip_unreadable)
+        if reused is not None:
+            return reused
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+            if not _is_writable(self.cache_dir):
+                raise PermissionError(f"no permission to write in {self.cache_dir}")
         except OSError as exc:
-            raise OSError(
-                f"Cannot create the image cache folder {self.cache_dir} ({exc}); pass cache_dir= to "
-                "CelebADataset to put the cache somewhere writable."
-            ) from exc
-        return _build_cache(
-            self._annotations.image_dir,
-            names,
-            size,
-            self._cache_path,
-            self._meta_path,
-            meta,
-            num_workers=num_workers,
-            progress=progress,
-            desc=f"Caching CelebA {self.split} at {size}px",
-            skip_unreadable=skip_unreadable,
-        )
+            raise ImageCacheError(
+                f"Cannot write the image cache folder {self.cache_dir} ({exc.strerror or exc}): put the cache "
+                f"somewhere writable with --cache-dir or ${CACHE_ENV} (cache_dir= in Python)."
+            ) from None
+        lock = self.cache_dir / f".{self._cache_path.stem}.lock"
+        with exclusive_lock(lock, wait=math.inf, what=f"building the image cache {self._cache_path.name}"):
+            reused = self._reusable(meta, skip_unreadable)  # another process may have built it meanwhile
+            if reused is not None:
+                return reused
+            return _build_cache(
+                image_dir,
+                names,
+                size,
+                self._cache_path,
+                self._meta_path,
+                meta,
+                num_workers=num_workers,
+                progress=progress,
+                desc=f"Caching CelebA {self.split} at {size}px",
+                skip_unreadable=skip_unreadable,
+                missing=sum(st is None for st in stats),
+            )
+
+    def _reusable(self, meta: Mapping[str, Any], skip_unreadable: bool) -> list[str] | None:
+        """The unreadable names of a complete, matching cache that may be served; ``None`` to rebuild."""
+        if not _cache_is_valid(self._cache_path, self._meta_path, meta):
+            return None
+        try:
+            unreadable = list(json.loads(self._meta_path.read_text(encoding="utf-8")).get("unreadable") or [])
+        except (OSError, ValueError):
+            return None
+        if unreadable and not skip_unreadable:
+            return None
+        return unreadable
 
     def _rows_for(self, names: Iterable[str], within: pd.Index) -> np.ndarray:
         """Positions in ``within`` of ``names``; errors name the first unknown or repeated one."""
@@ -490,8 +662,11 @@ class CelebADataset(torch.utils.data.Dataset):
         attributes = self._annotations.attributes
         order = [attributes.columns.get_loc(name) for name in CELEBA_ATTRIBUTES]
         self._targets = attributes.to_numpy()[positions][:, order].astype(np.float32)
-        aligned = self._annotations.landmarks.to_numpy()[positions].reshape(-1, 5, 2)
-        self._landmarks = aligned_to_input(aligned, self._image_size).astype(np.float32)
+        if self._annotations.landmarks is None:
+            self._landmarks = np.full((len(positions), 5, 2), np.nan, dtype=np.float32)
+        else:
+            aligned = self._annotations.landmarks.to_numpy()[positions].reshape(-1, 5, 2)
+            self._landmarks = aligned_to_input(aligned, self._image_size).astype(np.float32)
 
     # -- basic properties --------------------------------------------------------------------
 
@@ -526,9 +701,19 @@ class CelebADataset(torch.utils.data.Dataset):
         return self._annotations.attributes.iloc[self._positions][list(CELEBA_ATTRIBUTES)]
 
     @property
+    def has_landmarks(self) -> bool:
+        """Whether the dataset folder has a landmark file (needed by the ``landmarks`` mask transfer)."""
+        return self._annotations.landmarks is not None
+
+    def require_landmarks(self, feature: str) -> None:
+        """Raise :class:`~cocam.celeba.DatasetNotFoundError` naming ``feature`` and the file if landmarks are absent."""
+        self._annotations.require_landmarks(feature)
+
+    @property
     def landmarks_aligned(self) -> pd.DataFrame:
         """Landmarks of this dataset's images in aligned 178x218 image pixels."""
-        return self._annotations.landmarks.iloc[self._positions][list(LANDMARK_COLUMNS)]
+        landmarks = self._annotations.require_landmarks("dataset.landmarks_aligned")
+        return landmarks.iloc[self._positions][list(LANDMARK_COLUMNS)]
 
     @property
     def targets(self) -> np.ndarray:
@@ -539,7 +724,12 @@ class CelebADataset(torch.utils.data.Dataset):
 
     @property
     def landmarks(self) -> np.ndarray:
-        """(N, 5, 2) float32 landmarks in model-input pixels, in item order (read-only view)."""
+        """(N, 5, 2) float32 landmarks in model-input pixels, in item order (read-only view).
+
+        Raises :class:`~cocam.celeba.DatasetNotFoundError` when the dataset has no landmark file
+        (the landmark transfer and its quality measurement read this).
+        """
+        self._annotations.require_landmarks("the landmark mask transfer (dataset.landmarks)")
         view = self._landmarks.view()
         view.flags.writeable = False
         return view

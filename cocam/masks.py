@@ -63,12 +63,15 @@ __all__ = [
     "MASK_TRANSFERS",
     "TEMPLATE_SHAPE",
     "as_template_mask",
+    "MASK_DIR_ENV",
     "default_mask",
+    "default_mask_dir",
     "load_mask",
     "mask_to_feature",
     "mask_to_input",
     "masks_for_batch",
     "resolve_mask",
+    "resolve_mask_dir",
     "save_mask",
     "transfer_masks",
     "transfer_quality",
@@ -291,11 +294,72 @@ def default_mask(attribute: str, margin: float = 8.0) -> np.ndarray:
     return rasterize_ellipses(ellipses, *TEMPLATE_SHAPE).numpy()
 
 
-def resolve_mask(attribute: str, mask_dir: str | os.PathLike | None = "data/masks") -> tuple[np.ndarray, str]:
+#: Environment variable naming the folder of the user's masks (``<Attribute>.png``).
+MASK_DIR_ENV = "COCAM_MASK_DIR"
+
+
+def _project_dir() -> Path:
+    """The cocam project folder: ``$COCAM_PROJECT_DIR``; else the nearest folder above the working
+    directory with a ``pyproject.toml`` and a ``notebooks/`` folder (what the notebooks use);
+    else the project this cocam package is run from (a source checkout); else the working directory."""
+    env = os.environ.get("COCAM_PROJECT_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
+            return folder
+    source = Path(__file__).resolve().parents[1]
+    if (source / "pyproject.toml").is_file() and (source / "cocam").is_dir():
+        return source
+    return here
+
+
+def default_mask_dir() -> Path:
+    """Where masks are looked up when no folder is given: ``$COCAM_MASK_DIR``, else the project's ``data/masks``.
+
+    The project is found as the notebooks find it (``$COCAM_PROJECT_DIR``, else the nearest
+    folder above the working directory holding ``pyproject.toml`` and ``notebooks/``, else
+    the source checkout cocam runs from), so a mask drawn in notebook 2 is the one the CLI
+    uses, whatever folder a command is started from.
+    """
+    env = os.environ.get(MASK_DIR_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    return _project_dir() / "data" / "masks"
+
+
+def resolve_mask_dir(mask_dir: str | os.PathLike | None = None) -> Path:
+    """The mask folder to use: ``mask_dir`` if given (it must be an existing folder), else :func:`default_mask_dir`.
+
+    Raises:
+        FileNotFoundError: an explicit ``mask_dir`` that is not a folder (a misspelt folder would
+            otherwise silently fall back to the built-in regions).
+    """
+    if mask_dir is None:
+        return default_mask_dir()
+    path = Path(mask_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"mask folder {path} does not exist (or is not a folder): give the folder holding "
+                                f"<Attribute>.png, e.g. --mask-dir data/masks, or leave it out to use "
+                                f"{default_mask_dir()}")
+    return path.resolve()
+
+
+_DEFAULT = object()
+
+
+def resolve_mask(attribute: str,
+                 mask_dir: str | os.PathLike | None = _DEFAULT,  # type: ignore[assignment]
+                 ) -> tuple[np.ndarray, str]:
     """The user's mask ``<mask_dir>/<attribute>.png`` if it exists, else :func:`default_mask`.
 
-    Returns ``(mask, source)`` where ``source`` is the file path or ``"built-in"``.
+    ``mask_dir`` left out: :func:`default_mask_dir` (``$COCAM_MASK_DIR``, else the project's
+    ``data/masks``); ``None``: the built-in region only. Returns ``(mask, source)`` where
+    ``source`` is the file path or ``"built-in"``.
     """
+    if mask_dir is _DEFAULT:
+        mask_dir = default_mask_dir()
     if mask_dir is not None:
         path = Path(mask_dir) / f"{attribute}.png"
         if path.is_file():

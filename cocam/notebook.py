@@ -228,28 +228,37 @@ class Workspace:
     run_dir: Path
     mask_dir: Path
     _datasets: dict = field(default_factory=dict, repr=False, compare=False)
+    cache_dir: Path | None = None  # decoded-image caches under it; None: cocam.dataset.default_cache_dir
 
     @classmethod
     def create(cls, data_root: str | os.PathLike | None = None, run_dir: str | os.PathLike = "runs/notebooks", *,
                smoke: bool | None = None, mask_dir: str | os.PathLike | None = None,
-               settings: Settings | None = None, progress: bool = True) -> Workspace:
+               settings: Settings | None = None, progress: bool = True,
+               cache_dir: str | os.PathLike | None = None) -> Workspace:
         """Resolve the folders and make sure the dataset exists.
 
         Args:
             data_root: see :func:`ensure_dataset`.
             run_dir: checkpoints and histories (smoke runs go to ``run_dir/smoke``).
             smoke: ``None`` reads :func:`smoke_mode`.
-            mask_dir: where masks are saved and looked up; ``None`` is the project's
-                ``data/masks`` (``run_dir/smoke/masks`` in smoke mode, so a quick run never
-                touches the shipped masks).
+            mask_dir: where masks are saved and looked up; ``None`` is
+                :func:`cocam.masks.default_mask_dir` (``$COCAM_MASK_DIR``, else the project's
+                ``data/masks``, as for the CLI; ``run_dir/smoke/masks`` in smoke mode, so a quick
+                run never touches the shipped masks).
             settings: overrides :func:`default_settings`.
+            cache_dir: folder under which the decoded images are cached (``None``: ``$COCAM_CACHE_DIR``,
+                else the rule of :func:`cocam.dataset.default_cache_dir`, which never writes into a
+                real dataset's folder).
         """
+        from cocam.masks import default_mask_dir as _default_mask_dir
+
         settings = settings if settings is not None else default_settings(smoke)
         runs = _resolve(run_dir) / ("smoke" if settings.smoke else "")
         masks = _resolve(mask_dir) if mask_dir is not None else (
-            runs / "masks" if settings.smoke else project_dir() / "data" / "masks")
+            runs / "masks" if settings.smoke else _default_mask_dir())
         root = ensure_dataset(data_root, settings, progress=progress)
-        return cls(settings=settings, data_root=root, run_dir=runs, mask_dir=masks)
+        return cls(settings=settings, data_root=root, run_dir=runs, mask_dir=masks,
+                   cache_dir=None if cache_dir is None else _resolve(cache_dir))
 
     @property
     def baseline_dir(self) -> Path:
@@ -273,7 +282,11 @@ class Workspace:
     def dataset(self, split: str) -> CelebADataset:
         """A split at the model's input size (built once per workspace)."""
         if split not in self._datasets:
-            self._datasets[split] = CelebADataset(self.data_root, split, image_size=self.settings.image_size)
+            from cocam.dataset import default_cache_dir
+
+            cache = None if self.cache_dir is None else default_cache_dir(self.data_root, base=self.cache_dir)
+            self._datasets[split] = CelebADataset(self.data_root, split, image_size=self.settings.image_size,
+                                                  cache_dir=cache)
         return self._datasets[split]
 
     def describe(self) -> str:

@@ -69,6 +69,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ import pandas as pd
 import torch
 
 from cocam.attributes import PAPER_PAIRS, parse_pairs, validate_attributes
-from cocam.dataset import CACHE_DIRNAME, cache_files
+from cocam.dataset import cache_files, default_cache_dir
 from cocam.errors import CocamError
 
 __all__ = [
@@ -94,6 +95,7 @@ __all__ = [
     "format_protocol_table",
     "paper_results",
     "protocol_table",
+    "requirements_check",
     "requirements_report",
     "run_from_args",
     "run_protocol",
@@ -322,7 +324,7 @@ def _split_counts(annotations) -> dict[str, int]:
 
 
 def _cached(celeba_dir: Path, split: str, image_size: int) -> bool:
-    data, meta = cache_files(celeba_dir / CACHE_DIRNAME, split, image_size)
+    data, meta = cache_files(default_cache_dir(celeba_dir), split, image_size)
     return data.is_file() and meta.is_file()
 
 
@@ -492,7 +494,17 @@ def _gib(n_bytes: float) -> str:
 
 
 def requirements_report(config: ProtocolConfig, *, measure_steps: int = 3) -> str:
+    """The text of :func:`requirements_check` (what the run needs, how long it takes)."""
+    return requirements_check(config, measure_steps=measure_steps)[0]
+
+
+def requirements_check(config: ProtocolConfig, *, measure_steps: int = 3) -> tuple[str, list[str]]:
     """What :func:`run_protocol` needs with this configuration, and how long it will take here.
+
+    Returns the report and its list of problems: what stops the run (missing images or folders,
+    an empty split, too little disk space, an unusable mask); empty when the run can proceed
+    (``cocam paper --check`` exits non-zero otherwise). Findings that leave the run possible
+    (an empty conflict subset) are printed as warnings and not returned.
 
     Checks the dataset with cocam's readers (annotation files, images per split, listed images
     missing from the image folder, the conflict subsets), the disk space of the decoded-image
@@ -509,7 +521,8 @@ def requirements_report(config: ProtocolConfig, *, measure_steps: int = 3) -> st
     annotations = _annotations(config)
     counts = _split_counts(annotations)
     lines = [f"cocam paper protocol — requirements for {annotations.root}", ""]
-    problems: list[str] = []
+    problems: list[str] = []  # the run cannot proceed
+    notes: list[str] = []  # it can, with a result to read with care
 
     lines.append(f"Dataset: {len(annotations):,} images listed: train {counts['train']:,}, valid {counts['valid']:,}, "
                  f"test {counts['test']:,}.")
@@ -537,20 +550,21 @@ def requirements_report(config: ProtocolConfig, *, measure_steps: int = 3) -> st
         n = int(((test[a] == 1) & (test[b] == 0)).sum())
         lines.append(f"  {a} ∧ ¬{b}: {n:,} of {len(test):,} test images ({int((test[a] == 1).sum()):,} with {a})")
         if n == 0:
-            problems.append(f"no test image has {a} without {b}: the conflict accuracy of this pair will be empty (NaN).")
+            notes.append(f"no test image has {a} without {b}: the conflict accuracy of this pair will be empty (NaN).")
 
     missing = [s for s in ("train", "valid", "test") if counts[s] and not _cached(annotations.root, s,
                                                                                     config.image_size)]
-    cache_dir = annotations.root / CACHE_DIRNAME
+    cache_dir = default_cache_dir(annotations.root)
     if missing:
         need = sum(counts[s] for s in missing) * config.image_size ** 2 * 3
-        probe = cache_dir if cache_dir.exists() else annotations.root
+        probe = next(p for p in (cache_dir, *cache_dir.parents) if p.exists())
         free = shutil.disk_usage(probe).free
         lines.append(f"Decoded image cache ({config.image_size} px, {cache_dir}): to build for {', '.join(missing)}: "
                      f"{_gib(need)} (free: {_gib(free)}).")
         if need > free:
             problems.append(f"the decoded cache needs {_gib(need)} but {probe} has {_gib(free)} free: free space, "
-                            f"or lower image_size (the cache grows with its square).")
+                            f"put the cache elsewhere (--cache-dir or $COCAM_CACHE_DIR), or lower image_size "
+                            f"(the cache grows with its square).")
     else:
         lines.append(f"Decoded image cache ({config.image_size} px, {cache_dir}): complete.")
 
@@ -588,14 +602,18 @@ def requirements_report(config: ProtocolConfig, *, measure_steps: int = 3) -> st
         for stage, value in minutes.items():
             lines.append(f"  {stage:<{width}}  {value:8.1f} min{'  (at most)' if stage == 'baseline' else ''}")
         lines.append(f"  {'total':<{width}}  {sum(minutes.values()):8.1f} min")
+    if notes:
+        lines.append("")
+        lines.append("Warnings (the run can proceed):")
+        lines.extend(f"  ! {n}" for n in notes)
     if problems:
         lines.append("")
-        lines.append("Problems:")
+        lines.append("Problems (the run cannot proceed):")
         lines.extend(f"  ✗ {p}" for p in problems)
     else:
         lines.append("")
         lines.append("Ready: nothing is missing.")
-    return "\n".join(lines)
+    return "\n".join(lines), problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -1046,7 +1064,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     """
     config = config_from_args(args)
     if args.check:
-        print(requirements_report(config, measure_steps=args.measure_steps))
+        report, problems = requirements_check(config, measure_steps=args.measure_steps)
+        print(report)
+        if problems:
+            print(f"cocam paper: error: the run cannot proceed ({len(problems)} problem(s) listed above).",
+                  file=sys.stderr)
+            return 1
         return 0
     table = run_protocol(config, progress=True, resume=not args.no_resume)
     print("\nThe paper's table, next to cocam's on " + os.fspath(config.root) + ":\n")

@@ -547,6 +547,8 @@ def fit(
         spec = spec or ModelSpec(arch=model.arch, image_size=train.image_size)
     if spec.image_size != train.image_size:
         raise ValueError(f"The model expects {spec.image_size}px inputs but the dataset gives {train.image_size}px.")
+    if guidance is not None and guidance.transfer == "landmarks" and hasattr(train, "require_landmarks"):
+        train.require_landmarks("the landmark mask transfer (transfer='landmarks')")  # not NaN landmarks
     run_path = Path(run_dir) if run_dir is not None else None
 
     with _run_lock(run_path, context), contextlib.ExitStack() as cleanup:

@@ -27,8 +27,9 @@ from cocam.celeba import (
     write_partition,
 )
 
-# Three rows in the exact format of list_attr_celeba.txt: count, names with a trailing space,
-# values right-aligned in width 3, CRLF.
+# Three rows in the format of the real list_attr_celeba.txt: count, names with a trailing space,
+# the first value after one space unpadded (so the row of 000003.jpg, whose first attribute is
+# positive, is one byte shorter, as in the real file), the others right-aligned in width 3, CRLF.
 LITERAL_ATTR = (
     "3\r\n"
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
@@ -38,7 +39,7 @@ LITERAL_ATTR = (
     "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young \r\n"
     "000001.jpg -1  1  1 -1 -1 -1 -1 -1 -1 -1 -1  1 -1 -1 -1 -1 -1 -1  1  1 -1  1 -1 -1  1 -1 -1  1 -1 -1 -1  1  1 -1  1 -1  1 -1 -1  1\r\n"  # noqa: E501
     "000002.jpg -1 -1 -1  1 -1 -1 -1  1 -1 -1 -1  1 -1 -1 -1 -1 -1 -1 -1  1 -1  1 -1 -1  1 -1 -1 -1 -1 -1 -1  1 -1 -1 -1 -1 -1 -1 -1  1\r\n"  # noqa: E501
-    "000003.jpg -1 -1 -1 -1 -1 -1  1 -1 -1 -1  1 -1 -1 -1 -1 -1 -1 -1 -1 -1  1 -1 -1  1  1 -1 -1  1 -1 -1 -1 -1 -1  1 -1 -1 -1 -1 -1  1\r\n"  # noqa: E501
+    "000003.jpg 1 -1 -1 -1 -1 -1  1 -1 -1 -1  1 -1 -1 -1 -1 -1 -1 -1 -1 -1  1 -1 -1  1  1 -1 -1  1 -1 -1 -1 -1 -1  1 -1 -1 -1 -1 -1  1\r\n"  # noqa: E501
 )
 
 #: The +-1 values of the three literal rows, as 0/1.
@@ -47,7 +48,7 @@ LITERAL_ATTR_ROWS = {
                    0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0, 1],
     "000002.jpg": [0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1,
                    0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1],
-    "000003.jpg": [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    "000003.jpg": [1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                    1, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
 }  # fmt: skip
 
@@ -165,3 +166,44 @@ def write_literal_celeba(root: Path, *, line_ending: str = "\r\n") -> Path:
     for file_name, text in LITERAL_FILES.items():
         (folder / file_name).write_bytes(text.replace("\r\n", line_ending).encode("ascii"))
     return folder
+
+
+def write_layout(data: FixtureData, dest: Path, layout: str, *, kaggle_values: str = "pm1") -> Path:
+    """Copy what :func:`make_celeba` wrote into ``dest`` in another layout; returns ``dest``.
+
+    ``layout`` is ``"official"`` (``Anno/``, ``Eval/``, ``Img/img_align_celeba/``, the text files)
+    or ``"kaggle"`` (CSV files with an ``image_id`` header and the images in
+    ``img_align_celeba/img_align_celeba/``); ``kaggle_values`` is ``"pm1"`` (-1/1) or ``"01"``.
+    The CSV files are written here with plain string formatting, independent of cocam's writers.
+    """
+    import shutil
+
+    if layout == "official":
+        (dest / "Anno").mkdir(parents=True)
+        (dest / "Eval").mkdir()
+        (dest / "Img").mkdir()
+        for name in ("list_attr_celeba.txt", "list_landmarks_align_celeba.txt", "list_bbox_celeba.txt",
+                     "identity_CelebA.txt"):
+            shutil.copy(data.folder / name, dest / "Anno" / name)
+        shutil.copy(data.folder / "list_eval_partition.txt", dest / "Eval" / "list_eval_partition.txt")
+        shutil.copytree(data.folder / "img_align_celeba", dest / "Img" / "img_align_celeba")
+        return dest
+    if layout != "kaggle":
+        raise ValueError(layout)
+    dest.mkdir(parents=True)
+    values = data.attributes.to_numpy().astype(int)
+    if kaggle_values == "pm1":
+        values = 2 * values - 1
+    rows = [",".join(["image_id", *data.attributes.columns])]
+    rows += [",".join([name, *map(str, row)]) for name, row in zip(data.names, values.tolist())]
+    (dest / "list_attr_celeba.csv").write_text("\n".join(rows) + "\n")
+    codes = {"train": 0, "valid": 1, "test": 2}
+    rows = ["image_id,partition"] + [f"{n},{codes[s]}" for n, s in zip(data.names, data.split.astype(str))]
+    (dest / "list_eval_partition.csv").write_text("\n".join(rows) + "\n")
+    for file_name, frame in (("list_landmarks_align_celeba.csv", data.landmarks),
+                             ("list_bbox_celeba.csv", data.bbox)):
+        rows = [",".join(["image_id", *frame.columns])]
+        rows += [",".join([n, *map(str, r)]) for n, r in zip(data.names, frame.to_numpy().tolist())]
+        (dest / file_name).write_text("\r\n".join(rows) + "\r\n")
+    shutil.copytree(data.folder / "img_align_celeba", dest / "img_align_celeba" / "img_align_celeba")
+    return dest

@@ -259,7 +259,7 @@ def test_bad_attribute_value(tmp_path, bad):
 
 
 def test_bad_attribute_value_names_column(tmp_path):
-    text = LITERAL_ATTR.replace("000003.jpg -1", "000003.jpg  0", 1)
+    text = LITERAL_ATTR.replace("000003.jpg 1", "000003.jpg 0", 1)
     with pytest.raises(AnnotationError, match=r"line 5: image '000003\.jpg' \(column '5_o_Clock_Shadow'\).*-1 or 1"):
         read_attributes(_write(tmp_path, ATTR_FILE, text))
 
@@ -313,7 +313,10 @@ def test_writer_round_trip(fixture_data, tmp_path, ending):
     raw = (tmp_path / ATTR_FILE).read_bytes()
     lines = raw.split(ending.encode())
     assert lines[0] == b"30" and lines[1].endswith(b"Young ") and lines[-1] == b""
-    assert len(lines[2]) == 10 + 40 * 3
+    first_positive = d.attributes.iloc[:, 0].to_numpy() == 1
+    assert first_positive.any() and not first_positive.all()  # both row lengths are exercised
+    for line, positive in zip(lines[2:-1], first_positive):
+        assert len(line) == 10 + 40 * 3 - int(positive)  # a positive first value is unpadded
     if ending == "\n":
         assert b"\r" not in raw
     else:
@@ -387,24 +390,32 @@ def test_missing_folder(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
 
 
-@pytest.mark.parametrize("missing", [ATTR_FILE, PARTITION_FILE, LANDMARKS_FILE])
+@pytest.mark.parametrize("missing", [ATTR_FILE, PARTITION_FILE])
 def test_missing_required_file(tmp_path, missing):
     d = make_celeba(tmp_path, n=6, images=False)
     (d.folder / missing).unlink()
     with pytest.raises(DatasetNotFoundError) as info:
         load_annotations(tmp_path)
     message = str(info.value)
-    assert message.splitlines()[0].endswith(str(d.folder.resolve() / missing))
+    assert f"not found: {d.folder.resolve() / missing}. " in message and "\n" not in message
     assert "list_attr_celeba.txt" in message and "cocam generate" in message
 
 
-@pytest.mark.parametrize("missing", [BBOX_FILE, IDENTITY_FILE])
+@pytest.mark.parametrize("missing", [BBOX_FILE, IDENTITY_FILE, LANDMARKS_FILE])
 def test_optional_files(tmp_path, missing):
     d = make_celeba(tmp_path, n=6, images=False)
     (d.folder / missing).unlink()
     ann = load_annotations(tmp_path)
     assert (ann.bbox is None) == (missing == BBOX_FILE)
     assert (ann.identity is None) == (missing == IDENTITY_FILE)
+    assert (ann.landmarks is None) == (missing == LANDMARKS_FILE)
+    pd.testing.assert_frame_equal(ann.attributes, d.attributes, check_index_type=False)
+    if missing == LANDMARKS_FILE:
+        with pytest.raises(DatasetNotFoundError, match=r"the landmark transfer needs the landmark file .*"
+                                                       r"list_landmarks_align_celeba\.txt.*--transfer template"):
+            ann.require_landmarks("the landmark transfer")
+    else:
+        pd.testing.assert_frame_equal(ann.require_landmarks("x"), d.landmarks, check_index_type=False)
     with pytest.raises(DatasetNotFoundError, match=missing):
         load_annotations(tmp_path, require_optional=True)
 
@@ -488,3 +499,29 @@ def test_reader_speed_smoke(tmp_path):
     result = read_attributes(tmp_path / ATTR_FILE)
     assert time.perf_counter() - start < 1.0
     assert result.shape == (n, 40)
+
+
+def test_fast_parser_reads_rows_of_mixed_padding(fixture_data, tmp_path, monkeypatch):
+    """Rows whose first value is an unpadded ``1`` (one byte shorter) stay on the fast path."""
+    import cocam.celeba as celeba
+
+    write_attributes(tmp_path / ATTR_FILE, fixture_data.attributes)
+    raw = (tmp_path / ATTR_FILE).read_bytes()
+    assert b".jpg 1 " in raw and b".jpg -1 " in raw
+
+    def no_general(*args, **kwargs):
+        raise AssertionError("the general tokenizer was used")
+
+    monkeypatch.setattr(celeba, "_parse_general", no_general)
+    pd.testing.assert_frame_equal(read_attributes(tmp_path / ATTR_FILE), fixture_data.attributes,
+                                  check_index_type=False)
+    literal = read_attributes(_write(tmp_path, "literal.txt", LITERAL_ATTR))
+    for name, row in LITERAL_ATTR_ROWS.items():
+        assert literal.loc[name].tolist() == row
+
+
+def test_fast_parser_rejects_a_value_glued_to_the_name(tmp_path):
+    """A row ``name-1 ...`` has no separator: an error, never the name ``name`` with a value -1."""
+    text = LITERAL_ATTR.replace("000003.jpg 1 -1", "000003.jpg-1 -1", 1)
+    with pytest.raises(AnnotationError, match=r"line 5: expected 41 fields"):
+        read_attributes(_write(tmp_path, ATTR_FILE, text))

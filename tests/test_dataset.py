@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -118,7 +119,10 @@ def test_properties(data, train):
     assert list(train.attributes.columns) == list(CELEBA_ATTRIBUTES)
     pd.testing.assert_frame_equal(train.attributes, data.attributes.loc[train.names], check_index_type=False)
     pd.testing.assert_frame_equal(train.landmarks_aligned, data.landmarks.loc[train.names], check_index_type=False)
-    assert train.cache_path.parent == data.folder.resolve() / ".cocam_cache"
+    # Not a generated dataset: cached under the user's cache folder, not in the dataset folder.
+    assert train.cache_path.parent == dataset_module.default_cache_dir(data.root)
+    assert train.cache_path.parent.parent == dataset_module.user_cache_root()
+    assert not (data.folder / ".cocam_cache").exists()
     assert train.targets.shape == (len(train), 40) and not train.targets.flags.writeable
 
 
@@ -239,7 +243,7 @@ def test_missing_jpeg_names_the_file(tmp_path):
     Image.new("RGB", (100, 100)).save(victim)
     with pytest.raises(ImageReadError, match=r"000002\.jpg is 100x100"):
         CelebADataset(d.root, "all", image_size=SIZE, progress=False)
-    assert not (d.folder / ".cocam_cache" / f"all_{SIZE}px.json").exists()
+    assert not (dataset_module.default_cache_dir(d.root) / f"all_{SIZE}px.json").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,3 +357,106 @@ def test_dataloader_compatibility(train):
     clone = pickle.loads(pickle.dumps(train))
     assert clone._memmap is None or isinstance(clone._memmap, np.ndarray)
     assert torch.equal(clone[1][0], train[1][0])
+
+
+# --------------------------------------------------------------------------------------------
+# Faults while building the cache: partial image sets, corrupt files, staleness, space, temporaries
+# --------------------------------------------------------------------------------------------
+
+
+def _pool(monkeypatch):
+    """Decode with worker processes even for a tiny dataset, two images per task."""
+    monkeypatch.setattr(dataset_module, "_MIN_IMAGES_FOR_POOL", 0)
+    monkeypatch.setattr(dataset_module, "_CHUNK", 2)
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "pool"])
+def test_partial_image_set_names_the_first_missing_file(tmp_path, monkeypatch, workers):
+    _pool(monkeypatch)
+    d = make_celeba(tmp_path, n=16, seed=11)
+    gone = ["000004.jpg", "000009.jpg", "000010.jpg", "000015.jpg"]
+    for name in gone:
+        (d.folder / "img_align_celeba" / name).unlink()
+    with pytest.raises(DatasetNotFoundError) as info:
+        CelebADataset(d.root, "all", image_size=SIZE, progress=False, num_workers=workers)
+    message = str(info.value)
+    assert "000004.jpg" in message and "4 of the 16 listed images are missing" in message
+    assert "--skip-unreadable" in message and "\n" not in message
+
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning) as record:
+        ds = CelebADataset(d.root, "all", image_size=SIZE, progress=False, num_workers=workers, cache_dir=cache,
+                           skip_unreadable=True)
+    listing = cache / f"all_{SIZE}px.unreadable.txt"
+    warning = str(record[0].message)
+    assert "Skipping 4 missing or unreadable" in warning and str(listing) in warning
+    assert "000004.jpg, 000009.jpg, 000010.jpg, 000015.jpg" in warning
+    assert listing.read_text().split() == gone
+    assert ds.names.tolist() == [n for n in d.names if n not in gone]
+
+
+def test_skip_warning_is_short_for_many_images(tmp_path, monkeypatch):
+    d = make_celeba(tmp_path, n=12, seed=12, images=False)
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning) as record:
+        ds = CelebADataset(d.root, "all", image_size=SIZE, progress=False, cache_dir=cache, skip_unreadable=True)
+    assert len(ds) == 0
+    warning = str(record[0].message)
+    assert "Skipping 12 " in warning and "000005.jpg, ..." in warning and "000006.jpg" not in warning
+    assert (cache / f"all_{SIZE}px.unreadable.txt").read_text().split() == d.names
+    # The environment variable the CLI's --skip-unreadable sets has the same effect.
+    monkeypatch.setenv("COCAM_SKIP_UNREADABLE", "1")
+    with pytest.warns(UserWarning, match="Skipping 12 "):
+        CelebADataset(d.root, "all", image_size=SIZE, progress=False, cache_dir=tmp_path / "c2")
+
+
+def test_corrupt_jpeg_in_a_worker_is_one_clear_error(tmp_path, monkeypatch):
+    _pool(monkeypatch)
+    d = make_celeba(tmp_path, n=12, seed=13)
+    victim = d.folder / "img_align_celeba" / "000007.jpg"
+    victim.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ImageReadError) as info:
+        CelebADataset(d.root, "all", image_size=SIZE, progress=False, num_workers=2)
+    message = str(info.value)
+    assert str(victim) in message and "--skip-unreadable" in message
+    assert "\n" not in message and "Traceback" not in message
+    assert info.value.__cause__ is None and "RemoteTraceback" not in repr(info.value.__context__)
+
+
+def test_cache_rebuilt_when_any_image_is_replaced(tmp_path, monkeypatch):
+    """The fingerprint covers every image's size and modification time, not a sample."""
+    monkeypatch.setattr(dataset_module, "_decode_image", _CountingDecode())
+    d = make_celeba(tmp_path, n=40, seed=14)
+    first = CelebADataset(d.root, "all", image_size=SIZE, progress=False, num_workers=0)
+    victim = d.folder / "img_align_celeba" / "000020.jpg"
+    donor = d.folder / "img_align_celeba" / "000031.jpg"
+    stat = victim.stat()
+    victim.write_bytes(donor.read_bytes())
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    counter = _CountingDecode()
+    monkeypatch.setattr(dataset_module, "_decode_image", counter)
+    second = CelebADataset(d.root, "all", image_size=SIZE, progress=False, num_workers=0)
+    assert counter.calls == len(second) == len(first)
+    row = second.names.tolist().index("000020.jpg")
+    np.testing.assert_array_equal(second.get_batch_numpy([row])[0][0], _reference_pixels(donor, SIZE))
+
+
+def test_stale_temporaries_are_removed_by_the_next_build(data, tmp_path):
+    stale = [tmp_path / f".test_{SIZE}px.uint8.tmp-deadbeef", tmp_path / f".test_{SIZE}px.uint8.tmp-1234"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)  # what a kill -9 during a build leaves
+    other = tmp_path / f".train_{SIZE}px.uint8.tmp-keep"
+    other.write_bytes(b"")
+    CelebADataset(data.root, "test", image_size=SIZE, cache_dir=tmp_path, progress=False)
+    assert not any(p.exists() for p in stale)
+    assert other.exists()  # another cache's temporary: its own build removes it
+    assert not list(tmp_path.glob("*.lock"))
+
+
+def test_too_little_space_for_the_cache_is_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset_module.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    with pytest.raises(dataset_module.ImageCacheError) as info:
+        CelebADataset(data.root, "train", image_size=SIZE, cache_dir=tmp_path, progress=False)
+    message = str(info.value)
+    assert "Not enough disk space" in message and "--cache-dir" in message and "\n" not in message
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or p.suffix == ".json"]

@@ -154,7 +154,7 @@ def _guidance(args: argparse.Namespace):
 
 
 def _check_weights(args: argparse.Namespace) -> None:
-    """``--w-a`` finite and ≥ 0, each ``--w-g`` finite and > 0 (a guided attribute with no guidance is the control)."""
+    """``--w-a`` finite and ≥ 0, each ``--w-g`` finite and > 0 (guidance with weight 0 is just the control)."""
     import math
 
     if not (math.isfinite(args.w_a) and args.w_a >= 0):

@@ -127,6 +127,9 @@ def test_notebooks_run_headless_in_smoke_mode(project: Path) -> None:
     results = pd.read_csv(runs / "results.csv")
     assert set(results["model"]) == {nb.BASELINE, nb.CONTROL, nb.GUIDED}
     assert "Wearing_Lipstick: on the" in _text(ran["04"])  # the verdict
+    assert "Notebook 3 has not trained a guided run" in _text(ran["04"])  # its defaults, said so
+    assert f"not in the workspace yet, training it now: {nb.GUIDED}" in _text(ran["04"])
+    assert not (runs / nb.GUIDANCE_RECORD).exists()  # only notebook 3 records the guided run
     assert _images(ran["04"]) >= 1
     assert "gain vs control" in _text(ran["04"])  # the method comparison ...
     summary = pd.read_csv(runs / "compare" / "summary.csv")
@@ -138,6 +141,9 @@ def test_notebooks_run_headless_in_smoke_mode(project: Path) -> None:
     ran["03"] = _execute(ROOT / "notebooks" / order[3], project)
     assert list(runs.glob("guided-*/last.pt")) == guided  # same drawing: the same run, resumed
     assert guided[0].stat().st_mtime_ns == stamp  # finished already: reloaded, not retrained
+    import json
+
+    assert json.loads((runs / nb.GUIDANCE_RECORD).read_text())["run"] == guided[0].parent.name  # for notebook 4
     assert _images(ran["03"]) >= 3
 
 
@@ -484,7 +490,8 @@ def test_comparing_guidance_losses_shows_one_bar_and_no_lines(workspace, capsys,
 
     monkeypatch.setattr(cocam.compare, "compare_guidance", compare_guidance)
     monkeypatch.setattr(nb, "_baseline_checkpoint", lambda ws, progress: ws.baseline_dir / "best.pt")
-    assert nb.compare_methods(workspace, [("Wearing_Lipstick", "Heavy_Makeup")], methods=["energy", "rrr_cam"]) == "result"
+    pairs = [("Wearing_Lipstick", "Heavy_Makeup")]
+    assert nb.compare_methods(workspace, pairs, methods=["energy", "rrr_cam"]) == "result"
     out, err = capsys.readouterr()
     assert out == ""  # no line per finished run ...
     assert "comparing guidance losses" in err and "3/3" in err and "seed 0 · rrr_cam" in err  # ... one bar

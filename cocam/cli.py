@@ -68,7 +68,15 @@ def stats_report(root: Path, pairs: list[tuple[str, str]], top: int = 10) -> str
     return "\n".join(lines)
 
 
+def _positive(name: str, value: int) -> int:
+    """``value`` if it is at least 1, else the one-line error the CLI prints."""
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}: it is how many rows to show.")
+    return value
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
+    _positive("--top", args.top)
     print(stats_report(args.root, _pairs(args.pair), args.top))
     return 0
 
@@ -150,6 +158,7 @@ def _guidance(args: argparse.Namespace):
     from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS
 
     attributes = validate_attributes(args.attribute)
+    _check_weights(args)
     mask_dir = _mask_dir(args)
     if args.mask and len(args.mask) != len(attributes):
         raise ValueError(f"--mask given {len(args.mask)} times for {len(attributes)} --attribute: give one each, "
@@ -189,10 +198,31 @@ def _check_out_is_not_the_source(checkpoint: Path, out: Path) -> None:
                              f"fine-tuned run would replace it. Choose another --out (e.g. runs/guided).")
 
 
+def _check_weights(args: argparse.Namespace) -> None:
+    """``--w-a`` finite and ≥ 0, each ``--w-g`` finite and > 0 (guidance with weight 0 is just the control)."""
+    import math
+
+    if not (math.isfinite(args.w_a) and args.w_a >= 0):
+        raise ValueError(f"--w-a must be a finite number ≥ 0 (the weight of the BCE term), got {args.w_a:g}.")
+    for w in args.w_g or ():
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"--w-g must be a finite number > 0 (the weight of the guidance term), got {w:g}; "
+                             f"for no guidance at all train the control (--control).")
+
+
+def _check_control(args: argparse.Namespace) -> None:
+    """``--control`` takes no guidance options: refuse them rather than ignore them (even misspelled ones)."""
+    if args.control and args.attribute:
+        validate_attributes(args.attribute)  # a misspelling is named first
+        raise ValueError(f"--control trains with BCE only, so --attribute {args.attribute[0]} would be ignored: "
+                         f"drop --attribute for the control, or drop --control to guide it.")
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from cocam.checkpoint import load_model
     from cocam.train import fit
 
+    _check_control(args)
     if not args.control and not args.attribute:
         raise ValueError("give at least one --attribute to guide (e.g. --attribute Wearing_Lipstick), "
                          "or --control for the BCE-only control.")
@@ -244,6 +274,9 @@ def cmd_bias(args: argparse.Namespace) -> int:
     from cocam.dataset import CelebADataset
     from cocam.evaluate import predict, write_results
 
+    _positive("--top", args.top)
+    if args.out:
+        _check_results_path(args.out, args.overwrite)
     model, spec, _ = load_model(args.checkpoint)
     dataset = CelebADataset(args.root, args.split, image_size=spec.image_size)
     ranking = rank_biases(predict(model, dataset, device=args.device), dataset.attributes,
@@ -255,7 +288,7 @@ def cmd_bias(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         print(ranking[cols].head(args.top).to_string(index=False))
     if args.out:
-        write_results(args.out, ranking, {"model": args.checkpoint})
+        write_results(args.out, ranking, {"model": args.checkpoint}, overwrite=args.overwrite)
         print(f"full ranking ({len(ranking)} pairs): {args.out}")
     return 0
 
@@ -273,12 +306,26 @@ def _format_table(table: pd.DataFrame) -> str:
         return shown[cols].to_string(index=False)
 
 
+def _check_results_path(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a results file that would replace something: its sidecar, a checkpoint, a file."""
+    from cocam.evaluate import results_sidecar
+
+    sidecar = results_sidecar(out)
+    for path in (out, sidecar):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists: choose another --out, or add --overwrite to replace "
+                                  f"{out.name} and {sidecar.name}.")
+        if path.is_dir():
+            raise IsADirectoryError(f"--out {out} would be written over the folder {path}: give a file name "
+                                    f"ending in .csv.")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    checkpoints = {}
-    for item in args.checkpoint:
-        name, _, path = item.rpartition("=")
-        checkpoints[name or Path(path).parent.name] = Path(path)
-    from cocam.evaluate import evaluate_checkpoints
+    from cocam.evaluate import evaluate_checkpoints, name_checkpoints
+
+    checkpoints = name_checkpoints(args.checkpoint)
+    if args.out:
+        _check_results_path(args.out, args.overwrite)
 
     pairs = _pairs(args.pair)
     mask_dir = _mask_dir(args)
@@ -290,7 +337,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         from cocam.evaluate import write_results
 
-        _, sidecar = write_results(args.out, table, checkpoints)
+        _, sidecar = write_results(args.out, table, checkpoints, overwrite=args.overwrite)
         print(f"results written to {args.out} (provenance: {sidecar})")
     return 0
 
@@ -480,10 +527,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="test and conflict-subset accuracy of checkpoints")
     ev.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    ev.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH")
+    ev.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH",
+                    help="checkpoint to evaluate (repeatable); a bare PATH is named after its folder, or "
+                         "<folder>/<stem> when two share a folder (kb/best, kb/last)")
     ev.add_argument("--pair", action="append", metavar="A:B", help="default: the paper's three pairs")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    ev.add_argument("--out", type=Path, help="write the table as CSV")
+    ev.add_argument("--out", type=Path, help="write the table as CSV (a .csv name; the provenance goes to "
+                                             "<name>.json)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --out file and its sidecar")
     ev.add_argument("--no-attention", action="store_true", help="skip the Grad-CAM attention metrics")
     ev.add_argument("--mask-dir", type=Path, default=None, help="masks scored against: " + _MASK_DIR_HELP)
     ev.set_defaults(func=cmd_evaluate)
@@ -497,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--min-group", type=int, default=20, help="smallest A∧B and A∧¬B group to report")
     bi.add_argument("--top", type=int, default=15)
     bi.add_argument("--out", type=Path, help="write the whole ranking as CSV (with a provenance sidecar)")
+    bi.add_argument("--overwrite", action="store_true", help="replace an existing --out file and its sidecar")
     bi.add_argument("--device", default="auto")
     bi.set_defaults(func=cmd_bias)
 
@@ -571,18 +623,88 @@ def cmd_paper(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _one_line(text: str) -> str:
+    """A message on one line (the parts of a multi-line message joined)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The :class:`OSError` behind ``err``: itself, or one it was raised from or while handling.
+
+    A full disk often surfaces as another library's error (torch's ``unexpected pos …``) with the
+    ``ENOSPC`` only in the chained part.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _describe_os_error(err: OSError) -> str:
+    """One line naming the failed operation's path, the cause (ENOSPC, EACCES, ...) and the fix."""
+    import errno
+
+    path = err.filename if err.filename is not None else None
+    where = f" writing {path}" if path is not None else ""
+    code = errno.errorcode.get(err.errno, "") if err.errno is not None else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{where} ({code}): free some space, or write to another disk "
+                f"(e.g. another --out); the files already there are intact.")
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied{' for ' + str(path) if path is not None else ''} ({code}): use a folder "
+                f"you may write to (e.g. another --out or --root), or change its permissions.")
+    if err.errno == errno.EROFS:
+        return f"read-only file system{where} ({code}): write to another folder (e.g. another --out)."
+    detail = err.strerror or _one_line(err) or type(err).__name__
+    return (f"{detail}{' (' + code + ')' if code else ''}{': ' + str(path) if path is not None else ''}: "
+            f"check the path, the disk and its permissions.")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``cocam`` command; return its exit status.
+
+    Every failure cocam foresees is one line on stderr, ``cocam <command>: error: <problem and fix>``,
+    and exit status 1: cocam's own errors (:class:`cocam.errors.CocamError`), bad values
+    (``ValueError``), missing or existing files, operating-system errors (a full disk: ``ENOSPC``
+    and the path; permission denied) — also when another library re-raised them — and a missing
+    optional package. Warnings are one line too (``cocam <command>: warning: …``). Anything else is
+    a bug and keeps its traceback.
+    """
+    import warnings
+
     args = build_parser().parse_args(argv)
     if os.environ.get("RANK", "0") != "0":  # a torchrun worker other than rank 0: rank 0 reports
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     from cocam.errors import CocamError
 
-    try:
-        with _data_environment(args):
-            return args.func(args)
-    except (CocamError, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
-        print(f"cocam {args.command}: error: {err}", file=sys.stderr)
+    def fail(message: str) -> int:
+        print(f"cocam {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 1
+
+    def warn(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"cocam {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = warn
+        try:
+            with _data_environment(args):
+                return args.func(args)
+        except (CocamError, FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as err:
+            return fail(str(err))
+        except KeyError as err:  # str() of a KeyError is its repr: print the message itself
+            return fail(str(err.args[0]) if len(err.args) == 1 and isinstance(err.args[0], str) else str(err))
+        except ImportError as err:
+            missing = f" (pip install {err.name})" if getattr(err, "name", None) else ""
+            return fail(f"{err}: this needs an optional package that is not installed; install it{missing} "
+                        f"and run the command again.")
+        except Exception as err:
+            cause = _os_error_in(err)
+            if cause is None:
+                raise  # a bug: keep the traceback
+            return fail(_describe_os_error(cause))
 
 
 @contextlib.contextmanager

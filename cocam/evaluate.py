@@ -49,11 +49,13 @@ __all__ = [
     "mann_whitney_auc",
     "metrics_long",
     "metrics_table",
+    "name_checkpoints",
     "pair_accuracy",
     "pair_metrics",
     "paper_table",
     "predict",
     "resolve_device",
+    "results_sidecar",
     "write_results",
 ]
 
@@ -533,13 +535,67 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
     return table, long
 
 
+def name_checkpoints(items: Sequence[str | os.PathLike]) -> dict[str, Path]:
+    """Name each checkpoint given as ``NAME=PATH`` or ``PATH`` (the names of the rows of the table).
+
+    ``NAME=PATH`` splits at the first ``=`` (a path that exists as given is never split). A
+    bare ``PATH`` is named after its folder (``runs/guided/last.pt`` → ``guided``), the name
+    a run folder is known by. When that name is shared — ``runs/kb/best.pt`` and
+    ``runs/kb/last.pt`` — each of those checkpoints is named ``<folder>/<file stem>`` instead
+    (``kb/best``, ``kb/last``), so no checkpoint replaces another in the table. A name given
+    twice, or the same checkpoint given twice, is an error: the table would silently hold one
+    of them.
+    """
+    parsed = []
+    for item in items:
+        text = os.fspath(item)
+        # NAME=PATH splits at the first "=", unless the whole text is an existing file (runs/lr=0.1/last.pt)
+        name, sep, path = text.partition("=") if "=" in text and not Path(text).exists() else ("", "", text)
+        if sep and not name:
+            raise ValueError(f"checkpoint {text!r} has an empty name: write NAME=PATH, or just PATH to name it "
+                             f"after its folder.")
+        if not path:
+            raise ValueError(f"checkpoint {text!r} has no path: write NAME=PATH (e.g. guided=runs/guided/last.pt).")
+        parsed.append((name or None, Path(path)))
+    folders = [p.parent.name or p.stem for n, p in parsed if n is None]
+    shared = {f for f in folders if folders.count(f) > 1}
+    named: dict[str, Path] = {}
+    for name, path in parsed:
+        if name is None:
+            folder = path.parent.name or path.stem
+            name = f"{folder}/{path.stem}" if folder in shared else folder
+        if name in named:
+            what = "the same checkpoint" if named[name] == path else f"both {named[name]} and {path}"
+            raise ValueError(f"two checkpoints are named {name!r} ({what}): give each its own name with "
+                             f"NAME=PATH, e.g. {name}-2={path}.")
+        named[name] = path
+    return named
+
+
+def results_sidecar(path: str | os.PathLike) -> Path:
+    """The provenance file of the results file ``path``: ``<name>.csv`` → ``<name>.json``.
+
+    Raises :class:`ValueError` unless ``path`` ends in ``.csv``: the sidecar must never be the
+    results file itself (``res.json``), and a results file must not take another kind of file's
+    name (``best.pt``).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        raise ValueError(f"results are written as CSV: give a file name ending in .csv (e.g. "
+                         f"{path.with_suffix('.csv').name}), not {path.name!r}; its provenance goes next to it "
+                         f"as <name>.json.")
+    return path.with_suffix(".json")
+
+
 def write_results(path: str | os.PathLike, table: pd.DataFrame,
-                  checkpoints: Mapping[str, str | os.PathLike]) -> tuple[Path, Path]:
+                  checkpoints: Mapping[str, str | os.PathLike], *, overwrite: bool = True) -> tuple[Path, Path]:
     """Write ``table`` as CSV to ``path`` and its provenance as JSON next to it (``<name>.json``).
 
     The JSON sidecar holds the library versions (:func:`cocam.checkpoint.versions`) and, for
     each checkpoint, its path and the ``spec``, ``config`` and ``guidance`` it stores. Both files
-    are written atomically. Returns ``(csv_path, json_path)``.
+    are written atomically. ``path`` must end in ``.csv`` (:func:`results_sidecar`), so neither
+    file can replace the other. With ``overwrite=False`` an existing results file or sidecar is
+    a :class:`FileExistsError` and nothing is written. Returns ``(csv_path, json_path)``.
     """
     import json
 
@@ -547,12 +603,17 @@ def write_results(path: str | os.PathLike, table: pd.DataFrame,
     from cocam.io import atomic_write_text
 
     path = Path(path)
+    sidecar = results_sidecar(path)
+    if not overwrite:
+        for existing in (path, sidecar):
+            if existing.exists():
+                raise FileExistsError(f"{existing} already exists: choose another file name, or pass "
+                                      f"overwrite=True to replace it.")
     record: dict = {"results": path.name, "versions": versions(), "checkpoints": {}}
     for name, ckpt in checkpoints.items():
         payload = load_checkpoint(ckpt)
         record["checkpoints"][str(name)] = {"path": os.fspath(ckpt), "spec": payload.get("spec"),
                                             "config": payload.get("config"), "guidance": payload.get("guidance")}
-    sidecar = path.with_suffix(".json")
     text = json.dumps(record, indent=2, default=str) + "\n"  # validate before writing anything
     atomic_write_text(path, table.to_csv(index=False))
     atomic_write_text(sidecar, text)

@@ -4,12 +4,27 @@ A mask lives in **template coordinates**: the 178×218 (width×height) aligned C
 stored as a ``(218, 178)`` boolean array. Any file with that aspect ratio (e.g. 356×436 drawn
 at double resolution) is accepted and resized; another aspect ratio is an error, because a
 mask drawn on the square model input or on an unaligned photo would land on the wrong pixels.
+A mask must also be at least a quarter of the template's resolution (:data:`MIN_MASK_SIZE`,
+45×55): below that the one-pixel rounding the aspect check allows is no check at all (a 2×2
+image would pass) and the region is too coarse to mean anything.
 
 Binarisation rule: values are scaled to ``[0, 1]`` by the range of their type (bool → 0/1,
 uint8 → /255, uint16 → /65535, float → must already be in ``[0, 1]``), resized to the template
 resolution with exact area averaging, and a pixel is in the region when its
 value is **> 0.5**. A mask that is empty or covers the whole template is degenerate and
 rejected.
+
+Image files: the value of a pixel is, in this order, its alpha when the image has an alpha
+channel that is not constant (painted = opaque, on a transparent background); else, for a
+grayscale image, its gray level (white = region); else, for a colour image, its **brightest
+channel** (``max(R, G, B)``), so a stroke of any bright colour — red, green, blue, white —
+on a black background marks the region (a pure red stroke is 255 in R: in the region).
+
+A mask whose region covers more than :data:`MAX_REGION_SHARE` (60 %) of the face the model
+sees (the :data:`~cocam.geometry.CROP_BOX` of the template) is still accepted — some regions
+are large — but :func:`load_mask` and :func:`save_mask` warn (:class:`MaskCoverageWarning`):
+a region that large is most often an inverted mask (black region on white). The largest
+built-in region (hair) covers 48 %.
 
 For training, :func:`mask_to_input` maps the template mask to the model input exactly like the
 images (crop :data:`cocam.geometry.CROP_BOX`, then resize) and keeps the area-averaged, soft
@@ -61,6 +76,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MASK_TRANSFERS",
+    "MAX_REGION_SHARE",
+    "MIN_MASK_SIZE",
+    "MaskCoverageWarning",
     "TEMPLATE_SHAPE",
     "as_template_mask",
     "MASK_DIR_ENV",
@@ -70,6 +88,7 @@ __all__ = [
     "mask_to_feature",
     "mask_to_input",
     "masks_for_batch",
+    "region_share",
     "resolve_mask",
     "resolve_mask_dir",
     "save_mask",
@@ -82,6 +101,35 @@ MASK_TRANSFERS: tuple[str, ...] = ("template", "landmarks")
 
 #: ``(height, width)`` of a mask in template coordinates.
 TEMPLATE_SHAPE: tuple[int, int] = (ALIGNED_HEIGHT, ALIGNED_WIDTH)
+
+#: ``(height, width)`` of the smallest mask accepted: a quarter of the template's resolution.
+MIN_MASK_SIZE: tuple[int, int] = (-(-ALIGNED_HEIGHT // 4), -(-ALIGNED_WIDTH // 4))
+
+#: Share of the model's view (the template's crop box) above which a region draws a
+#: :class:`MaskCoverageWarning` (it is most often an inverted mask).
+MAX_REGION_SHARE: float = 0.6
+
+
+class MaskCoverageWarning(UserWarning):
+    """A mask's region covers most of the face: probably inverted (black region on white)."""
+
+
+def region_share(mask: np.ndarray) -> float:
+    """Share of the model's view (the template's :data:`~cocam.geometry.CROP_BOX`) inside a template mask."""
+    left, top, right, bottom = CROP_BOX
+    return float(np.asarray(mask, dtype=bool)[top:bottom, left:right].mean())
+
+
+def _warn_if_inverted(binary: np.ndarray, source: str) -> None:
+    """Warn (:class:`MaskCoverageWarning`) when ``binary`` covers more than :data:`MAX_REGION_SHARE` of the view."""
+    import warnings
+
+    share = region_share(binary)
+    if share > MAX_REGION_SHARE:
+        warnings.warn(
+            f"{source}: the region covers {100 * share:.0f} % of the face the model sees (more than "
+            f"{100 * MAX_REGION_SHARE:.0f} %): is the mask inverted? The region is white (or opaque, or painted "
+            f"in a bright colour) on a black (or transparent) background.", MaskCoverageWarning, stacklevel=3)
 
 
 def _to_unit_range(arr: np.ndarray) -> np.ndarray:
@@ -155,7 +203,13 @@ def as_template_mask(mask: np.ndarray | Tensor) -> np.ndarray:
     if arr.ndim != 2:
         raise ValueError(f"a mask must be a 2-D (height, width) array, got shape {arr.shape}.")
     h, w = arr.shape
-    if h < 2 or w < 2 or abs(w - h * ALIGNED_WIDTH / ALIGNED_HEIGHT) > 1.0:
+    if h < MIN_MASK_SIZE[0] or w < MIN_MASK_SIZE[1]:
+        raise ValueError(
+            f"mask is {w}x{h} (width x height), too small to be drawn on the template face: draw it at "
+            f"{ALIGNED_WIDTH}x{ALIGNED_HEIGHT} (at least {MIN_MASK_SIZE[1]}x{MIN_MASK_SIZE[0]}, the same "
+            f"{ALIGNED_WIDTH}:{ALIGNED_HEIGHT} aspect ratio)."
+        )
+    if abs(w - h * ALIGNED_WIDTH / ALIGNED_HEIGHT) > 1.0:
         raise ValueError(
             f"mask is {w}x{h} (width x height) but masks are drawn on the aligned template face, "
             f"which has a {ALIGNED_WIDTH}:{ALIGNED_HEIGHT} (width:height) aspect ratio, e.g. "
@@ -180,29 +234,49 @@ def as_template_mask(mask: np.ndarray | Tensor) -> np.ndarray:
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """Load a mask from a PNG (or other PIL image) or a ``.npy`` file.
 
-    PNG: if the image has an alpha channel that is not constant, the alpha is the mask
-    (painted = opaque); otherwise the luminance is (white = region). ``.npy``: a 2-D bool,
-    uint8, uint16, float or 0/1 integer array.
+    Image: if it has an alpha channel that is not constant, the alpha is the mask (painted =
+    opaque); otherwise the gray level of a grayscale image, or the brightest channel of a colour
+    one (white or any bright colour = region; see the module docstring). ``.npy``: a 2-D bool,
+    uint8, uint16, float or 0/1 integer array. A file that is neither is a :class:`ValueError`
+    naming it. A region over :data:`MAX_REGION_SHARE` of the view warns (:class:`MaskCoverageWarning`).
 
     Returns:
         ``(218, 178)`` bool array in template coordinates (see :func:`as_template_mask`).
     """
+    from PIL import UnidentifiedImageError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask file not found: {path}")
     if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ValueError(f"{path}: not a NumPy array file ({_first_line(exc)}); save the mask with numpy.save "
+                             f"(a 2-D array) or as a PNG image.") from None
     else:
-        with Image.open(path) as img:
-            img.load()
-            arr = _image_to_array(img)
+        try:
+            with Image.open(path) as img:
+                img.load()
+                arr = _image_to_array(img)
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # PIL reports some broken files as these
+            raise ValueError(f"{path}: not a readable image ({_first_line(exc)}); save the mask as a PNG "
+                             f"(white region on black) or as a .npy array.") from None
     try:
-        return as_template_mask(arr)
+        binary = as_template_mask(arr)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    _warn_if_inverted(binary, str(path))
+    return binary
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _image_to_array(img: Image.Image) -> np.ndarray:
+    """The 2-D array of an image's mask values: non-constant alpha, else gray level, else brightest channel."""
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
@@ -218,7 +292,9 @@ def _image_to_array(img: Image.Image) -> np.ndarray:
         if np.isin(arr, (0, 1)).all() or arr.min() < 0 or arr.max() > 65535:
             return arr
         return arr.astype(np.uint16)
-    return np.asarray(img.convert("L"))
+    if img.mode in ("1", "L", "LA", "La"):
+        return np.asarray(img.convert("L"))
+    return np.asarray(img.convert("RGB")).max(axis=2)  # colour: the brightest channel (a red stroke counts)
 
 
 def save_mask(path: str | os.PathLike, mask: np.ndarray | Tensor, *, overwrite: bool = False) -> Path:
@@ -226,12 +302,14 @@ def save_mask(path: str | os.PathLike, mask: np.ndarray | Tensor, *, overwrite: 
 
     ``mask`` goes through :func:`as_template_mask` first, so ``load_mask(save_mask(p, m))``
     equals ``as_template_mask(m)``. Refuses to replace an existing file unless
-    ``overwrite=True`` (:class:`FileExistsError`).
+    ``overwrite=True`` (:class:`FileExistsError`). A region over :data:`MAX_REGION_SHARE` of
+    the view is saved, with a :class:`MaskCoverageWarning`.
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"masks are saved as PNG; use a .png file name, got {path.name!r}.")
     binary = as_template_mask(mask)
+    _warn_if_inverted(binary, str(path))
     image = Image.fromarray(binary.astype(np.uint8) * 255)
     with atomic_write(path, "wb", overwrite=overwrite) as fh:
         image.save(fh, format="PNG")

@@ -7,6 +7,11 @@ code cells to one or two library calls; this module holds the glue they share:
   headless run (``COCAM_SMOKE=1``);
 * :class:`Workspace` — where the dataset, the runs and the masks live, so every notebook finds
   what the others wrote (and can make it itself when run alone: every training call resumes);
+  :func:`current` — the workspace this kernel made, the guard every later cell starts with;
+* :class:`GuidanceSettings`, :func:`record_guidance`, :func:`trained_guidance` — the guidance
+  settings live in one place: notebook 3 records what it trains in the run folder
+  (``guidance.json``), notebook 4 evaluates exactly that run and says loudly when it is asked
+  to train another one;
 * :func:`train_baseline`, :func:`fine_tune`, :func:`ensure_checkpoints`,
   :func:`evaluate_models` — the pipeline of ``cocam demo``, one step per call;
 * figures that return a :class:`matplotlib.figure.Figure` (shown by Jupyter, saved or ignored
@@ -14,6 +19,16 @@ code cells to one or two library calls; this module holds the glue they share:
   :func:`show_cam_comparison`, :func:`show_mask_on_images`, :func:`show_masks`,
   :func:`plot_history` and :class:`LivePlot` for curves that grow while training runs;
 * :func:`verdict` — the before/after table in plain words.
+
+Cells run out of order
+----------------------
+Every code cell after a notebook's workspace cell starts with ``import cocam.notebook as nb``
+and ``ws = nb.current()``. After a kernel restart (or when a later cell is run first) that line
+stops the cell with "run the notebook from the top" instead of a ``NameError`` on whatever the
+skipped cells defined — the import is what keeps ``nb`` itself defined. The stop, like every
+:func:`require` guard, is a :class:`NotebookOrderError`, which IPython shows as one short line,
+not a red traceback: IPython renders an exception that has a ``_render_traceback_`` method with
+the lines that method returns.
 
 Paths given as relative (``"runs/notebooks"``) are taken relative to the project folder (the
 nearest folder above the working directory with a ``pyproject.toml`` and a ``notebooks/``
@@ -23,6 +38,7 @@ started in the project or in ``notebooks/``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -49,14 +65,17 @@ from cocam.train import FitResult, Guidance, RunLockedError, TrainConfig, fit
 __all__ = [
     "BASELINE",
     "CONTROL",
+    "GUIDANCE_RECORD",
     "GUIDED",
     "SMOKE_ENV",
+    "GuidanceSettings",
     "LivePlot",
     "NotebookOrderError",
     "Settings",
     "Workspace",
     "compare_methods",
     "conflict_mistakes",
+    "current",
     "default_settings",
     "ensure_checkpoints",
     "ensure_dataset",
@@ -71,6 +90,8 @@ __all__ = [
     "plot_history",
     "project_dir",
     "protocol_config",
+    "record_guidance",
+    "recorded_guidance",
     "require",
     "results_table",
     "show_bias_evidence",
@@ -80,6 +101,7 @@ __all__ = [
     "show_masks",
     "smoke_mode",
     "train_baseline",
+    "trained_guidance",
     "verdict",
 ]
 
@@ -92,7 +114,15 @@ GUIDED = "fine-tuned (guided)"
 
 
 class NotebookOrderError(CocamError, RuntimeError):
-    """A cell needs something an earlier cell makes (e.g. a drawn mask)."""
+    """A cell needs something an earlier cell makes (e.g. a drawn mask).
+
+    A guard, not a crash: IPython shows it as one line (``Stopped: <what to run first>``) through
+    :meth:`_render_traceback_`, instead of a red traceback into cocam's code.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        """The lines IPython prints for this exception in place of the traceback."""
+        return [f"\x1b[1;31mStopped:\x1b[0m {self}"]
 
 
 def require(condition: Any, message: str) -> None:
@@ -213,6 +243,22 @@ def ensure_dataset(root: str | os.PathLike | None, settings: Settings, *, progre
     return root
 
 
+_CURRENT: list[Workspace] = []  # the workspace this kernel created last (module state survives no restart)
+
+
+def current() -> Workspace:
+    """The workspace created in this kernel (:meth:`Workspace.create`), else a :class:`NotebookOrderError`.
+
+    Later cells call it first (after ``import cocam.notebook as nb``), so a cell run after a
+    kernel restart, or before the notebook's first cells, stops with what to run instead of a
+    ``NameError``.
+    """
+    require(_CURRENT, "this kernel has not run the notebook's first cells yet (a kernel restart clears them): "
+                      "run the notebook from the top — Run ▸ Run All Cells, or the cells from the imports down "
+                      "to 'ws = nb.Workspace.create(...)' — then this one again.")
+    return _CURRENT[-1]
+
+
 @dataclass(frozen=True)
 class Workspace:
     """Where one series of notebooks keeps its data, runs and masks.
@@ -257,8 +303,10 @@ class Workspace:
         masks = _resolve(mask_dir) if mask_dir is not None else (
             runs / "masks" if settings.smoke else _default_mask_dir())
         root = ensure_dataset(data_root, settings, progress=progress)
-        return cls(settings=settings, data_root=root, run_dir=runs, mask_dir=masks,
-                   cache_dir=None if cache_dir is None else _resolve(cache_dir))
+        ws = cls(settings=settings, data_root=root, run_dir=runs, mask_dir=masks,
+                 cache_dir=None if cache_dir is None else _resolve(cache_dir))
+        _CURRENT[:] = [ws]  # what nb.current() returns in the notebook's later cells
+        return ws
 
     @property
     def baseline_dir(self) -> Path:
@@ -407,14 +455,149 @@ def guidance_for(ws: Workspace, attributes: Sequence[str], *, w_a: float = 1.0,
     return Guidance(tuple(attributes), masks, w_a=w_a, w_g=w_g, target=target, loss=loss, transfer=transfer)
 
 
+#: File in a workspace's run folder naming the guided run notebook 3 trains (:func:`record_guidance`).
+GUIDANCE_RECORD = "guidance.json"
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """The guidance settings of a guided run, without the masks (those come from the workspace's mask folder).
+
+    The defaults are notebook 3's: the paper's three attributes, its ``-ln IoU`` loss, the
+    ``"both"`` target, template masks, ``w_a = 1`` and the loss's default ``w_g``. Fields are
+    those of :class:`~cocam.train.Guidance` (``loss``, ``target`` and ``w_g`` may be one per
+    attribute).
+    """
+
+    attributes: tuple[str, ...] = tuple(a for a, _ in PAPER_PAIRS)
+    loss: str | tuple[str, ...] = "iou"
+    target: str | tuple[str, ...] = "both"
+    transfer: str = "template"
+    w_a: float = 1.0
+    w_g: float | None | tuple[float | None, ...] = None
+    exact: bool = True
+    resolution: str = "input"
+
+    @classmethod
+    def of(cls, guidance: Guidance) -> GuidanceSettings:
+        """The settings of ``guidance`` (as normalised by it: ``w_g=None`` becomes the loss's weight)."""
+        return cls(attributes=tuple(guidance.attributes), loss=guidance.loss, target=guidance.target,
+                   transfer=guidance.transfer, w_a=float(guidance.w_a), w_g=guidance.w_g, exact=guidance.exact,
+                   resolution=guidance.resolution)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> GuidanceSettings:
+        """Inverse of :meth:`to_dict` (JSON lists become tuples again)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def guidance(self, ws: Workspace) -> Guidance:
+        """The :class:`~cocam.train.Guidance` with each attribute's mask from ``ws.mask_dir`` (or built-in)."""
+        from cocam.masks import resolve_mask
+
+        attributes = validate_attributes(self.attributes)
+        masks = tuple(resolve_mask(a, ws.mask_dir)[0] for a in attributes)
+        return Guidance(tuple(attributes), masks, w_a=self.w_a, w_g=self.w_g, target=self.target, loss=self.loss,
+                        transfer=self.transfer, exact=self.exact, resolution=self.resolution)
+
+    def summary(self) -> str:
+        """One line: what is guided and how."""
+        return (f"{', '.join(self.attributes)}; loss {self.loss}, target {self.target}, transfer {self.transfer}, "
+                f"w_a {self.w_a:g}, w_g {self.w_g}")
+
+
+def record_guidance(ws: Workspace, guidance: Guidance) -> Path:
+    """Write which guided run this workspace trains (settings, masks, run folder) to ``run_dir/guidance.json``.
+
+    Notebook 3 calls it (through ``fine_tune(..., record=True)``) before training, so notebook 4
+    evaluates that run (:func:`trained_guidance`) without repeating the settings.
+    """
+    import json
+
+    from cocam.io import atomic_write_text
+    from cocam.masks import resolve_mask
+
+    record = {"settings": GuidanceSettings.of(guidance).to_dict(), "run": guided_run_name(guidance),
+              "mask_dir": str(ws.mask_dir),
+              "masks": {a: resolve_mask(a, ws.mask_dir)[1] for a in guidance.attributes}}
+    path = ws.run_dir / GUIDANCE_RECORD
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def recorded_guidance(ws: Workspace) -> dict[str, Any] | None:
+    """The record :func:`record_guidance` wrote in this workspace, or ``None`` (notebook 3 has not run)."""
+    import json
+
+    path = ws.run_dir / GUIDANCE_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        GuidanceSettings.from_dict(record["settings"])
+        return record
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a guidance record ({exc}): re-run notebook 3's fine-tuning cell to "
+                         f"write it again, or delete it.") from None
+
+
+def _loud(message: str) -> None:
+    """A message that must not be missed: on stderr (a red box in Jupyter), framed."""
+    import sys
+
+    print(f"⚠ {message}", file=sys.stderr, flush=True)
+
+
+def trained_guidance(ws: Workspace, settings: GuidanceSettings | None = None, *,
+                     log: Callable[[str], Any] | None = print) -> Guidance:
+    """The guidance of the run notebook 3 trained in ``ws`` (read from ``run_dir/guidance.json``).
+
+    Args:
+        settings: ``None`` evaluates exactly what notebook 3 recorded (or, before notebook 3 ran
+            in this workspace, its defaults, which notebook 3 then reuses). Other settings give
+            another guided run: that is said loudly, with each setting that differs.
+        log: where the ordinary line goes (``None``: silent); the warnings always go to stderr.
+    """
+    say = log or (lambda _: None)
+    record = recorded_guidance(ws)
+    recorded = GuidanceSettings.from_dict(record["settings"]) if record else None
+    chosen = settings if settings is not None else (recorded or GuidanceSettings())
+    guidance = chosen.guidance(ws)
+    name = guided_run_name(guidance)
+    if record is None:
+        say(f"Notebook 3 has not trained a guided run in {ws.run_dir} yet: using its default settings "
+            f"({GuidanceSettings.of(guidance).summary()}), run {name}.")
+        return guidance
+    if settings is not None and GuidanceSettings.of(guidance) != recorded:
+        theirs, mine = recorded.to_dict(), GuidanceSettings.of(guidance).to_dict()
+        changes = ", ".join(f"{k} {theirs[k]!r} → {mine[k]!r}" for k in mine if mine[k] != theirs[k])
+        _loud(f"These guidance settings are not the ones notebook 3 trained ({changes}): notebook 4 will train "
+              f"and evaluate ANOTHER guided run, {name}, not notebook 3's {record['run']}. Set GUIDANCE = None "
+              f"to evaluate notebook 3's run.")
+    elif name != record["run"]:
+        moved = "" if str(ws.mask_dir) == record.get("mask_dir") else \
+            f" (masks from {ws.mask_dir}; notebook 3 used {record.get('mask_dir')})"
+        _loud(f"The masks changed since notebook 3 trained {record['run']}{moved}: notebook 4 will train and "
+              f"evaluate a NEW guided run, {name}, with the current masks. Re-run notebook 3 to see its curves.")
+    else:
+        say(f"Evaluating the guided run notebook 3 trained: {name} ({recorded.summary()}).")
+    return guidance
+
+
 def fine_tune(ws: Workspace, guidance: Guidance | None, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-              progress: bool = True) -> FitResult:
+              progress: bool = True, record: bool = False) -> FitResult:
     """Fine-tune the baseline's best checkpoint: guided, or the BCE-only control (``guidance=None``).
 
     Both use :meth:`Settings.finetune_config` (same steps, same seed), so they differ only by the
     guidance term. Runs resume: a finished run is just reloaded. The baseline is trained first
-    if it does not exist yet.
+    if it does not exist yet. ``record=True`` (notebook 3) first records ``guidance`` as the
+    workspace's guided run (:func:`record_guidance`), the one notebook 4 evaluates.
     """
+    if record and guidance is not None:
+        record_guidance(ws, guidance)
     checkpoint = _baseline_checkpoint(ws, progress=False)
     train, valid = ws.dataset("train"), ws.dataset("valid")
     run_dir = ws.guided_dir(guidance) if guidance is not None else ws.control_dir
@@ -427,8 +610,27 @@ def fine_tune(ws: Workspace, guidance: Guidance | None, *, on_epoch: Callable[[d
                           on_epoch=on_epoch, progress=progress)
 
 
-def ensure_checkpoints(ws: Workspace, guidance: Guidance, *, progress: bool = False) -> dict[str, Path]:
-    """The three checkpoints to compare, training whatever is missing: name → path."""
+def ensure_checkpoints(ws: Workspace, guidance: Guidance, *, progress: bool = True,
+                       log: Callable[[str], Any] | None = print) -> dict[str, Path]:
+    """The three checkpoints to compare, training whatever is missing: name → path.
+
+    Says first which runs are already in the workspace and which are trained now (and where);
+    each one trained shows its progress bar (``tqdm.auto``) unless ``progress=False``.
+    """
+    say = log or (lambda _: None)
+    n_train = len(ws.dataset("train"))
+    tune = ws.settings.finetune_config(n_train)
+    plan = [(BASELINE, ws.baseline_dir, ws.settings.train_config()), (CONTROL, ws.control_dir, tune),
+            (GUIDED, ws.guided_dir(guidance), tune)]
+    missing = [(name, folder) for name, folder, config in plan if _finished_run(folder, config, n_train) is None]
+    if not missing:
+        say(f"The three checkpoints are in {ws.run_dir}: reloaded, nothing to train.")
+    for i, (name, folder) in enumerate(missing, 1):
+        say(f"{i}/{len(missing)} not in the workspace yet, training it now: {name} → {folder}")
+        if name == BASELINE:
+            _baseline_checkpoint(ws, progress=progress)
+        else:
+            fine_tune(ws, guidance if name == GUIDED else None, progress=progress)
     baseline = _baseline_checkpoint(ws, progress=progress)
     control = fine_tune(ws, None, progress=progress).last_path
     guided = fine_tune(ws, guidance, progress=progress).last_path
@@ -450,14 +652,17 @@ def mask_transfer_quality(ws: Workspace, attribute: str, mask: np.ndarray) -> pd
 
 def compare_methods(ws: Workspace, pairs: Sequence[tuple[str, str]] = PAPER_PAIRS, *,
                     methods: Sequence[str] | None = None, seeds: Sequence[int] = (0,),
-                    progress: bool = False) -> ComparisonResult:
+                    progress: bool = True) -> ComparisonResult:
     """The guidance losses side by side from the notebooks' baseline (:func:`cocam.compare.compare_guidance`).
 
     Every method in ``methods`` (names of :data:`cocam.compare.METHODS`; ``None``: all) and the
     BCE-only control are fine-tuned with the notebooks' budget (:class:`Settings`) for each seed,
     into ``ws.run_dir / "compare"``, and scored on the validation and test splits. Finished runs
-    are reloaded, so the cell can be re-run or given more seeds.
+    are reloaded, so the cell can be re-run or given more seeds. ``progress`` shows one bar
+    (``tqdm.auto``) over all the runs, naming the one that finished last; nothing else is printed.
     """
+    from tqdm.auto import tqdm
+
     from cocam.compare import METHODS, ComparisonConfig, compare_guidance
 
     names = list(METHODS) if methods is None else list(methods)
@@ -469,8 +674,16 @@ def compare_methods(ws: Workspace, pairs: Sequence[tuple[str, str]] = PAPER_PAIR
                               image_size=s.image_size, hidden=s.hidden, finetune_epochs=s.finetune_epochs,
                               finetune_lr=s.finetune_lr, batch_size=s.batch_size, mask_dir=ws.mask_dir,
                               device=s.device)
-    return compare_guidance(config, {m: METHODS[m] for m in names}, baseline=_baseline_checkpoint(ws, progress),
-                            progress=progress)
+    baseline = _baseline_checkpoint(ws, progress)
+    with tqdm(total=len(seeds) * (len(names) + 1), desc="comparing guidance losses", unit="run",
+              disable=not progress) as bar:
+        def finished(line: str) -> None:  # compare_guidance says "baseline: …" once, then one line per run
+            if not line.startswith("baseline"):
+                bar.set_postfix_str(line.split(":")[0], refresh=False)
+                bar.update(1)
+
+        return compare_guidance(config, {m: METHODS[m] for m in names}, baseline=baseline, progress=False,
+                                log=finished)
 
 
 def protocol_config(ws: Workspace, pairs: Sequence[tuple[str, str]] = PAPER_PAIRS) -> ProtocolConfig:

@@ -479,3 +479,155 @@ def test_mask_folder_is_resolved_from_one_documented_place(tmp_path: Path, monke
     assert resolve_mask_dir(tmp_path / "data" / "masks") == tmp_path / "data" / "masks"
     with pytest.raises(FileNotFoundError, match=r"mask folder .*typo does not exist"):
         resolve_mask_dir(tmp_path / "typo")
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing lost, nothing silent: each failure is one line on stderr and a non-zero exit
+# --------------------------------------------------------------------------------------------
+
+
+def _one_error(capsys, command: str) -> str:
+    """The single stderr line of a failed command (asserting there is exactly one, and no traceback)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"cocam {command}: error: "), lines[0]
+    return lines[0]
+
+
+def _evaluate(root: Path, *extra: str) -> int:
+    return main(["evaluate", "--root", str(root), "--no-attention", "--pair", "Wearing_Lipstick:Heavy_Makeup",
+                 *extra])
+
+
+def test_evaluate_out_never_replaces_its_sidecar_or_a_checkpoint(root: Path, baseline: Path, tmp_path: Path,
+                                                                 capsys) -> None:
+    ckpt = ["--checkpoint", str(baseline / "best.pt")]
+    # res.json: the CSV used to be written, then replaced by its own JSON sidecar.
+    assert _evaluate(root, *ckpt, "--out", str(tmp_path / "res.json")) == 1
+    assert "ending in .csv" in _one_error(capsys, "evaluate")
+    assert not (tmp_path / "res.json").exists()
+    # a checkpoint path: refused, the checkpoint untouched (with or without --overwrite).
+    before = (baseline / "last.pt").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        assert _evaluate(root, *ckpt, "--out", str(baseline / "last.pt"), *extra) == 1
+        assert "ending in .csv" in _one_error(capsys, "evaluate")
+    assert (baseline / "last.pt").read_bytes() == before
+    # an existing results file (or only its sidecar) is kept unless --overwrite.
+    out = tmp_path / "res.csv"
+    out.write_text("mine\n")
+    assert _evaluate(root, *ckpt, "--out", str(out)) == 1
+    assert "already exists" in _one_error(capsys, "evaluate") and out.read_text() == "mine\n"
+    out.unlink()
+    (tmp_path / "res.json").write_text("{}\n")
+    assert _evaluate(root, *ckpt, "--out", str(out)) == 1
+    assert "--overwrite" in _one_error(capsys, "evaluate") and not out.exists()
+    assert _evaluate(root, *ckpt, "--out", str(out), "--overwrite") == 0
+    assert "results written to" in capsys.readouterr().out
+    assert pd.read_csv(out)["model"].tolist() == ["baseline"]
+    assert json.loads((tmp_path / "res.json").read_text())["results"] == "res.csv"
+
+
+def test_evaluate_names_two_checkpoints_of_one_folder_apart(root: Path, baseline: Path, capsys) -> None:
+    best, last = str(baseline / "best.pt"), str(baseline / "last.pt")
+    assert _evaluate(root, "--checkpoint", best, "--checkpoint", last) == 0
+    out = capsys.readouterr().out
+    assert "baseline/best" in out and "baseline/last" in out  # both rows, neither replaced by the other
+    assert _evaluate(root, "--checkpoint", f"b={best}", "--checkpoint", f"b={last}") == 1
+    assert "two checkpoints are named 'b'" in _one_error(capsys, "evaluate")
+    assert _evaluate(root, "--checkpoint", best, "--checkpoint", best) == 1
+    assert "the same checkpoint" in _one_error(capsys, "evaluate")
+
+
+def test_name_checkpoints() -> None:
+    from cocam.evaluate import name_checkpoints
+
+    assert name_checkpoints(["runs/kb/best.pt", "runs/kb/last.pt", "runs/guided/last.pt", "x=runs/a=1/b.pt"]) == {
+        "kb/best": Path("runs/kb/best.pt"), "kb/last": Path("runs/kb/last.pt"),
+        "guided": Path("runs/guided/last.pt"), "x": Path("runs/a=1/b.pt")}
+    with pytest.raises(ValueError, match="empty name"):
+        name_checkpoints(["=runs/kb/best.pt"])
+
+
+@pytest.mark.parametrize("weights, problem", [(["--w-g", "-5"], "--w-g must be a finite number > 0"),
+                                              (["--w-g", "nan"], "--w-g must be a finite number > 0"),
+                                              (["--w-g", "inf"], "--w-g must be a finite number > 0"),
+                                              (["--w-g", "0"], "--control"),
+                                              (["--w-g", "1", "-1", "--attribute", "Double_Chin"], "got -1"),
+                                              (["--w-a", "nan"], "--w-a must be a finite number")])
+def test_guidance_weights_must_be_finite_and_positive(root: Path, baseline: Path, tmp_path: Path, capsys,
+                                                      weights, problem) -> None:
+    assert _finetune(root, baseline / "best.pt", tmp_path / "w", "--attribute", "Wearing_Lipstick", *weights) == 1
+    assert problem in _one_error(capsys, "finetune")
+    assert not (tmp_path / "w" / "last.pt").exists()
+
+
+def test_control_refuses_an_attribute_it_would_ignore(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:
+    assert _finetune(root, baseline / "best.pt", tmp_path / "c", "--control", "--attribute", "Wearing_Lipstik") == 1
+    assert "Did you mean 'Wearing_Lipstick'" in _one_error(capsys, "finetune")
+    assert _finetune(root, baseline / "best.pt", tmp_path / "c", "--control", "--attribute", "Wearing_Lipstick") == 1
+    assert "drop --attribute for the control" in _one_error(capsys, "finetune")
+    assert not (tmp_path / "c").exists()
+
+
+def test_top_must_be_positive(root: Path, baseline: Path, capsys) -> None:
+    for top in ("-3", "0"):
+        assert main(["stats", "--root", str(root), "--top", top]) == 1
+        assert "--top must be at least 1" in _one_error(capsys, "stats")
+    assert main(["bias", "--root", str(root), "--checkpoint", str(baseline / "best.pt"), "--top", "-1"]) == 1
+    assert "--top must be at least 1" in _one_error(capsys, "bias")
+
+
+def test_a_mask_file_that_is_not_an_image_is_one_line(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:
+    notes = tmp_path / "lipstick.png"
+    notes.write_text("the mouth, roughly\n")
+    assert _finetune(root, baseline / "best.pt", tmp_path / "m", "--attribute", "Wearing_Lipstick",
+                     "--mask", str(notes)) == 1
+    assert "lipstick.png: not a readable image" in _one_error(capsys, "finetune")
+
+
+def test_an_inverted_mask_is_a_one_line_warning(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:
+    region = default_mask("Wearing_Lipstick")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    Image.fromarray((~region).astype("uint8") * 255).save(masks / "Wearing_Lipstick.png")
+    assert main(["evaluate", "--root", str(root), "--checkpoint", str(baseline / "best.pt"), "--mask-dir", str(masks),
+                 "--pair", "Wearing_Lipstick:Heavy_Makeup"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert lines and lines[0].startswith("cocam evaluate: warning: ") and "inverted" in lines[0]
+
+
+def test_os_errors_and_missing_packages_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    import cocam.cli
+    import cocam.io
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cocam.io.os, "fsync", no_space)
+    assert main(["template", "--out", str(tmp_path / "t")]) == 1
+    assert "ENOSPC" in _one_error(capsys, "template")
+    assert not any((tmp_path / "t").iterdir())  # nothing half-written left behind
+    monkeypatch.undo()
+
+    def failing(exc: BaseException):
+        def command(args):
+            raise exc
+        return command
+
+    chained = RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 128 vs 64")
+    chained.__cause__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/.last.pt.tmp-1")
+    cases = [(chained, ["ENOSPC", "runs/x/.last.pt.tmp-1", "free some space"]),
+             (PermissionError(errno.EACCES, "Permission denied", "/data/celeba"), ["EACCES", "/data/celeba"]),
+             (ModuleNotFoundError("No module named 'ipywidgets'", name="ipywidgets"), ["pip install ipywidgets"]),
+             (KeyError("the checkpoint lacks 'spec'"), ["error: the checkpoint lacks 'spec'"]),
+             (ValueError("two\nlines"), ["error: two lines"])]
+    for exc, words in cases:
+        monkeypatch.setattr(cocam.cli, "cmd_template", failing(exc))
+        assert main(["template"]) == 1
+        line = _one_error(capsys, "template")
+        assert all(w in line for w in words), (line, words)
+    monkeypatch.setattr(cocam.cli, "cmd_template", failing(ZeroDivisionError("a bug")))
+    with pytest.raises(ZeroDivisionError):  # a genuine bug keeps its traceback
+        main(["template"])

@@ -62,12 +62,23 @@ def test_grayscale_threshold_is_strictly_above_half(tmp_path) -> None:
     assert mask[100:110].all() and not mask[120:130].any() and mask.sum() == 10 * 178
 
 
-def test_rgb_uses_luminance(tmp_path, mouth) -> None:
+def test_rgb_uses_the_brightest_channel(tmp_path, mouth) -> None:
+    # A stroke of any bright colour on black is the region: pure red has luminance 76 (< 128), which read
+    # the region as empty; its brightest channel is 255.
+    for colour in [(255, 255, 255), (255, 0, 0), (0, 200, 0), (0, 0, 255)]:
+        rgb = np.zeros((*TEMPLATE_SHAPE, 3), dtype=np.uint8)
+        rgb[mouth] = colour
+        Image.fromarray(rgb).save(tmp_path / "rgb.png")
+        assert np.array_equal(load_mask(tmp_path / "rgb.png"), mouth), colour
     rgb = np.zeros((*TEMPLATE_SHAPE, 3), dtype=np.uint8)
-    rgb[mouth] = (255, 255, 255)
-    rgb[10:20, 10:20] = (255, 0, 0)  # pure red: luminance 76 < 128, not part of the region
-    Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    assert np.array_equal(load_mask(tmp_path / "rgb.png"), mouth)
+    rgb[mouth] = (127, 0, 40)  # brightest channel 127/255 < 0.5: not in the region
+    Image.fromarray(rgb).save(tmp_path / "dark.png")
+    with pytest.raises(ValueError, match="empty"):
+        load_mask(tmp_path / "dark.png")
+    # A palette image (no transparency) goes through RGB: the same rule.
+    rgb[mouth] = (200, 0, 0)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    assert np.array_equal(load_mask(tmp_path / "p.png"), mouth)
 
 
 def test_rgba_uses_nontrivial_alpha_else_luminance(tmp_path, mouth) -> None:
@@ -217,3 +228,54 @@ def test_mask_to_feature(mouth) -> None:
         mask_to_feature(mouth, 0)
     with pytest.raises(ValueError, match="positive"):
         mask_to_input(mouth, 0)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (3, 2), (5, 5), (54, 44), (109, 44)])
+def test_tiny_images_are_refused_even_with_a_near_template_aspect(shape) -> None:
+    # 2x2 is within one pixel of 178:218 (2 * 178/218 = 1.63): the aspect check alone let it through.
+    arr = np.zeros(shape, dtype=bool)
+    arr[0, 0] = True
+    with pytest.raises(ValueError, match="too small.*at least 45x55"):
+        as_template_mask(arr)
+
+
+def test_smallest_accepted_mask_is_a_quarter_of_the_template() -> None:
+    from cocam.masks import MIN_MASK_SIZE
+
+    assert MIN_MASK_SIZE == (55, 45)
+    arr = np.zeros(MIN_MASK_SIZE, dtype=bool)
+    arr[35:42, 15:30] = True
+    assert as_template_mask(arr).shape == TEMPLATE_SHAPE
+
+
+def test_a_mask_covering_most_of_the_face_warns(tmp_path, mouth) -> None:
+    import warnings
+
+    from cocam.masks import MAX_REGION_SHARE, MaskCoverageWarning, region_share
+
+    inverted = ~mouth  # black mouth on white: the region is everything but the mouth
+    assert region_share(inverted) > MAX_REGION_SHARE
+    Image.fromarray(inverted.astype(np.uint8) * 255).save(tmp_path / "inverted.png")
+    with pytest.warns(MaskCoverageWarning, match=r"inverted\.png: the region covers 9\d % .*inverted"):
+        assert np.array_equal(load_mask(tmp_path / "inverted.png"), inverted)  # still accepted
+    with pytest.warns(MaskCoverageWarning):
+        save_mask(tmp_path / "saved.png", inverted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a normal region (and the largest built-in one) stays silent
+        save_mask(tmp_path / "mouth.png", mouth)
+        load_mask(tmp_path / "mouth.png")
+        from cocam.masks import default_mask
+
+        assert region_share(default_mask("Wavy_Hair")) <= MAX_REGION_SHARE
+
+
+def test_a_file_that_is_not_a_mask_is_a_one_line_error(tmp_path) -> None:
+    (tmp_path / "notes.png").write_text("not an image\n")
+    with pytest.raises(ValueError, match=r"notes\.png: not a readable image .*save the mask as a PNG"):
+        load_mask(tmp_path / "notes.png")
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ValueError, match=r"bad\.npy: not a NumPy array file"):
+        load_mask(tmp_path / "bad.npy")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"obj\.npy: not a NumPy array file"):
+        load_mask(tmp_path / "obj.npy")  # pickled objects are never loaded

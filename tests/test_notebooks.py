@@ -127,6 +127,9 @@ def test_notebooks_run_headless_in_smoke_mode(project: Path) -> None:
     results = pd.read_csv(runs / "results.csv")
     assert set(results["model"]) == {nb.BASELINE, nb.CONTROL, nb.GUIDED}
     assert "Wearing_Lipstick: on the" in _text(ran["04"])  # the verdict
+    assert "Notebook 3 has not trained a guided run" in _text(ran["04"])  # its defaults, said so
+    assert f"not in the workspace yet, training it now: {nb.GUIDED}" in _text(ran["04"])
+    assert not (runs / nb.GUIDANCE_RECORD).exists()  # only notebook 3 records the guided run
     assert _images(ran["04"]) >= 1
     assert "gain vs control" in _text(ran["04"])  # the method comparison ...
     summary = pd.read_csv(runs / "compare" / "summary.csv")
@@ -138,6 +141,9 @@ def test_notebooks_run_headless_in_smoke_mode(project: Path) -> None:
     ran["03"] = _execute(ROOT / "notebooks" / order[3], project)
     assert list(runs.glob("guided-*/last.pt")) == guided  # same drawing: the same run, resumed
     assert guided[0].stat().st_mtime_ns == stamp  # finished already: reloaded, not retrained
+    import json
+
+    assert json.loads((runs / nb.GUIDANCE_RECORD).read_text())["run"] == guided[0].parent.name  # for notebook 4
     assert _images(ran["03"]) >= 3
 
 
@@ -349,3 +355,159 @@ def test_evaluate_models_and_results_table(workspace) -> None:
     shown = nb.results_table(table)
     assert shown.index.names == ["attribute", "model"]
     assert "No clear" in nb.verdict(table) or "no clear" in nb.verdict(table)
+
+
+# -- cells run out of order, and the settings notebook 4 evaluates --------------------------------
+
+
+def _cells_after_the_workspace(path: Path) -> list[str]:
+    import json
+
+    cells = [("".join(c["source"]), c["cell_type"]) for c in json.loads(path.read_text())["cells"]]
+    start = next(i for i, (s, kind) in enumerate(cells) if kind == "code" and "nb.Workspace.create(" in s)
+    return [s for s, kind in cells[start + 1:] if kind == "code"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_a_later_cell_after_a_kernel_restart_says_what_to_run(path: Path, monkeypatch) -> None:
+    # A restart clears every name: each later cell, run alone in an empty namespace, must stop with the
+    # guard's message (it used to raise NameError: nb).
+    monkeypatch.setattr(nb, "_CURRENT", [])
+    cells = _cells_after_the_workspace(path)
+    assert cells
+    for source in cells:
+        with pytest.raises(nb.NotebookOrderError, match="run the notebook from the top") as info:
+            exec(compile(source, f"{path.name} cell", "exec"), {})
+        assert len(info.value._render_traceback_()) == 1
+
+
+def test_current_is_the_workspace_this_kernel_made(workspace, monkeypatch) -> None:
+    assert nb.current() is workspace
+    monkeypatch.setattr(nb, "_CURRENT", [])
+    with pytest.raises(nb.NotebookOrderError, match="Workspace.create"):
+        nb.current()
+
+
+def test_ipython_shows_the_guard_as_one_line(monkeypatch) -> None:
+    pytest.importorskip("IPython")
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    monkeypatch.setattr(nb, "_CURRENT", [])
+    shell = InteractiveShell.instance()
+    try:
+        with capture_output() as out:
+            shell.run_cell("import cocam.notebook as nb\nws = nb.current()")
+    finally:
+        InteractiveShell.clear_instance()
+    shown = out.stdout + out.stderr
+    lines = [line for line in shown.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Stopped:" in lines[0] and "run the notebook from the top" in lines[0], shown
+    assert "Traceback" not in shown and "NotebookOrderError" not in shown
+
+
+def test_notebook_4_evaluates_the_run_notebook_3_recorded(workspace, capsys) -> None:
+    attrs = ["Wearing_Lipstick", "Double_Chin"]
+    # Before notebook 3: its defaults, said so.
+    first = nb.trained_guidance(workspace)
+    assert first.attributes == tuple(a for a, _ in nb.PAPER_PAIRS) and first.loss == "iou"
+    assert "has not trained a guided run" in capsys.readouterr().out
+    # Notebook 3 records what it trains; notebook 4, given nothing, evaluates exactly that run.
+    trained = nb.guidance_for(workspace, attrs, loss="energy", w_g=2.0, transfer="landmarks")
+    record = nb.record_guidance(workspace, trained)
+    assert record == workspace.run_dir / nb.GUIDANCE_RECORD
+    again = nb.trained_guidance(workspace)
+    assert workspace.guided_dir(again) == workspace.guided_dir(trained)
+    assert (again.loss, again.w_g, again.transfer, again.attributes) == ("energy", 2.0, "landmarks", tuple(attrs))
+    out = capsys.readouterr()
+    assert "Evaluating the guided run notebook 3 trained" in out.out and out.err == ""
+    # The same settings given explicitly: no warning.
+    nb.trained_guidance(workspace, nb.GuidanceSettings(tuple(attrs), loss="energy", w_g=2.0, transfer="landmarks"))
+    assert capsys.readouterr().err == ""
+    # Other settings: loudly another run.
+    other = nb.trained_guidance(workspace, nb.GuidanceSettings(tuple(attrs), loss="energy", transfer="landmarks"))
+    err = capsys.readouterr().err
+    assert "ANOTHER guided run" in err and "w_g 2.0 → 1.0" in err and workspace.guided_dir(other).name in err
+    # A new drawing since notebook 3 trained: loudly a new run.
+    from cocam.masks import save_mask
+
+    region = default_mask("Double_Chin")
+    region[:, :89] = False
+    save_mask(workspace.mask_dir / "Double_Chin.png", region)
+    moved = nb.trained_guidance(workspace)
+    assert workspace.guided_dir(moved) != workspace.guided_dir(trained)
+    assert "masks changed since notebook 3" in capsys.readouterr().err
+    # A damaged record is one clear error.
+    record.write_text("{not json")
+    with pytest.raises(ValueError, match="guidance.json is not a guidance record"):
+        nb.trained_guidance(workspace)
+
+
+def test_fine_tune_records_the_guided_run_before_training(workspace, monkeypatch) -> None:
+    import json
+
+    seen = {}
+
+    def fit_when_free(run_dir, *args, **kwargs):  # what the record says when training starts
+        record = workspace.run_dir / nb.GUIDANCE_RECORD
+        seen["record"] = json.loads(record.read_text()) if record.is_file() else None
+        seen["run_dir"] = run_dir
+        return "trained"
+
+    monkeypatch.setattr(nb, "_baseline_checkpoint", lambda ws, progress: ws.baseline_dir / "best.pt")
+    monkeypatch.setattr(nb, "_fit_when_free", fit_when_free)
+    guidance = nb.guidance_for(workspace, ["Wearing_Lipstick"], loss="rrr_cam")
+    assert nb.fine_tune(workspace, None) == "trained"
+    assert not (workspace.run_dir / nb.GUIDANCE_RECORD).exists()  # neither the control nor record=False writes it
+    nb.fine_tune(workspace, guidance, record=True)
+    assert seen["run_dir"] == workspace.guided_dir(guidance)
+    assert seen["record"]["run"] == seen["run_dir"].name and seen["record"]["settings"]["loss"] == "rrr_cam"
+    assert seen["record"]["masks"] == {"Wearing_Lipstick": "built-in"}
+
+
+def test_gathering_checkpoints_says_what_it_trains_with_progress(workspace, capsys, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    done, trained = set(), []
+
+    def fit_when_free(run_dir, make_model, train, valid, config, **kwargs):  # stands in for the training
+        if run_dir not in done:  # like the real one: a finished run is reloaded, not trained
+            trained.append((run_dir, kwargs["progress"]))
+            done.add(run_dir)
+        return SimpleNamespace(best_path=run_dir / "best.pt", last_path=run_dir / "last.pt")
+
+    monkeypatch.setattr(nb, "_finished_run", lambda run_dir, config, n: "done" if run_dir in done else None)
+    monkeypatch.setattr(nb, "_fit_when_free", fit_when_free)
+    guidance = nb.guidance_for(workspace, ["Wearing_Lipstick"])
+    done.add(workspace.baseline_dir)  # the baseline of notebook 1 is there; the two fine-tunings are not
+    checkpoints = nb.ensure_checkpoints(workspace, guidance)
+    out = capsys.readouterr().out
+    assert f"1/2 not in the workspace yet, training it now: {nb.CONTROL} → {workspace.control_dir}" in out
+    assert f"2/2 not in the workspace yet, training it now: {nb.GUIDED} → {workspace.guided_dir(guidance)}" in out
+    assert nb.BASELINE not in out
+    assert [r for r, _ in trained] == [workspace.control_dir, workspace.guided_dir(guidance)]
+    assert all(progress for _, progress in trained)  # each run shows fit's progress bar
+    assert checkpoints == {nb.BASELINE: workspace.baseline_dir / "best.pt",
+                           nb.CONTROL: workspace.control_dir / "last.pt",
+                           nb.GUIDED: workspace.guided_dir(guidance) / "last.pt"}
+    nb.ensure_checkpoints(workspace, guidance)
+    assert "nothing to train" in capsys.readouterr().out and len(trained) == 2
+
+
+def test_comparing_guidance_losses_shows_one_bar_and_no_lines(workspace, capsys, monkeypatch) -> None:
+    import cocam.compare
+
+    def compare_guidance(config, settings, *, baseline, progress, log):  # stands in for the six runs
+        assert progress is False  # no bar per training run
+        log(f"baseline: {baseline}")
+        for name in ("BCE-only control", *settings):
+            log(f"seed 0 · {name}: 12 s")
+        return "result"
+
+    monkeypatch.setattr(cocam.compare, "compare_guidance", compare_guidance)
+    monkeypatch.setattr(nb, "_baseline_checkpoint", lambda ws, progress: ws.baseline_dir / "best.pt")
+    pairs = [("Wearing_Lipstick", "Heavy_Makeup")]
+    assert nb.compare_methods(workspace, pairs, methods=["energy", "rrr_cam"]) == "result"
+    out, err = capsys.readouterr()
+    assert out == ""  # no line per finished run ...
+    assert "comparing guidance losses" in err and "3/3" in err and "seed 0 · rrr_cam" in err  # ... one bar

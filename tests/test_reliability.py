@@ -449,3 +449,26 @@ def test_results_file_carries_configuration_and_versions(synthetic_root, tmp_pat
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["checkpoints"]["g"]["config"] == {"lr": 0.001, "seed": 3}
     assert record["versions"]["torch"] == str(torch.__version__)
+
+
+def test_a_results_file_never_replaces_its_sidecar_or_a_checkpoint(tmp_path) -> None:
+    ckpt = save_checkpoint(tmp_path / "g" / "last.pt", _model(0), SPEC)
+    before = ckpt.read_bytes()
+    table = pd.DataFrame({"model": ["g"], "test %": [50.0]})
+    # res.json used to be written as CSV, then replaced by its own sidecar (res.json as well).
+    with pytest.raises(ValueError, match=r"ending in \.csv"):
+        write_results(tmp_path / "res.json", table, {"g": ckpt})
+    with pytest.raises(ValueError, match=r"ending in \.csv"):
+        write_results(ckpt, table, {"g": ckpt})
+    assert ckpt.read_bytes() == before and not (tmp_path / "res.json").exists()
+    csv, sidecar = write_results(tmp_path / "res.csv", table, {"g": ckpt})
+    assert (csv.suffix, sidecar.name) == (".csv", "res.json")
+    mine = pd.DataFrame({"model": ["other"], "test %": [1.0]})
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_results(csv, mine, {"g": ckpt}, overwrite=False)
+    pd.testing.assert_frame_equal(pd.read_csv(csv), table)
+    csv.unlink()  # only the sidecar left: still refused, and nothing written
+    with pytest.raises(FileExistsError, match="res.json already exists"):
+        write_results(csv, mine, {"g": ckpt}, overwrite=False)
+    assert json.loads(sidecar.read_text())["results"] == "res.csv" and not csv.exists()
+    assert _no_temp_files(tmp_path)

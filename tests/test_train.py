@@ -155,7 +155,8 @@ def test_without_run_dir_nothing_is_written(data, tmp_path: Path, monkeypatch) -
     train, _ = data
     result = fit(_model(), train, None, _config(max_steps=1), spec=SPEC, progress=False)
     assert (result.run_dir, result.best_path, result.last_path) == (None, None, None)
-    assert result.steps == 1 and list(result.history.columns) == ["epoch", "step", "train_bce", "seconds"]
+    assert result.steps == 1 and list(result.history.columns) == ["epoch", "step", "train_bce", "grad_norm",
+                                                                       "seconds"]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -303,7 +304,7 @@ def _loss_g(model, images, targets, mask, resolution: str = "input") -> float:
     else:
         region = mask_to_feature(mask, model.feature_shape(images.shape[-1])[1])
         res = grad_cam(model, images, [i], signs=signs)
-    return guided_loss(res.logits, targets, res.cams, region[None]).guidance.item()
+    return guided_loss(res.logits, targets, res.cams, region[None], raw=res.signed).guidance.item()
 
 
 @pytest.mark.parametrize("exact, resolution", [(True, "input"), (False, "input"), (True, "feature")])

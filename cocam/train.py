@@ -12,8 +12,8 @@ One loop, :func:`fit`, serves all three:
 
 Guidance targets (:attr:`Guidance.target`):
 
-* ``"positive"`` — the paper's variant: the CAM of the attribute's logit, on images that have
-  the attribute;
+* ``"positive"`` (the default) — the paper's variant: the CAM of the attribute's logit, on
+  images that have the attribute;
 * ``"both"`` — every image, with the CAM of ``sign(y) · logit``: the evidence for the *true*
   label must lie in the region, so "bare eyes ⇒ no lipstick" is penalised as well as
   "made-up eyes ⇒ lipstick".

@@ -99,7 +99,8 @@ def cmd_template(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace, **override):
     from cocam.train import TrainConfig
 
-    values = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "patience")
+    values = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "patience",
+                                            "clip_grad_norm")
               if getattr(args, k, None) is not None}
     values.update(override)
     return TrainConfig(**values)
@@ -387,7 +388,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _require_landmarks(guidance, train)
     tuned = {}
     config = TrainConfig.fine_tuning(len(train), args.finetune_epochs, batch_size=args.batch_size,
-                                     lr=args.finetune_lr, seed=args.seed, device=args.device)
+                                     lr=args.finetune_lr, seed=args.seed, device=args.device,
+                                     clip_grad_norm=args.clip_grad_norm)
     for name, g in (("guided", guidance), ("control", None)):
         print(f"\n{'2/3 guided fine-tuning (w_a*BCE + w_g*loss_g)' if g else '3/3 BCE-only control, same steps'}")
         model, _, _ = load_model(base.best_path)
@@ -480,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=None)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+        p.add_argument("--clip-grad-norm", type=float, default=None, metavar="MAX",
+                       help="clip the gradients' global L2 norm to MAX each step (default: no clipping; the "
+                            "pre-clip norm is logged as grad_norm either way)")
         p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (same settings; only "
                        "--epochs, --max-steps, --patience and --device may change)")
 
@@ -492,9 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="guidance loss, or one per --attribute: iou (the paper's -ln IoU), energy (CAM mass "
                             "inside the region), rrr_cam (CAM energy outside), rrr_input (input gradients "
                             "outside; Ross et al.)")
-        p.add_argument("--target", choices=["positive", "both"], nargs="+", default=["both"],
-                       help="positive: the paper (CAM of the logit on positives); both: CAM of sign(y)*logit; "
-                            "or one per --attribute")
+        p.add_argument("--target", choices=["positive", "both"], nargs="+", default=["positive"],
+                       help="positive (default): the paper (CAM of the logit on positives); both: CAM of "
+                            "sign(y)*logit on every image; or one per --attribute")
         p.add_argument("--transfer", choices=MASK_TRANSFERS, default="template",
                        help="template: the same mask pixels for every image; landmarks: moved by each image's "
                             "5 landmarks")

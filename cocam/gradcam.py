@@ -108,6 +108,16 @@ class GradCAMResult:
     weights: Tensor
     targets: tuple[int, ...]
 
+    @property
+    def signed(self) -> Tensor:
+        """``(B, T, h, w)`` the signed map ``Σ_k w_k · A_k`` *before* the ReLU (equal to ``raw`` when ``relu=False``).
+
+        Where it is ≤ 0 everywhere the CAM is all zero and the ReLU passes no gradient; the
+        guidance losses use it to give such a dead CAM a way out (:mod:`cocam.losses`).
+        Recomputed from :attr:`weights` and :attr:`activations` (attached to the graph like them).
+        """
+        return torch.einsum("btk,bkhw->bthw", self.weights, self.activations)
+
 
 def resolve_targets(targets: Target | Sequence[Target], num_outputs: int) -> list[int]:
     """Turn an attribute name, an output index or a sequence of them into output indices."""

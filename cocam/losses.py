@@ -21,13 +21,54 @@ negative outside it, which is the signal the guidance is meant to give.
 Numerical rules
 ---------------
 * ``soft_iou`` divides by ``max(|G ∪ S|, eps)``: two empty sets have IoU 0, never NaN.
-* ``iou_loss`` clamps the IoU below at ``eps`` before the log, so ``loss_g ≤ -ln(eps)``
-  (13.8 for ``eps = 1e-6``) and its gradient is finite everywhere, including for an empty
-  ``G`` or a full ``S``. Where the clamp is active (``G`` and ``S`` essentially disjoint) the
-  loss passes no gradient; with a rectified CAM the IoU's own gradient is zero there anyway
-  (the CAM is exactly 0 on ``S``).
-* A mask ``S`` without any positive pixel is a user error (nothing to point at):
-  ``iou_loss`` raises :class:`ValueError`.
+* A mask ``S`` without any positive pixel is a user error (nothing to point at): the losses
+  raise :class:`ValueError`.
+
+The dead state, and why every CAM loss has a revive branch
+----------------------------------------------------------
+Grad-CAM is ``G = minmax(ReLU(m))`` with ``m = Σ_k w_k A_k`` the signed ("raw") map
+(:mod:`cocam.gradcam`). When ``m ≤ 0`` everywhere the CAM is all zero — *dead* — and the ReLU
+passes no gradient back to ``m``. The same holds, for the region, when the CAM's only mass lies
+outside ``S``: nothing on ``S`` can move. Taken literally, the paper's ``-ln IoU`` (clamped at
+``eps`` to stay finite) is then a constant with zero gradient: a trap the optimiser never leaves.
+``rrr_cam`` was worse: a dead CAM has no energy outside ``S`` and scored 0, as well as a perfect
+CAM. Measured (``benchmarks/dead_cam.py``: a random AlexNet, 64 px, guidance alone, Adam 3e-4,
+24 steps), the share of dead guided CAMs ended at 100 % for ``rrr_cam`` and about 50 % for
+``iou`` and ``energy`` (96–100 % with gradient clipping at 1); with the branch below, 0 %
+(9–14 % with clipping). Every CAM loss here therefore has two branches, chosen per (image, target)::
+
+    loss_g = L(G, S)                             if r(G, S) ≥ eps   (alive)
+    loss_g = L_max + softplus(−μ / τ)            otherwise          (dead for S)
+
+    μ = Σ s·m / (Σ s · max|m|)    (the raw map's mean over S, in units of its largest
+                                   magnitude; max|m| is a constant for the gradient)
+
+with ``r`` the loss's ratio (IoU for ``iou``; the share of the CAM's mass inside ``S``,
+``Σ g·s / Σ g``, for ``energy`` and ``rrr_cam``), ``L_max`` the largest value ``L`` takes on an
+alive CAM (``-ln eps`` for ``iou`` and ``energy``, 1 for ``rrr_cam``) and ``τ`` =
+:data:`REVIVE_TEMPERATURE`. Consequences:
+
+* a dead CAM scores **strictly worse than every alive one** (``softplus > 0``), so no loss is
+  minimised by killing the CAM;
+* its gradient is ``∂loss/∂m_ij = −σ(−μ/τ) · s_ij / (τ · Σ s · max|m|)``: negative on ``S``
+  (descent raises the raw evidence inside the region until the CAM has mass there), zero
+  away from it, never zero as a whole, and scale-free (``m`` of an untrained AlexNet is ~1e-4);
+* on an alive CAM nothing changes: ``iou`` is exactly the paper's ``-ln(|G∩S| / |G∪S|)``
+  wherever ``IoU ≥ eps`` (the old clamp's constant is what was replaced).
+
+The raw map is the ``raw=`` argument, ``(..., h, w)`` at any resolution (bilinearly resized to
+the mask's): :attr:`cocam.gradcam.GradCAMResult.signed`. Without it the losses use the CAM
+itself as ``m`` (with ``max|m| = 1``): the values and the ordering are the same, but the revive
+gradient then stops at the ReLU, so training passes the raw map (:mod:`cocam.train` does).
+Just above the boundary the alive gradient of ``-ln r`` grows like ``1/r``; clip gradient
+norms (``TrainConfig(clip_grad_norm=...)``) when training from a weak model.
+
+Limits: the branch acts on ``m``, so it cannot reach through the network's own dead units — if
+every activation under ``S`` is zero, ``μ = 0`` and no parameter receives its gradient (raising
+``m`` on ``S`` can mean silencing the channels that vote against the target there, which
+stops at ``μ = 0``; a tiny model with strongly negative head weights does stop there).
+``rrr_input`` has no CAM and no such branch: a model whose input gradients vanish everywhere
+scores 0 on it, as in Ross et al., who rely on the BCE term to rule that out.
 
 Other guidance losses (:data:`GUIDANCE_LOSSES`, selected by name)
 -----------------------------------------------------------------
@@ -41,9 +82,11 @@ the same region ``S``, and return one value per (image, target):
   lies inside ``S`` (the "energy-based pointing game"); indifferent to how much of ``S`` is
   covered, so a small focused CAM inside the region is optimal.
 * ``"rrr_cam"`` — ``mean((g · (1 − s))²)`` (:func:`rrr_cam_loss`): "right for the right
-  reasons" on Grad-CAM (Schramowski et al., 2020): penalises CAM energy *outside* the region
-  and nothing else. cocam applies it to the normalised CAM (the raw one could be driven to
-  zero everywhere) and averages over pixels, so its scale does not depend on the resolution.
+  reasons" on Grad-CAM (Schramowski et al., 2020): penalises CAM energy *outside* the region.
+  cocam applies it to the normalised CAM and averages over pixels, so its scale does not
+  depend on the resolution. On its own it is minimised by a dead CAM (no energy anywhere);
+  the revive branch above (a CAM with less than ``eps`` of its mass inside ``S`` scores
+  ``1 + softplus(−μ/τ)``, above any alive CAM) is what makes it require mass inside ``S``.
 * ``"rrr_input"`` — right for the right reasons on input gradients (Ross et al., 2017), the
   classic baseline: ``Σ ((1 − s) · ∂(Σ_k log p_k)/∂x)²`` over the pixels and colour channels,
   with ``Σ_k log p_k = log σ(z) + log σ(−z)`` summed over the two classes of the guided
@@ -55,7 +98,9 @@ the same region ``S``, and return one value per (image, target):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,14 +108,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cocam.gradcam import resolve_targets
+from cocam.gradcam import NORMALIZE_EPS, resolve_targets
 
 __all__ = [
     "CAM_LOSSES",
+    "DEAD_CAM_MAX",
     "DEFAULT_GUIDANCE_WEIGHTS",
     "GUIDANCE_LOSSES",
     "GuidedLoss",
+    "REVIVE_TEMPERATURE",
     "check_guidance_loss",
+    "dead_cams",
     "energy_loss",
     "guided_loss",
     "guided_objective",
@@ -79,6 +127,7 @@ __all__ = [
     "per_target",
     "positive_sample_weight",
     "region_loss",
+    "revive_term",
     "rrr_cam_loss",
     "rrr_input_loss",
     "soft_iou",
@@ -96,6 +145,15 @@ CAM_LOSSES: tuple[str, ...] = ("iou", "energy", "rrr_cam")
 #: input normalisation). Check the first ``loss_g`` the training loop reports and adjust for
 #: other models.
 DEFAULT_GUIDANCE_WEIGHTS: dict[str, float] = {"iou": 1.0, "energy": 1.0, "rrr_cam": 10.0, "rrr_input": 0.02}
+#: ``τ`` of the revive branch ``softplus(−μ/τ)`` (module docstring), in units of the raw map's
+#: largest magnitude: at a dead CAM (``μ ∈ [−1, 0]``) the branch adds 0.69–4.0 to the loss and
+#: its slope ``σ(−μ/τ)/τ`` is 2–4, a signal of the same order as an alive ``-ln IoU``'s.
+REVIVE_TEMPERATURE: float = 0.25
+#: A CAM whose largest value is below this is counted as dead (:func:`dead_cams`). A min–max
+#: normalised CAM that is alive has maximum 1 at feature resolution (bilinear upsampling keeps
+#: it near 1); one whose raw map is ≤ 0 everywhere (or flatter than
+#: :data:`cocam.gradcam.NORMALIZE_EPS`) is all zero.
+DEAD_CAM_MAX: float = 0.5
 
 
 def check_guidance_loss(name: str) -> str:
@@ -151,36 +209,96 @@ def _check_spatial(cam: Tensor, mask: Tensor) -> None:
         )
 
 
-def energy_loss(cam: Tensor, mask: Tensor, eps: float = 1e-6, reduction: str = "mean",
-                validate: bool = True) -> Tensor:
-    """``-ln(max(Σ g·s / max(Σ g, eps), eps))``: minus the log-share of the CAM's mass inside ``S``.
+def dead_cams(cam: Tensor, threshold: float = DEAD_CAM_MAX) -> Tensor:
+    """``(...)`` bool: which CAMs ``(..., H, W)`` are dead (largest value below ``threshold``).
 
-    Same shapes, ``eps`` rule and reductions as :func:`iou_loss`; an all-zero CAM has share 0
-    and the bounded loss ``-ln(eps)``.
+    A dead CAM is all zero: its raw map has no positive value, so it points nowhere. The share
+    of dead CAMs among the guided pairs is logged per epoch by :func:`cocam.train.fit`
+    (``dead_cam``).
+    """
+    return cam.detach().flatten(-2).amax(dim=-1) < threshold
+
+
+def _resize_like(raw: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(raw.shape[-2:]) == tuple(size):
+        return raw
+    lead = raw.shape[:-2]
+    flat = raw.reshape(-1, 1, *raw.shape[-2:])
+    return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*lead, *size)
+
+
+def revive_term(cam: Tensor, mask: Tensor, raw: Tensor | None = None,
+                temperature: float = REVIVE_TEMPERATURE) -> Tensor:
+    """``softplus(−μ/τ)``, ``μ = Σ s·m / (Σ s · max|m|)``: the revive branch of every CAM loss.
+
+    ``m`` is the signed raw map ``raw`` (``(..., h, w)``, any resolution: bilinearly resized to
+    the mask's) or, without it, the CAM itself with ``max|m| = 1``. ``max|m|`` (floored at
+    :data:`~cocam.gradcam.NORMALIZE_EPS`) is detached: it makes the term scale-free without
+    giving the gradient a direction of its own. Positive everywhere; decreasing in the raw
+    evidence inside ``S``. Shape ``broadcast(cam, mask).shape[:-2]``. See the module docstring.
+    """
+    size = tuple(mask.shape[-2:])
+    if raw is None:
+        evidence, scale = cam, torch.ones((), dtype=cam.dtype, device=cam.device)
+    else:
+        evidence = _resize_like(raw.to(cam.dtype), size)
+        scale = evidence.detach().abs().flatten(-2).amax(dim=-1).clamp_min(NORMALIZE_EPS)
+    mask = mask.to(evidence.dtype)
+    area = mask.sum(dim=(-2, -1)).clamp_min(NORMALIZE_EPS)
+    mu = (evidence * mask).sum(dim=(-2, -1)) / (area * scale)
+    out = F.softplus(-mu / temperature)
+    return out.expand(torch.broadcast_shapes(cam.shape[:-2], mask.shape[:-2], out.shape))
+
+
+def _alive_or_revive(alive: Tensor, ratio: Tensor, bound: float, cam: Tensor, mask: Tensor,
+                     raw: Tensor | None, eps: float) -> Tensor:
+    """``alive`` where ``ratio ≥ eps``, else ``bound + revive_term`` (the two branches of the module docstring)."""
+    return torch.where(ratio >= eps, alive, bound + revive_term(cam, mask, raw))
+
+
+def _inside_share(cam: Tensor, mask: Tensor, eps: float) -> Tensor:
+    return (cam * mask).sum(dim=(-2, -1)) / cam.sum(dim=(-2, -1)).clamp_min(eps)
+
+
+def energy_loss(cam: Tensor, mask: Tensor, eps: float = 1e-6, reduction: str = "mean",
+                validate: bool = True, *, raw: Tensor | None = None) -> Tensor:
+    """``-ln(Σ g·s / Σ g)``: minus the log-share of the CAM's mass inside ``S``.
+
+    Where the share is below ``eps`` (an all-zero CAM has share 0) the value is
+    ``-ln(eps) + softplus(−μ/τ)`` (:func:`revive_term` of the raw map ``raw``): worse than any
+    alive CAM, with a gradient that raises the evidence inside ``S``. Same shapes and
+    reductions as :func:`iou_loss`.
     """
     _check_spatial(cam, mask)
     if validate:
         _check_mask_not_empty(mask)
     mask = mask.to(cam.dtype)
-    share = (cam * mask).sum(dim=(-2, -1)) / cam.sum(dim=(-2, -1)).clamp_min(eps)
-    return _reduce(-torch.log(share.clamp_min(eps)), reduction)
+    share = _inside_share(cam, mask, eps)
+    alive = -torch.log(share.clamp_min(eps))
+    return _reduce(_alive_or_revive(alive, share, -math.log(eps), cam, mask, raw, eps), reduction)
 
 
-def rrr_cam_loss(cam: Tensor, mask: Tensor, reduction: str = "mean", validate: bool = True) -> Tensor:
+def rrr_cam_loss(cam: Tensor, mask: Tensor, reduction: str = "mean", validate: bool = True, *,
+                 raw: Tensor | None = None, eps: float = 1e-6) -> Tensor:
     """``mean over pixels of (g · (1 − s))²``: the CAM's energy outside the region ``S``.
 
-    Zero when the CAM lies inside ``S``; at most 1. Same shapes and reductions as
+    Zero when the CAM lies inside ``S``; at most 1 for an alive CAM. A CAM with less than
+    ``eps`` of its mass inside ``S`` (an all-zero CAM among them, which has no energy outside
+    either) scores ``1 + softplus(−μ/τ)`` (:func:`revive_term`): the loss requires mass inside
+    ``S`` instead of being minimised by a dead CAM. Same shapes and reductions as
     :func:`iou_loss`.
     """
     _check_spatial(cam, mask)
     if validate:
         _check_mask_not_empty(mask)
-    outside = cam * (1 - mask.to(cam.dtype))
-    return _reduce(outside.square().mean(dim=(-2, -1)), reduction)
+    mask = mask.to(cam.dtype)
+    alive = (cam * (1 - mask)).square().mean(dim=(-2, -1))
+    share = _inside_share(cam, mask, eps)
+    return _reduce(_alive_or_revive(alive, share, 1.0, cam, mask, raw, eps), reduction)
 
 
 def region_loss(cam: Tensor, mask: Tensor, loss: str = "iou", *, eps: float = 1e-6, reduction: str = "mean",
-                validate: bool = True) -> Tensor:
+                validate: bool = True, raw: Tensor | None = None) -> Tensor:
     """The CAM-based guidance loss called ``loss`` (one of :data:`CAM_LOSSES`).
 
     Args:
@@ -191,13 +309,16 @@ def region_loss(cam: Tensor, mask: Tensor, loss: str = "iou", *, eps: float = 1e
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         validate: check that every mask has a positive pixel (a device sync; training checks
             its masks once instead).
+        raw: ``(..., h, w)`` the signed Grad-CAM map before the ReLU
+            (:attr:`cocam.gradcam.GradCAMResult.signed`), for the dead-CAM branch's gradient
+            (module docstring); ``None`` uses the CAM.
     """
     if loss == "iou":
-        return iou_loss(cam, mask, eps, reduction, validate=validate)
+        return iou_loss(cam, mask, eps, reduction, validate=validate, raw=raw)
     if loss == "energy":
-        return energy_loss(cam, mask, eps, reduction, validate=validate)
+        return energy_loss(cam, mask, eps, reduction, validate=validate, raw=raw)
     if loss == "rrr_cam":
-        return rrr_cam_loss(cam, mask, reduction, validate=validate)
+        return rrr_cam_loss(cam, mask, reduction, validate=validate, raw=raw, eps=eps)
     if loss == "rrr_input":
         raise ValueError("'rrr_input' is computed from input gradients, not from a CAM: use rrr_input_loss.")
     check_guidance_loss(loss)
@@ -249,22 +370,30 @@ def rrr_input_loss(input_grads: Tensor, mask: Tensor, reduction: str = "mean", v
 
 
 def iou_loss(cam: Tensor, mask: Tensor, eps: float = 1e-6, reduction: str = "mean",
-             validate: bool = True) -> Tensor:
-    """``loss_g = -ln(max(soft_iou(cam, mask), eps))``.
+             validate: bool = True, *, raw: Tensor | None = None) -> Tensor:
+    """``loss_g = -ln(soft_iou(cam, mask))`` (the paper's) where the IoU is at least ``eps``.
+
+    Below ``eps`` (a dead CAM, or one with no mass on ``S``) the value is
+    ``-ln(eps) + softplus(−μ/τ)`` with ``μ`` the raw map's mean over ``S``
+    (:func:`revive_term`): above every alive value, and with a gradient that raises the raw
+    evidence inside ``S``. The old constant ``-ln(eps)`` there had zero gradient.
 
     Args:
         cam: ``(..., H, W)`` Grad-CAM in ``[0, 1]``.
         mask: ``(..., H, W)`` region in ``[0, 1]``, broadcastable; every mask must have at
             least one positive pixel (else :class:`ValueError`).
-        eps: IoU floor (bounds the loss by ``-ln(eps)``) and union floor.
+        eps: IoU below which the CAM counts as dead for ``S``, and union floor.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``broadcast(...).shape[:-2]``).
         validate: check that every mask has a positive pixel (one device sync).
+        raw: ``(..., h, w)`` the signed map before the ReLU (see :func:`region_loss`).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
     if validate:
         _check_mask_not_empty(mask)
-    return _reduce(-torch.log(soft_iou(cam, mask, eps).clamp_min(eps)), reduction)
+    iou = soft_iou(cam, mask, eps)
+    alive = -torch.log(iou.clamp_min(eps))
+    return _reduce(_alive_or_revive(alive, iou, -math.log(eps), cam, mask.to(cam.dtype), raw, eps), reduction)
 
 
 @dataclass(frozen=True)
@@ -276,12 +405,15 @@ class GuidedLoss:
         bce: mean binary cross-entropy with logits over all samples and attributes.
         guidance: weighted mean of ``loss_g`` over the guided (sample, target) pairs, 0 if none.
         per_sample: ``(B, T)`` ``loss_g`` of every pair, guided or not.
+        dead: ``(B, T)`` bool, which pairs' CAMs are dead (:func:`dead_cams`); ``None`` for
+            losses that have no CAM (``rrr_input``).
     """
 
     total: Tensor
     bce: Tensor
     guidance: Tensor
     per_sample: Tensor
+    dead: Tensor | None = None
 
 
 def positive_sample_weight(labels: Tensor, targets: str | int | Sequence[str | int]) -> Tensor:
@@ -305,6 +437,7 @@ def guided_loss(
     sample_weight: Tensor | None = None,
     loss: str | Sequence[str] = "iou",
     validate: bool = True,
+    raw: Tensor | None = None,
 ) -> GuidedLoss:
     """``total = w_a · BCE(logits, targets_bce) + w_g · loss_g`` for a CAM-based ``loss_g``.
 
@@ -329,6 +462,10 @@ def guided_loss(
         validate: check the inputs' values (labels in ``[0, 1]``, non-empty masks,
             non-negative weights). Each check is a device sync; the training loop checks its
             masks once and turns this off.
+        raw: ``(B, T, h, w)`` the signed Grad-CAM maps before the ReLU
+            (:attr:`cocam.gradcam.GradCAMResult.signed`): they give a dead CAM the gradient
+            that revives it (module docstring). ``None`` uses the CAMs (no gradient through
+            the ReLU).
 
     Returns:
         :class:`GuidedLoss`. ``guidance = Σ w·loss_g / Σ w`` (the mean over guided pairs for
@@ -336,24 +473,31 @@ def guided_loss(
     """
     if cam.ndim == 3:
         cam = cam[:, None]
+    if raw is not None and raw.ndim == 3:
+        raw = raw[:, None]
     if cam.ndim != 4 or cam.shape[0] != logits.shape[0]:
         raise ValueError(
             f"cam must be (B, T, H, W) with B = {logits.shape[0]}, got {tuple(cam.shape)}."
         )
+    if raw is not None and (raw.ndim != 4 or raw.shape[:2] != cam.shape[:2]):
+        raise ValueError(f"raw must be (B, T, h, w) = ({cam.shape[0]}, {cam.shape[1]}, h, w) like cam, "
+                         f"got {tuple(raw.shape)}.")
     mask = _check_mask_shape(mask, cam.shape[0], cam.shape[1]).to(cam)
     names = per_target(loss, cam.shape[1], "loss")
     if len(set(names)) == 1:
-        per_sample = region_loss(cam, mask, names[0], reduction="none", validate=validate)  # (B, T)
+        per_sample = region_loss(cam, mask, names[0], reduction="none", validate=validate, raw=raw)  # (B, T)
     else:  # one call per loss on its targets' columns, put back in target order
         columns, parts = [], []
         for name in dict.fromkeys(names):
             idx = [t for t, n in enumerate(names) if n == name]
             m = mask[:, idx] if mask.ndim == 4 else (mask if mask.shape[0] == 1 else mask[idx])
             columns += idx
-            parts.append(region_loss(cam[:, idx], m, name, reduction="none", validate=validate))
+            parts.append(region_loss(cam[:, idx], m, name, reduction="none", validate=validate,
+                                     raw=None if raw is None else raw[:, idx]))
         per_sample = torch.cat(parts, dim=1)[:, sorted(range(len(columns)), key=columns.__getitem__)]
-    return guided_objective(logits, targets_bce, per_sample, w_a=w_a, w_g=w_g, sample_weight=sample_weight,
-                            validate=validate)
+    out = guided_objective(logits, targets_bce, per_sample, w_a=w_a, w_g=w_g, sample_weight=sample_weight,
+                           validate=validate)
+    return dataclasses.replace(out, dead=dead_cams(cam))
 
 
 def per_target(value: Any, t: int, name: str) -> tuple[Any, ...]:

@@ -1151,6 +1151,7 @@ def show_mask_on_images(mask: np.ndarray, dataset: CelebADataset, n: int = 6, *,
 _CURVES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("BCE", ("train_bce", "valid_bce")),
     ("loss_g = -ln softIoU", ("train_loss_g",)),
+    ("dead CAMs (share of guided pairs)", ("dead_cam",)),
     ("validation accuracy", ("valid_accuracy",)),
 )
 

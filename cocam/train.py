@@ -12,8 +12,8 @@ One loop, :func:`fit`, serves all three:
 
 Guidance targets (:attr:`Guidance.target`):
 
-* ``"positive"`` — the paper's variant: the CAM of the attribute's logit, on images that have
-  the attribute;
+* ``"positive"`` (the default) — the paper's variant: the CAM of the attribute's logit, on
+  images that have the attribute;
 * ``"both"`` — every image, with the CAM of ``sign(y) · logit``: the evidence for the *true*
   label must lie in the region, so "bare eyes ⇒ no lipstick" is penalised as well as
   "made-up eyes ⇒ lipstick".
@@ -139,6 +139,12 @@ class TrainConfig:
             data-parallel, ``"auto"``/``"cuda"`` mean ``cuda:LOCAL_RANK``.
         amp: bf16 autocast; ``None`` = on for CUDA, off on the CPU.
         channels_last: NHWC memory format; ``None`` = on for CUDA.
+        clip_grad_norm: rescale the gradients so that their global L2 norm is at most this
+            (after the backward, before the optimiser step; under DDP on the gradients already
+            averaged over the ranks, so every rank clips alike; bf16 autocast has no loss
+            scaling to undo). ``None``: no clipping. The epoch's mean pre-clip norm is logged
+            either way (``grad_norm`` in the history): near a dead CAM the gradient of
+            ``-ln IoU`` grows like ``1/IoU`` (see :mod:`cocam.losses`).
     """
 
     epochs: int = 10
@@ -151,6 +157,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool | None = None
     channels_last: bool | None = None
+    clip_grad_norm: float | None = None
 
     @classmethod
     def fine_tuning(cls, n_train: int, epochs: int = 2, *, batch_size: int = 64, **kwargs: Any) -> TrainConfig:
@@ -170,6 +177,8 @@ class TrainConfig:
         if self.patience is not None and self.patience < 1:
             raise DegenerateRunError(f"patience must be at least 1 epoch (or None: no early stopping), not "
                                      f"{self.patience}: with {self.patience} the run would stop before its first step.")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be a positive number (or None), got {self.clip_grad_norm}.")
 
 
 @dataclass(frozen=True)
@@ -182,8 +191,8 @@ class Guidance:
             coordinates (see :mod:`cocam.masks`: :func:`~cocam.masks.load_mask`,
             :func:`~cocam.masks.default_mask`).
         w_a, w_g: weights of the BCE and the guidance term (``w_g`` may be one per attribute).
-        target: ``"positive"`` (the paper) or ``"both"`` (see the module docstring), or one
-            per attribute.
+        target: ``"positive"`` (the paper's, the default) or ``"both"`` (see the module
+            docstring), or one per attribute.
         exact: differentiate through the Grad-CAM weights (double backprop, gives the
             classifier head a gradient from ``loss_g``); ``False`` detaches them (first order).
         resolution: compare CAM and mask at the model ``"input"`` size (the CAM is upsampled;
@@ -211,7 +220,7 @@ class Guidance:
     masks: tuple[np.ndarray, ...] = field(repr=False)
     w_a: float = 1.0
     w_g: float | None | tuple[float | None, ...] = None
-    target: str | tuple[str, ...] = "both"
+    target: str | tuple[str, ...] = "positive"
     exact: bool = True
     resolution: str = "input"
     loss: str | tuple[str, ...] = "iou"
@@ -337,8 +346,10 @@ def _run_lock(run_dir: Path | None, context: DistributedContext | None = None):
 class _StepLoss(torch.nn.Module):
     """One training step's loss terms as a module, so that DDP wraps the *whole* computation.
 
-    ``forward(images, targets, landmarks)`` returns ``(total, bce, guidance)`` (``guidance`` is
-    ``None`` without guidance). Grad-CAM and the input-gradient losses call the model's trunk
+    ``forward(images, targets, landmarks)`` returns ``(total, bce, guidance, dead)``
+    (``guidance`` is ``None`` without guidance; ``dead`` is ``None`` or this rank's
+    ``[dead CAMs, guided pairs]`` counts, weighted like the guidance term, for the history's
+    ``dead_cam`` share). Grad-CAM and the input-gradient losses call the model's trunk
     and head (or the model) directly and differentiate with ``torch.autograd.grad``; run inside
     this module's ``forward``, all of it happens within one ``DistributedDataParallel.forward``,
     and the gradients are averaged over the ranks once, in ``total.backward()``.
@@ -358,23 +369,25 @@ class _StepLoss(torch.nn.Module):
         self.context = context
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor,
-                landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                  torch.Tensor | None]:
         guidance = self.guidance
         if guidance is None:
             bce = F.binary_cross_entropy_with_logits(self.model(images).float(), targets)
-            return bce, bce, None
+            return bce, bce, None, None
         terms = _guided_terms(self.model, images, targets, guidance, self.target_idx, self.masks, landmarks)
-        if not self.context.enabled:
-            return terms.total, terms.bce, terms.guidance
         per_sample = terms.per_sample
         weight = _sample_weight(guidance, targets[:, self.target_idx])
         weight = torch.ones_like(per_sample) if weight is None else weight
+        dead = None if terms.dead is None else torch.stack([(weight * terms.dead).sum(), weight.sum()]).detach()
+        if not self.context.enabled:
+            return terms.total, terms.bce, terms.guidance, dead
         g = sharded_weighted_mean(per_sample, weight, self.context)
         if not isinstance(guidance.w_g, tuple):
-            return guidance.w_a * terms.bce + guidance.w_g * g, terms.bce, g
+            return guidance.w_a * terms.bce + guidance.w_g * g, terms.bce, g, dead
         # one weight per attribute: the weighted mean over the same guided pairs (g is what is reported)
         weighted = torch.stack([w * per_sample[:, t] for t, w in enumerate(guidance.w_g)], dim=1)
-        return guidance.w_a * terms.bce + sharded_weighted_mean(weighted, weight, self.context), terms.bce, g
+        return guidance.w_a * terms.bce + sharded_weighted_mean(weighted, weight, self.context), terms.bce, g, dead
 
 
 def _adamw(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -471,7 +484,7 @@ def _guided_terms(model: SplitModel, images: torch.Tensor, targets: torch.Tensor
     out_size = images.shape[-1] if guidance.resolution == "input" else None
     res = grad_cam(model, images, target_idx, signs=signs, create_graph=guidance.exact, output_size=out_size)
     return guided_loss(res.logits.float(), targets, res.cams.float(), masks, w_a=guidance.w_a, w_g=guidance.w_g,
-                       sample_weight=weight, loss=guidance.loss, validate=False)
+                       sample_weight=weight, loss=guidance.loss, validate=False, raw=res.signed.float())
 
 
 def validation_metrics(model: SplitModel, dataset: CelebADataset, device: torch.device,
@@ -600,11 +613,11 @@ def fit(
         while not done and epoch < config.epochs:
             model.train()
             loader.set_epoch(epoch)
-            sums = {"bce": 0.0, "guidance": 0.0}
+            sums = {"bce": 0.0, "guidance": 0.0, "grad_norm": 0.0, "dead_cams": 0.0, "guided_pairs": 0.0}
             n_batches, t0 = 0, time.perf_counter()
             for images, targets, landmarks in loader:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, bce, g = step_loss(images, targets, landmarks)
+                    loss, bce, g, dead = step_loss(images, targets, landmarks)
                 if not _all_finite(loss, context):
                     bad = "BCE" if not _all_finite(bce, context) else "guidance (loss_g)"
                     kept = f"; the last good checkpoint is {last_path}" if last_path and last_path.exists() else ""
@@ -613,12 +626,16 @@ def fit(
                         f"{kept}. Lower the learning rate or w_g.")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                sums["grad_norm"] += _clip_gradients(model, config.clip_grad_norm)  # the pre-clip norm
                 optimizer.step()
                 step += 1
                 n_batches += 1
                 sums["bce"] += bce.detach()  # tensors: no device sync per step
                 if g is not None:
                     sums["guidance"] += g.detach()
+                if dead is not None:
+                    sums["dead_cams"] += dead[0]
+                    sums["guided_pairs"] += dead[1]
                 bar.update(1)
                 if progress and n_batches % 10 == 1:
                     shown = _mean_over_ranks(sums, context)
@@ -629,9 +646,13 @@ def fit(
             sums = _mean_over_ranks(sums, context)  # the global batch's losses
             record: dict[str, Any] = {"epoch": epoch, "step": step,
                                       "train_bce": float(sums["bce"]) / max(n_batches, 1),
+                                      "grad_norm": float(sums["grad_norm"]) / max(n_batches, 1),
                                       "seconds": time.perf_counter() - t0}
             if guidance is not None:
                 record["train_loss_g"] = float(sums["guidance"]) / max(n_batches, 1)
+                if guidance.loss != "rrr_input":  # the share of guided pairs whose CAM was dead (all zero)
+                    guided = float(sums["guided_pairs"])
+                    record["dead_cam"] = float(sums["dead_cams"]) / guided if guided > 0 else math.nan
             if valid is not None:  # on rank 0, shared: every rank takes the same early-stopping decision
                 metrics = validation_metrics(model, valid, device) if context.is_main else None
                 record.update(context.broadcast_object(metrics))
@@ -671,6 +692,20 @@ def fit(
     return FitResult(model=model, history=pd.DataFrame(history), steps=step, run_dir=run_path,
                      best_path=best_path if best_path and best_path.exists() else None,
                      last_path=last_path if last_path and last_path.exists() else None)
+
+
+def _clip_gradients(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients before clipping; with ``max_norm``, clip them to it.
+
+    ``max_norm=None`` reads the gradients without writing them (the step is bit-identical to
+    one without this call). Returns a tensor: no device sync per step.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    return torch.nn.utils.get_total_norm([p.grad for p in params]).detach()
 
 
 def _write_history(path: Path, history: Sequence[dict[str, Any]]) -> None:

@@ -126,7 +126,7 @@ def test_train(baseline: Path) -> None:
 def test_finetune_guided(guided: Path) -> None:
     info = json.loads((guided / "run.json").read_text())
     assert info["guidance"]["attributes"] == ["Wearing_Lipstick"]
-    assert info["guidance"]["target"] == "both" and info["guidance"]["exact"] is True
+    assert info["guidance"]["target"] == "positive" and info["guidance"]["exact"] is True  # the paper's default
     assert info["config"]["patience"] is None and info["config"]["max_steps"] == 2
     history = pd.read_csv(guided / "history.csv")
     assert "train_loss_g" in history.columns

@@ -9,18 +9,23 @@ import pytest
 import torch
 from torch import nn
 
-from cocam.gradcam import grad_cam
+from cocam.gradcam import grad_cam, normalize_cams
 from cocam.losses import (
+    CAM_LOSSES,
+    DEAD_CAM_MAX,
     DEFAULT_GUIDANCE_WEIGHTS,
     GUIDANCE_LOSSES,
+    REVIVE_TEMPERATURE,
     GuidedLoss,
     energy_loss,
     guided_loss,
     guided_objective,
     input_gradients,
     iou_loss,
+    dead_cams,
     positive_sample_weight,
     region_loss,
+    revive_term,
     rrr_cam_loss,
     rrr_input_loss,
     soft_iou,
@@ -92,9 +97,11 @@ def test_iou_loss_empty_cam_is_bounded_with_finite_gradient() -> None:
     mask[2:4, 2:4] = 1
     cam = torch.zeros(6, 6, requires_grad=True)
     loss = iou_loss(cam, mask, eps=1e-6)
-    assert loss.item() == pytest.approx(-math.log(1e-6))
+    # without a raw map the CAM is the evidence: μ = 0, so -ln(eps) + softplus(0)
+    assert loss.item() == pytest.approx(-math.log(1e-6) + math.log(2))
     (grad,) = torch.autograd.grad(loss, cam)
-    assert torch.isfinite(grad).all()
+    # d softplus(-μ/τ)/dg = -σ(0)/τ · s/Σs: raises the CAM inside the region, leaves the rest
+    torch.testing.assert_close(grad, -0.5 / REVIVE_TEMPERATURE * mask / mask.sum())
 
 
 def test_iou_loss_full_mask_and_full_cam_have_finite_gradients() -> None:
@@ -286,8 +293,8 @@ def test_energy_loss_hand_computation() -> None:
     assert energy_loss(cam, mask).item() == pytest.approx(-math.log(0.25))
     # a CAM entirely inside the region has loss 0, whatever its extent
     assert energy_loss(cam * mask, mask).item() == pytest.approx(0.0, abs=1e-7)
-    # an all-zero CAM has share 0: the bounded loss -ln(eps), not NaN
-    assert energy_loss(torch.zeros(2, 2), mask).item() == pytest.approx(-math.log(1e-6))
+    # an all-zero CAM has share 0: the revive branch -ln(eps) + softplus(0), not NaN
+    assert energy_loss(torch.zeros(2, 2), mask).item() == pytest.approx(-math.log(1e-6) + math.log(2))
 
 
 def test_rrr_cam_loss_hand_computation() -> None:
@@ -418,3 +425,171 @@ def test_rrr_input_loss_hand_computation_and_training_signal() -> None:
         loss.backward()
         opt.step()
     assert values[-1] < values[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Degenerate maps: no guidance loss is minimised, or trapped, by a dead CAM
+# --------------------------------------------------------------------------------------------
+
+#: The largest value each CAM loss takes on an alive CAM (eps = 1e-6): a dead CAM must score above it.
+ALIVE_BOUND = {"iou": -math.log(1e-6), "energy": -math.log(1e-6), "rrr_cam": 1.0}
+
+
+def _cam_of(raw: torch.Tensor, size: int) -> torch.Tensor:
+    """Grad-CAM's last steps (cocam.gradcam): ReLU, per-map min–max, bilinear upsampling."""
+    cam = normalize_cams(torch.relu(raw))
+    return torch.nn.functional.interpolate(cam, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _region(size: int = 16) -> torch.Tensor:
+    mask = torch.zeros(1, size, size)
+    mask[:, 4:8, 4:8] = 1.0  # exactly one cell of a 4x4 feature map
+    return mask
+
+
+def test_every_registered_loss_is_covered_by_the_degenerate_map_tests() -> None:
+    """The loops below run over CAM_LOSSES; a new loss that is not CAM-based needs its own test here."""
+    assert set(ALIVE_BOUND) == set(CAM_LOSSES)
+    assert set(GUIDANCE_LOSSES) - set(CAM_LOSSES) == {"rrr_input"}
+
+
+@pytest.mark.parametrize("name", CAM_LOSSES)
+def test_a_dead_cam_scores_worse_than_every_alive_cam(name: str) -> None:
+    gen = torch.Generator().manual_seed(8)
+    mask = _region()
+    dead_raws = [-torch.rand(1, 1, 4, 4, generator=gen), torch.zeros(1, 1, 4, 4),
+                 -torch.rand(1, 1, 4, 4, generator=gen) * 1e-4]  # an untrained AlexNet's scale
+    dead = [region_loss(_cam_of(r, 16), mask, name, raw=r).item() for r in dead_raws]
+    dead.append(region_loss(torch.zeros(1, 1, 16, 16), mask, name).item())  # no raw map given
+    assert all(_cam_of(r, 16).abs().max() == 0 for r in dead_raws)  # these CAMs are all zero
+
+    inside = region_loss(mask[None], mask, name).item()
+    alive_raw = torch.randn(64, 1, 4, 4, generator=gen)
+    alive_raw[:, :, 1, 1] = alive_raw.abs().amax(dim=(-2, -1)) + 0.1  # each map peaks inside S: mass there
+    alive = region_loss(_cam_of(alive_raw, 16), mask, name, raw=alive_raw, reduction="none")
+    assert alive.max().item() <= ALIVE_BOUND[name]
+    # where the raw map is ≤ 0 on S (μ ≤ 0) the revive branch adds at least softplus(0) = ln 2
+    assert min(dead) >= ALIVE_BOUND[name] + math.log(2) * (1 - 1e-6)
+    assert ALIVE_BOUND[name] >= max(inside, alive.max().item())
+
+
+@pytest.mark.parametrize("name", CAM_LOSSES)
+def test_alive_cams_score_as_before_whatever_the_raw_map(name: str) -> None:
+    """The revive branch only replaces the dead state: alive CAMs keep the published definitions."""
+    gen = torch.Generator().manual_seed(9)
+    cam = torch.rand(5, 2, 16, 16, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 16, 16, generator=gen, dtype=torch.float64)
+    raw = torch.randn(5, 2, 4, 4, generator=gen, dtype=torch.float64)
+    inter = (cam * mask).sum(dim=(-2, -1))
+    expected = {"iou": -torch.log(inter / (cam + mask - cam * mask).sum(dim=(-2, -1))),
+                "energy": -torch.log(inter / cam.sum(dim=(-2, -1))),
+                "rrr_cam": (cam * (1 - mask)).square().mean(dim=(-2, -1))}[name]
+    torch.testing.assert_close(region_loss(cam, mask, name, reduction="none", raw=raw), expected)
+    torch.testing.assert_close(region_loss(cam, mask, name, reduction="none"), expected)
+
+
+def test_revive_branch_hand_computation() -> None:
+    raw = torch.tensor([[[[-1.0, -2.0], [-4.0, -0.5]]]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    cam = _cam_of(raw, 2)
+    assert cam.abs().max().item() == 0.0
+    # max|m| = 4;  μ = (-1 - 4) / (2 · 4) = -0.625;  softplus(0.625 / 0.25) = ln(1 + e^2.5)
+    revive = math.log1p(math.exp(2.5))
+    assert revive_term(cam, mask, raw).item() == pytest.approx(revive, rel=1e-12)
+    assert iou_loss(cam, mask, raw=raw).item() == pytest.approx(-math.log(1e-6) + revive, rel=1e-12)
+    assert energy_loss(cam, mask, raw=raw).item() == pytest.approx(-math.log(1e-6) + revive, rel=1e-12)
+    assert rrr_cam_loss(cam, mask, raw=raw).item() == pytest.approx(1.0 + revive, rel=1e-12)
+    # ∂/∂m = -σ(2.5)/τ · s / (Σs · max|m|), max|m| held constant
+    (grad,) = torch.autograd.grad(iou_loss(cam, mask, raw=raw), raw)
+    sigma = 1 / (1 + math.exp(-2.5))
+    torch.testing.assert_close(grad[0, 0], -sigma / REVIVE_TEMPERATURE * mask / (2 * 4))
+
+
+def test_revive_term_resizes_the_raw_map_to_the_mask() -> None:
+    gen = torch.Generator().manual_seed(10)
+    raw = torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(2, 16, 16, generator=gen) > 0.5).double()
+    cam = torch.zeros(3, 2, 16, 16, dtype=torch.float64)
+    up = torch.nn.functional.interpolate(raw, size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(revive_term(cam, mask, raw), revive_term(cam, mask, up))
+    scale = up.abs().amax(dim=(-2, -1))
+    mu = (up * mask).sum(dim=(-2, -1)) / (mask.sum(dim=(-2, -1)) * scale)
+    torch.testing.assert_close(revive_term(cam, mask, raw), torch.nn.functional.softplus(-mu / REVIVE_TEMPERATURE))
+
+
+@pytest.mark.parametrize("name", CAM_LOSSES)
+def test_gradient_descent_leaves_the_dead_state(name: str) -> None:
+    """From a raw map ≤ 0 everywhere the gradient is finite, non-zero, and descent revives the CAM inside S.
+
+    Before the revive branch the gradient here was exactly zero (the ReLU and the clamp), so the
+    CAM stayed dead.
+    """
+    mask = _region()
+    raw = (-0.2 - torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(11))).requires_grad_(True)
+    loss = region_loss(_cam_of(raw, 16), mask, name, raw=raw)
+    (grad,) = torch.autograd.grad(loss, raw)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert (grad <= 0).all() and (grad[:, :, 1, 1] < 0).all()  # descent raises the evidence under S
+    optimiser = torch.optim.SGD([raw], lr=0.5)
+    for _ in range(10):
+        optimiser.zero_grad()
+        region_loss(_cam_of(raw, 16), mask, name, raw=raw).backward()
+        optimiser.step()
+    cam = _cam_of(raw.detach(), 16)
+    assert not dead_cams(cam).any()
+    share = (cam * mask).sum(dim=(-2, -1)) / cam.sum(dim=(-2, -1))
+    assert (share > 0.3).all()
+    assert region_loss(cam, mask, name, raw=raw.detach()).item() < ALIVE_BOUND[name]
+
+
+def test_dead_cams_and_guided_loss_report_them() -> None:
+    cam = torch.rand(3, 2, 6, 6, generator=torch.Generator().manual_seed(12))
+    cam = cam / cam.amax(dim=(-2, -1), keepdim=True)  # alive: max 1
+    cam[1, 0] = 0.0
+    cam[2, 1] = DEAD_CAM_MAX / 2  # flat and low: counted as dead
+    expected = torch.tensor([[False, False], [True, False], [False, True]])
+    assert torch.equal(dead_cams(cam), expected)
+    mask = torch.zeros(2, 6, 6)
+    mask[:, 1:4, 1:4] = 1
+    logits, y = torch.zeros(3, 40), torch.zeros(3, 40)
+    out = guided_loss(logits, y, cam, mask)
+    assert torch.equal(out.dead, expected)
+    with pytest.raises(ValueError, match="raw must be"):
+        guided_loss(logits, y, cam, mask, raw=torch.zeros(3, 1, 2, 2))
+
+
+def test_guidance_alone_revives_a_model_whose_cams_are_all_dead() -> None:
+    """A tiny SplitModel whose target CAMs are all zero (negative head weights on ReLU features).
+
+    Guidance alone (w_a = 0), exact Grad-CAM, a few dozen Adam steps: with the raw map passed
+    the dead share falls to 0 and the guidance loss below the alive bound. Without it (the
+    CAM's ReLU blocks the revive gradient, as it blocked every gradient of the old losses)
+    nothing moves.
+    """
+    def run(pass_raw: bool) -> tuple[list[float], float]:
+        torch.manual_seed(0)
+        model = _tiny_model()
+        t = 36
+        with torch.no_grad():
+            model.head[2].weight[t] = -0.3 * model.head[2].weight[t].abs()
+        x = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(13))
+        labels = torch.ones(8, 40)
+        mask = torch.zeros(1, 24, 24)
+        mask[0, 14:22, 6:18] = 1.0
+        optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+        shares = []
+        for _ in range(30):
+            res = grad_cam(model, x, [t], create_graph=True, output_size=24)
+            out = guided_loss(res.logits, labels, res.cams, mask, w_a=0.0, raw=res.signed if pass_raw else None)
+            shares.append(out.dead.float().mean().item())
+            optimiser.zero_grad()
+            out.total.backward()
+            optimiser.step()
+        return shares, out.guidance.item()
+
+    shares, final = run(pass_raw=True)
+    assert shares[0] == 1.0  # every CAM starts dead
+    assert shares[-1] == 0.0
+    assert final < -math.log(1e-6)
+    stuck, _ = run(pass_raw=False)
+    assert stuck == [1.0] * 30

@@ -160,7 +160,8 @@ def test_without_run_dir_nothing_is_written(data, tmp_path: Path, monkeypatch) -
     train, _ = data
     result = fit(_model(), train, None, _config(max_steps=1), spec=SPEC, progress=False)
     assert (result.run_dir, result.best_path, result.last_path) == (None, None, None)
-    assert result.steps == 1 and list(result.history.columns) == ["epoch", "step", "train_bce", "seconds"]
+    assert result.steps == 1 and list(result.history.columns) == ["epoch", "step", "train_bce", "grad_norm",
+                                                                       "seconds"]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -308,7 +309,7 @@ def _loss_g(model, images, targets, mask, resolution: str = "input") -> float:
     else:
         region = mask_to_feature(mask, model.feature_shape(images.shape[-1])[1])
         res = grad_cam(model, images, [i], signs=signs)
-    return guided_loss(res.logits, targets, res.cams, region[None]).guidance.item()
+    return guided_loss(res.logits, targets, res.cams, region[None], raw=res.signed).guidance.item()
 
 
 @pytest.mark.parametrize("exact, resolution", [(True, "input"), (False, "input"), (True, "feature")])
@@ -358,7 +359,7 @@ def test_control_and_guided_from_the_same_checkpoint(data, base_checkpoint, lips
     guided_json = json.loads((tmp_path / "guided" / "run.json").read_text())
     assert control_json["guidance"] is None
     assert guided_json["guidance"]["attributes"] == [LIPSTICK]
-    assert guided_json["guidance"]["w_g"] == 1.0 and guided_json["guidance"]["target"] == "both"
+    assert guided_json["guidance"]["w_g"] == 1.0 and guided_json["guidance"]["target"] == "positive"  # the paper's
     assert control_json["config"] == guided_json["config"]
     assert load_checkpoint(tmp_path / "guided" / "last.pt")["guidance"] == guided_json["guidance"]
 
@@ -735,13 +736,14 @@ def test_landmark_transfer_guides_with_one_moved_mask_per_image(data, base_check
     images_u8, targets, landmarks = train.get_batch(range(16))
     images = normalize_uint8(images_u8)
     i = attribute_index(LIPSTICK)
-    moved = _guidance(lipstick_mask, transfer="landmarks")
+    moved = _guidance(lipstick_mask, transfer="landmarks", target="both")
     masks = train_module._masks_for(moved, model, 64, torch.device("cpu"))
     terms = train_module._guided_terms(model, images, targets, moved, [i], masks, landmarks)
     res = grad_cam(model, images, [i], signs=2 * targets[:, [i]] - 1, output_size=64)
-    expected = iou_loss(res.cams, transfer_masks(masks, landmarks, 64), reduction="none")
+    expected = iou_loss(res.cams, transfer_masks(masks, landmarks, 64), reduction="none", raw=res.signed)
     torch.testing.assert_close(terms.per_sample, expected)
-    template = train_module._guided_terms(model, images, targets, _guidance(lipstick_mask), [i], masks, landmarks)
+    template = train_module._guided_terms(model, images, targets, _guidance(lipstick_mask, target="both"), [i], masks,
+                                          landmarks)
     assert not torch.allclose(terms.per_sample, template.per_sample)  # the synthetic faces do move
     result = fit(_load(base_checkpoint), train, None, _config(max_steps=1, batch_size=16), spec=SPEC,
                  guidance=moved, progress=False)
@@ -757,3 +759,120 @@ def test_guidance_loss_and_transfer_are_validated(lipstick_mask) -> None:
         _guidance(lipstick_mask, transfer="warp")
     assert _guidance(lipstick_mask, loss="rrr_cam", w_g=2.5).w_g == 2.5
     assert _guidance(lipstick_mask).describe()["loss"] == "iou"
+
+
+# --------------------------------------------------------------------------------------------
+# Dead-CAM share, gradient norms and clipping, the paper's defaults
+# --------------------------------------------------------------------------------------------
+
+
+def test_history_logs_the_dead_cam_share_and_the_pre_clip_gradient_norm(data, lipstick_mask) -> None:
+    """One step on one batch from a random model (seed 1: half its lipstick CAMs are dead), checked by hand."""
+    from cocam.losses import dead_cams
+
+    train, _ = data
+    spec = dataclasses.replace(SPEC, dropout=0.0)  # train mode == eval mode
+    model = _model(seed=1, spec=spec)
+    batch = train.subset_names(train.names[:32])
+    images_u8, targets, landmarks = batch.get_batch(range(len(batch)))
+    images = normalize_uint8(images_u8)
+    i = attribute_index(LIPSTICK)
+    res = grad_cam(model, images, [i], output_size=64)
+    positive = targets[:, i] > 0
+    share = dead_cams(res.cams)[:, 0][positive].float().mean().item()
+    assert 0.0 < share < 1.0  # the check below can tell a wrong count from a right one
+
+    guidance = _guidance(lipstick_mask, w_a=0.0)  # the paper's target: positives only
+    masks = train_module._masks_for(guidance, model, 64, torch.device("cpu"))
+    terms = train_module._guided_terms(model, images, targets, guidance, [i], masks, landmarks)
+    model.zero_grad(set_to_none=True)
+    terms.total.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+
+    result = fit(model, batch, None, _config(), spec=spec, guidance=guidance, progress=False)
+    record = result.history.iloc[0]
+    assert record["dead_cam"] == pytest.approx(share, abs=1e-12)  # a ratio of counts
+    # the same loss in another batch order: float32 sums of 32 terms differ in the last bits only
+    assert record["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
+    control = fit(_model(seed=1, spec=spec), batch, None, _config(), spec=spec, progress=False)
+    assert "dead_cam" not in control.history.columns and control.history["grad_norm"].iloc[0] > 0
+
+
+def test_clip_gradients_bounds_the_norm_and_none_leaves_the_gradients_alone() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    model(torch.randn(7, 5)).square().sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in before]))
+    assert norm > 0.5
+    pre = train_module._clip_gradients(model, None)
+    assert pre.item() == pytest.approx(norm.item(), rel=1e-6)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))  # untouched, bit for bit
+    pre = train_module._clip_gradients(model, 0.5)
+    assert pre.item() == pytest.approx(norm.item(), rel=1e-6)  # the pre-clip norm is what is logged
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert after.item() <= 0.5 * (1 + 1e-5)  # float32 rounding of the rescaled gradients
+    for p, g in zip(model.parameters(), before):  # a rescaling: same direction
+        torch.testing.assert_close(p.grad, g * (after / norm))
+
+
+def test_fit_clips_before_the_optimiser_step(data, base_checkpoint, lipstick_mask, monkeypatch) -> None:
+    """The optimiser sees gradients of norm ≤ clip_grad_norm; the history keeps the larger pre-clip norm."""
+    train, _ = data
+    seen: list[float] = []
+    make = train_module._adamw
+
+    def spying_adamw(model, config):
+        optimizer = make(model, config)
+        step = optimizer.step
+
+        def spied_step(*args, **kwargs):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            seen.append(torch.nn.utils.get_total_norm(grads).item())
+            return step(*args, **kwargs)
+
+        optimizer.step = spied_step
+        return optimizer
+
+    monkeypatch.setattr(train_module, "_adamw", spying_adamw)
+    bound = 1e-3
+    clipped = fit(_load(base_checkpoint), train, None, _config(max_steps=2, clip_grad_norm=bound), spec=SPEC,
+                  guidance=_guidance(lipstick_mask), progress=False)
+    assert len(seen) == 2 and max(seen) <= bound * (1 + 1e-5)
+    assert clipped.history["grad_norm"].iloc[0] > 10 * bound
+    seen.clear()
+    plain = fit(_load(base_checkpoint), train, None, _config(max_steps=1), spec=SPEC, guidance=_guidance(lipstick_mask),
+                progress=False)
+    assert seen[0] == pytest.approx(plain.history["grad_norm"].iloc[0], rel=1e-6)  # nothing clipped
+
+
+def test_clip_grad_norm_none_or_inactive_gives_bit_identical_runs(data, base_checkpoint, lipstick_mask) -> None:
+    train, _ = data
+    runs = [fit(_load(base_checkpoint), train, None, _config(max_steps=2, clip_grad_norm=clip), spec=SPEC,
+                guidance=_guidance(lipstick_mask), progress=False) for clip in (None, 1e30)]
+    a, b = (_params(r.model) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clip_grad_norm_is_validated_and_reaches_the_cli() -> None:
+    from cocam.cli import _train_config, build_parser
+
+    with pytest.raises(ValueError, match="clip_grad_norm must be a positive number"):
+        TrainConfig(clip_grad_norm=0.0)
+    for command in ("train", "finetune", "demo"):
+        extra = ["--checkpoint", "x.pt"] if command == "finetune" else []
+        args = build_parser().parse_args([command, *extra, "--clip-grad-norm", "2.5"])
+        assert _train_config(args).clip_grad_norm == 2.5
+        assert _train_config(build_parser().parse_args([command, *extra])).clip_grad_norm is None
+
+
+def test_the_defaults_are_the_papers_method(lipstick_mask) -> None:
+    """Guidance, `cocam finetune` and `cocam demo` default to the paper's -ln IoU on the positives."""
+    from cocam.cli import build_parser
+
+    g = _guidance(lipstick_mask)
+    assert (g.target, g.loss, g.w_g, g.exact, g.resolution) == ("positive", "iou", 1.0, True, "input")
+    for argv in (["finetune", "--checkpoint", "x.pt"], ["demo"]):
+        args = build_parser().parse_args(argv)
+        assert (args.target, args.loss) == (["positive"], ["iou"])

@@ -439,7 +439,7 @@ def mask_sources(ws: Workspace, attributes: Sequence[str]) -> pd.DataFrame:
 
 
 def guidance_for(ws: Workspace, attributes: Sequence[str], *, w_a: float = 1.0,
-                 w_g: float | None | Sequence[float | None] = None, target: str | Sequence[str] = "both",
+                 w_g: float | None | Sequence[float | None] = None, target: str | Sequence[str] = "positive",
                  loss: str | Sequence[str] = "iou", transfer: str = "template") -> Guidance:
     """A :class:`~cocam.train.Guidance` with each attribute's mask from ``ws.mask_dir`` (or built-in).
 
@@ -463,15 +463,15 @@ GUIDANCE_RECORD = "guidance.json"
 class GuidanceSettings:
     """The guidance settings of a guided run, without the masks (those come from the workspace's mask folder).
 
-    The defaults are notebook 3's: the paper's three attributes, its ``-ln IoU`` loss, the
-    ``"both"`` target, template masks, ``w_a = 1`` and the loss's default ``w_g``. Fields are
+    The defaults are notebook 3's, the paper's method: its three attributes, its ``-ln IoU`` loss,
+    its ``"positive"`` target (the attribute's own evidence, on the images that have it), template masks, ``w_a = 1`` and the loss's default ``w_g``. Fields are
     those of :class:`~cocam.train.Guidance` (``loss``, ``target`` and ``w_g`` may be one per
     attribute).
     """
 
     attributes: tuple[str, ...] = tuple(a for a, _ in PAPER_PAIRS)
     loss: str | tuple[str, ...] = "iou"
-    target: str | tuple[str, ...] = "both"
+    target: str | tuple[str, ...] = "positive"
     transfer: str = "template"
     w_a: float = 1.0
     w_g: float | None | tuple[float | None, ...] = None

@@ -240,7 +240,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cocam.compare import METHODS, ComparisonConfig, compare_guidance, comparison_table, select_settings
+    from cocam.compare import METHODS, PEERS, ComparisonConfig, compare_guidance, comparison_table, select_settings
 
     names = args.method or list(METHODS)
     unknown = [m for m in names if m not in METHODS]
@@ -250,13 +250,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
                               image_size=args.image_size, hidden=args.hidden or None,
                               baseline_epochs=args.epochs, patience=args.patience,
                               finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                              batch_size=args.batch_size, mask_dir=_mask_dir(args), device=args.device)
+                              batch_size=args.batch_size, mask_dir=_mask_dir(args), device=args.device,
+                              baseline_seeds=tuple(args.baseline_seeds),
+                              peers=PEERS if args.peers is None else tuple(args.peers), peer_setting=args.peer_setting)
     _print_masks([a for a, _ in config.pairs], config.mask_dir)
     result = compare_guidance(config, {m: METHODS[m] for m in names}, baseline=args.baseline,
                               progress=not args.quiet)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 40):
         for split in config.splits:
-            print(f"\n{split} split (mean over {len(config.seeds)} seeds, 95 % t-intervals; worst group = the lowest "
+            print(f"\n{split} split (mean over {len(config.baseline_seeds)} baselines × {len(config.seeds)} seeds, 95 % t-intervals; worst group = the lowest "
                   f"of the four (A, B) groups, conflict mean = mean of A∧¬B and ¬A∧B; gains are minus the same "
                   f"seed's BCE-only control):")
             print(comparison_table(result.summary, split).to_string(index=False))
@@ -569,7 +571,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", action="append", metavar="NAME",
                    help="a setting of cocam.compare.METHODS (repeatable; default: all)")
     c.add_argument("--pair", action="append", metavar="A:B", help="guided pairs (default: the paper's three)")
-    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    c.add_argument("--baseline-seeds", type=int, nargs="+", default=[0],
+                   help="one converged baseline per seed; every fine-tuning seed runs from each (default: 0)")
+    c.add_argument("--peers", nargs="*", default=None, metavar="PEER",
+                   help="controls and peers beside the settings, from: 'random region', 'group-balanced', "
+                        "'guided + balanced', 'last layer (DFR)' (default: all; give none to run only the settings)")
+    c.add_argument("--peer-setting", default=None, metavar="NAME",
+                   help="the setting the random region and guided + balanced reuse (default: the first --method)")
     c.add_argument("--image-size", type=int, default=112)
     c.add_argument("--hidden", type=int, default=512, help="classifier width (0 = torchvision's 4096)")
     c.add_argument("--baseline", type=Path, help="start from this converged baseline checkpoint (e.g. the "

@@ -457,8 +457,9 @@ def select_settings(summary: pd.DataFrame, *, split: str = "valid", max_test_dro
     ``max_test_drop`` points of whole-split accuracy against the control on ``split`` are not
     eligible. Only the rows of ``split`` are read, and ``split`` may not be ``"test"``: the
     test numbers of the chosen settings (read them off :func:`summarize_comparison`) are then an
-    unbiased report. Returns one row per attribute with the chosen ``setting`` and its
-    ``split`` numbers.
+    unbiased report. Only guidance settings are chosen from; the controls and peers
+    (:data:`PEERS`) are what the choice is compared with. Returns one row per attribute with the
+    chosen ``setting`` and its ``split`` numbers.
     """
     if split == "test":
         raise ValueError("settings are chosen on the valid split, never on test (its numbers are the report): "
@@ -468,7 +469,7 @@ def select_settings(summary: pd.DataFrame, *, split: str = "valid", max_test_dro
     if "gain_worst_group" not in summary:
         raise ValueError("the summary has no worst-group gain (it predates that metric): re-score the runs with "
                          "compare_guidance, which recomputes them from the checkpoints.")
-    rows = summary[(summary.split == split) & summary.gain_worst_group.notna()]
+    rows = summary[(summary.split == split) & summary.gain_worst_group.notna() & ~summary.setting.isin(PEERS)]
     rows = rows[rows.test_change >= -max_test_drop]
     if rows.empty:
         raise ValueError(f"no setting on the {split!r} split is eligible (each loses more than {max_test_drop} "

@@ -90,3 +90,44 @@ def assert_near_reference(
         f"{what}: greatest difference {err:.3e} exceeds the rounding bound {bound:.3e} "
         f"(γ_{n} of {actual.dtype} times the summand magnitude {scale:.3e})"
     )
+
+
+def chain_lengths(model: torch.nn.Module, *inputs: Tensor) -> tuple[int, int]:
+    """``(forward, backward)`` accumulation lengths of one pass of ``model`` on ``inputs``.
+
+    The sum, over the model's convolutions, linear layers and average pools as they run on these
+    inputs, of the number of terms each output element adds up: a convolution ``C_in/groups × kh
+    × kw`` forward and ``C_out/groups × ⌈kh/s⌉ × ⌈kw/s⌉`` backward (to its input), a linear layer
+    ``in_features`` forward and ``out_features`` backward, an average pool its window forward and
+    at most its window backward. (Max pools, ReLUs and element-wise layers pick or scale one value
+    and add nothing.) A parameter's gradient additionally sums over the batch and the positions:
+    add that length where parameter gradients are compared.
+    """
+    forward, backward = [0], [0]
+
+    def hook(module: torch.nn.Module, args: tuple, output: Tensor) -> None:
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            k = 1
+            for size in module.kernel_size:
+                k *= size
+            back = module.out_channels // module.groups
+            for size, stride in zip(module.kernel_size, module.stride):
+                back *= -(-size // stride)
+            forward[0] += module.in_channels // module.groups * k
+            backward[0] += back
+        elif isinstance(module, torch.nn.Linear):
+            forward[0] += module.in_features
+            backward[0] += module.out_features
+        elif isinstance(module, (torch.nn.modules.pooling._AdaptiveAvgPoolNd, torch.nn.modules.pooling._AvgPoolNd)):
+            window = -(-args[0][0].numel() // output[0].numel())  # input / output elements per image
+            forward[0] += window
+            backward[0] += window
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return forward[0], backward[0]

@@ -60,10 +60,26 @@ def _no_inplace(module: nn.Module) -> nn.Module:
     return module
 
 
-def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    scale = expected.abs().max().item()
+def _cam_chain(model: SplitModel, images: torch.Tensor) -> int:
+    """Accumulation length of a CAM: trunk and head forward, head backward, spatial mean, channel sum."""
+    trunk_forward, _ = _tolerance.chain_lengths(model.trunk, images)
+    with torch.no_grad():
+        acts = model.trunk(images)
+    head_forward, head_backward = _tolerance.chain_lengths(model.head, acts)
+    k, h, w = acts.shape[1:]
+    return trunk_forward + head_forward + head_backward + h * w + k
+
+
+def _assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, result, j: int, n: int) -> None:
+    """cocam's CAM ``j`` against another float32 implementation's, within two float32 rounding bounds.
+
+    Both sides round along the whole chain (``n`` terms, :func:`_cam_chain`) in their own order; the
+    summand magnitude is that of the last sum, ``Σ_k |w_k|·|A_k|`` (at least ``|raw|``, more where
+    channels cancel). A wrong layer, sign, ReLU or spatial reduction is off by the values themselves.
+    """
+    scale = torch.einsum("bk,bkhw->bhw", result.weights[:, j].abs(), result.activations.abs()).max().item()
     assert scale > 0
-    torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=1e-4)
+    _tolerance.assert_near_reference(actual, expected, n=n, scale=scale, what=f"CAM of target {j}")
 
 
 # --- correctness against captum (an independent implementation) -------------------------
@@ -81,7 +97,7 @@ def test_matches_captum_alexnet(alexnet: SplitModel, images: torch.Tensor) -> No
     for j, target in enumerate(resolve_targets(targets, 40)):
         expected = layer_gc.attribute(images, target=target, relu_attributions=True)[:, 0]
         assert (expected > 0).any()
-        _assert_close_scaled(result.raw[:, j], expected)
+        _assert_close_scaled(result.raw[:, j], expected, result, j, _cam_chain(alexnet, images))
 
 
 def test_matches_captum_on_trunk_output(alexnet: SplitModel, images: torch.Tensor) -> None:
@@ -91,7 +107,7 @@ def test_matches_captum_on_trunk_output(alexnet: SplitModel, images: torch.Tenso
     for j, target in enumerate([36, 2]):
         expected = layer_gc.attribute(images, target=target, relu_attributions=False)[:, 0]
         assert (expected < 0).any()  # signed map: relu=False really keeps negatives
-        _assert_close_scaled(result.raw[:, j], expected)
+        _assert_close_scaled(result.raw[:, j], expected, result, j, _cam_chain(alexnet, images))
 
 
 @pytest.mark.parametrize("layer", ["layer4", "layer3"])
@@ -105,7 +121,7 @@ def test_matches_captum_resnet18(layer: str) -> None:
     layer_gc = LayerGradCam(ref, getattr(ref, layer))
     for j, target in enumerate([5, 31, 39]):
         expected = layer_gc.attribute(x, target=target, relu_attributions=True)[:, 0]
-        _assert_close_scaled(result.raw[:, j], expected)
+        _assert_close_scaled(result.raw[:, j], expected, result, j, _cam_chain(model, x))
 
 
 def test_signs_match_captum_on_signed_logits(alexnet: SplitModel, images: torch.Tensor) -> None:
@@ -119,7 +135,7 @@ def test_signs_match_captum_on_signed_logits(alexnet: SplitModel, images: torch.
     factor[:, 36] = signs[:, 0]
     layer_gc = LayerGradCam(lambda x: alexnet(x) * factor, alexnet.trunk)
     expected = layer_gc.attribute(images, target=36, relu_attributions=True)[:, 0]
-    _assert_close_scaled(result.raw[:, 0], expected)
+    _assert_close_scaled(result.raw[:, 0], expected, result, 0, _cam_chain(alexnet, images))
 
     plain = grad_cam(alexnet, images, 36, relu=False, normalize=False)
     flipped = grad_cam(alexnet, images, 36, relu=False, normalize=False, signs=-torch.ones(3))

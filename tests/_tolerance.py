@@ -70,10 +70,10 @@ def assert_near_reference(
 
     Args:
         actual: the value from the code path under test (e.g. float32).
-        reference: the same value from a more precise computation (e.g. float64), or from a
-            second path of the same precision (then the bound below is the one for each path
-            against the exact value, and the two together may differ by up to twice it: pass
-            ``n`` doubled).
+        reference: the same value from a more precise computation (e.g. float64: its own
+            share of the bound is then negligible), or from a second path of the same precision
+            (each path is within ``γ_n · scale`` of the exact value, so the two are within twice
+            that of each other, which is what the sum of the two shares gives).
         n: the accumulation length along the chain that produces each value (see the module
             docstring); one number for the whole tensor.
         scale: the summand magnitude; default the largest ``|reference|`` (normwise bound).
@@ -88,7 +88,7 @@ def assert_near_reference(
     err = (got - ref).abs().max().item() if ref.numel() else 0.0
     assert err <= bound, (
         f"{what}: greatest difference {err:.3e} exceeds the rounding bound {bound:.3e} "
-        f"(γ_{n} of {actual.dtype} times the summand magnitude {scale:.3e})"
+        f"(γ_{n} of {actual.dtype} and of {reference.dtype}, times the summand magnitude {scale:.3e})"
     )
 
 

@@ -91,7 +91,7 @@ def test_template_face_is_canonical():
     image, landmarks, regions = render_template()
     again, _, _ = render_template()
     assert image.size == (178, 218)
-    assert np.array_equal(np.asarray(image), np.asarray(again))
+    assert np.array_equal(np.asarray(image), np.asarray(again))  # exact: the same code twice, in one process
     assert landmarks[0].tolist() == [69.0, 111.0] and landmarks[1].tolist() == [108.0, 111.0]
     (cx, cy, _, _), = [e for e in template_region("Wearing_Lipstick")]
     assert (cx, cy) == (88.5, 152.0)

@@ -160,7 +160,7 @@ def test_finetune_mask_sources_and_options(root: Path, baseline: Path, tmp_path:
     out = capsys.readouterr().out
     assert "Wearing_Lipstick: mask built-in" in out
     assert f"masks: {tmp_path / 'no-masks'}" in out  # $COCAM_MASK_DIR, not the current folder's data/masks
-    assert "guidance: loss iou, target both, w_g " in out and "(the loss default)" in out and "transfer template" in out
+    assert "guidance: loss iou, target positive, w_g " in out and "(the loss default)" in out and "transfer template" in out
 
 
 def test_evaluate_writes_the_paper_table(root: Path, baseline: Path, guided: Path, control: Path, tmp_path: Path,

@@ -187,7 +187,7 @@ def test_run_names_change_with_any_setting() -> None:
     base = Guidance(("Wearing_Lipstick",), (mask,), loss="rrr_input")
     assert run_name(None) == "control"
     assert run_name(base) == run_name(Guidance(("Wearing_Lipstick",), (mask.copy(),), loss="rrr_input"))
-    assert run_name(base).startswith("rrr_input_both_")
+    assert run_name(base).startswith("rrr_input_positive_")  # the default target: the paper's
     other_mask = mask.copy()
     other_mask[:, :89] = False
     for changed in (Guidance(("Wearing_Lipstick",), (mask,), loss="rrr_input", w_g=1.0),

@@ -133,7 +133,7 @@ def test_notebooks_run_headless_in_smoke_mode(project: Path) -> None:
     assert _images(ran["04"]) >= 1
     assert "gain vs control" in _text(ran["04"])  # the method comparison ...
     summary = pd.read_csv(runs / "compare" / "summary.csv")
-    assert {"valid", "test"} <= set(summary.split) and summary.setting.nunique() == 7  # 5 methods + 2 references
+    assert {"valid", "test"} <= set(summary.split) and summary.setting.nunique() == 11  # 5 methods + 2 references + 4 controls and peers
     assert (runs / "paper" / "protocol.csv").is_file()  # ... and the paper's protocol
     assert "92.9" in _text(ran["04"])  # printed next to the paper's numbers
 

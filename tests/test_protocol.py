@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -250,7 +249,6 @@ def test_resume_reuses_every_stage_without_training(first_run: pd.DataFrame, con
     assert steps == []  # no optimisation step at all
     assert {f: f.stat().st_mtime_ns for f in files} == before
     pd.testing.assert_frame_equal(again, first_run)  # deterministic evaluation of the same checkpoints
-    assert all(seconds < 5 for seconds in again.attrs["stage_seconds"].values())
 
 
 def test_the_evaluation_is_redone_when_a_checkpoint_changes(first_run: pd.DataFrame, config: ProtocolConfig,
@@ -346,8 +344,8 @@ def test_run_from_args_checks_and_runs(first_run: pd.DataFrame, config: Protocol
     assert run_from_args(_parse([*common, "--check", "--measure-steps", "1"])) == 0
     report = capsys.readouterr().out
     assert "Time estimate" in report and re.search(r"total\s+1\.5 min", report)
-    t = time.perf_counter()
+    mtimes = {f: f.stat().st_mtime_ns for f in config.out.rglob("*.pt")}
     assert run_from_args(_parse(common)) == 0  # everything is done: resumes and prints
-    assert time.perf_counter() - t < 30
+    assert {f: f.stat().st_mtime_ns for f in config.out.rglob("*.pt")} == mtimes  # nothing was trained again
     out = capsys.readouterr().out
     assert "The paper's table" in out and "paper fine-tuned" in out and "cocam BCE-only control" in out

@@ -666,7 +666,7 @@ def test_resume_with_other_guidance_masks_is_refused(data, base_checkpoint, lips
     assert moved.sum() == lipstick_mask.sum()
     for guidance, expected in ((_guidance(moved), "another drawing of the same area"),
                                (_guidance(lipstick_mask, w_g=2.0), r"w_g 1\.0 → 2\.0"),
-                               (_guidance(lipstick_mask, target="positive"), "target 'both' → 'positive'")):
+                               (_guidance(lipstick_mask, target="both"), "target 'positive' → 'both'")):
         with pytest.raises(ResumeMismatchError, match=expected):
             fit(_load(base_checkpoint), train, None, _config(max_steps=2), spec=SPEC, guidance=guidance,
                 run_dir=run, resume=True, progress=False)

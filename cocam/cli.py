@@ -710,10 +710,12 @@ def main(argv: list[str] | None = None) -> int:
             return fail(str(err))
         except KeyError as err:  # str() of a KeyError is its repr: print the message itself
             return fail(str(err.args[0]) if len(err.args) == 1 and isinstance(err.args[0], str) else str(err))
-        except ImportError as err:
-            missing = f" (pip install {err.name})" if getattr(err, "name", None) else ""
-            return fail(f"{err}: this needs an optional package that is not installed; install it{missing} "
-                        f"and run the command again.")
+        except ModuleNotFoundError as err:
+            package = (err.name or "").split(".")[0]
+            if not package or package == "cocam":
+                raise  # cocam itself is broken or half-installed: a bug, keep the traceback
+            return fail(f"{err}: this needs an optional package that is not installed; install it "
+                        f"(pip install {package}) and run the command again.")
         except Exception as err:
             cause = _os_error_in(err)
             if cause is None:

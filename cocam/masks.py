@@ -76,6 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MASK_TRANSFERS",
+    "project_dir",
     "MAX_REGION_SHARE",
     "MIN_MASK_SIZE",
     "MaskCoverageWarning",
@@ -376,7 +377,7 @@ def default_mask(attribute: str, margin: float = 8.0) -> np.ndarray:
 MASK_DIR_ENV = "COCAM_MASK_DIR"
 
 
-def _project_dir() -> Path:
+def project_dir() -> Path:
     """The cocam project folder: ``$COCAM_PROJECT_DIR``; else the nearest folder above the working
     directory with a ``pyproject.toml`` and a ``notebooks/`` folder (what the notebooks use);
     else the project this cocam package is run from (a source checkout); else the working directory."""
@@ -404,7 +405,7 @@ def default_mask_dir() -> Path:
     env = os.environ.get(MASK_DIR_ENV)
     if env:
         return Path(env).expanduser().resolve()
-    return _project_dir() / "data" / "masks"
+    return project_dir() / "data" / "masks"
 
 
 def resolve_mask_dir(mask_dir: str | os.PathLike | None = None) -> Path:

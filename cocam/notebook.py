@@ -58,6 +58,7 @@ from cocam.compare import ComparisonResult
 from cocam.errors import CocamError
 from cocam.protocol import ProtocolConfig
 from cocam.io import exclusive_lock
+from cocam.masks import default_mask_dir, project_dir
 from cocam.dataset import CelebADataset, normalize_uint8
 from cocam.model import SplitModel
 from cocam.train import FitResult, Guidance, RunLockedError, TrainConfig, fit
@@ -198,18 +199,6 @@ def default_settings(smoke: bool | None = None) -> Settings:
     return Settings()
 
 
-def project_dir() -> Path:
-    """The folder relative paths are resolved against (see the module docstring)."""
-    env = os.environ.get("COCAM_PROJECT_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "notebooks").is_dir():
-            return folder
-    return here
-
-
 def _resolve(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else project_dir() / p
@@ -296,12 +285,11 @@ class Workspace:
                 else the rule of :func:`cocam.dataset.default_cache_dir`, which never writes into a
                 real dataset's folder).
         """
-        from cocam.masks import default_mask_dir as _default_mask_dir
 
         settings = settings if settings is not None else default_settings(smoke)
         runs = _resolve(run_dir) / ("smoke" if settings.smoke else "")
         masks = _resolve(mask_dir) if mask_dir is not None else (
-            runs / "masks" if settings.smoke else _default_mask_dir())
+            runs / "masks" if settings.smoke else default_mask_dir())
         root = ensure_dataset(data_root, settings, progress=progress)
         ws = cls(settings=settings, data_root=root, run_dir=runs, mask_dir=masks,
                  cache_dir=None if cache_dir is None else _resolve(cache_dir))

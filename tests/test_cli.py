@@ -629,6 +629,9 @@ def test_os_errors_and_missing_packages_are_one_line(tmp_path: Path, monkeypatch
         assert main(["template"]) == 1
         line = _one_error(capsys, "template")
         assert all(w in line for w in words), (line, words)
-    monkeypatch.setattr(cocam.cli, "cmd_template", failing(ZeroDivisionError("a bug")))
-    with pytest.raises(ZeroDivisionError):  # a genuine bug keeps its traceback
-        main(["template"])
+    for bug in (ZeroDivisionError("a bug"),  # a genuine bug keeps its traceback, also a broken cocam import
+                ImportError("cannot import name 'x' from 'cocam.masks'", name="cocam.masks"),
+                ModuleNotFoundError("No module named 'cocam.gone'", name="cocam.gone")):
+        monkeypatch.setattr(cocam.cli, "cmd_template", failing(bug))
+        with pytest.raises(type(bug)):
+            main(["template"])

@@ -7,7 +7,7 @@
 What is measured, in one process, on the same model and batch:
 
 * **steps** — a plain BCE step and a guided step (the three paper attributes, the paper's IoU
-  loss, exact double backprop: ``cocam.train._guided_terms``, what ``fit`` runs) in fp32, and
+  loss, exact double backprop: ``cocam.train.guided_terms``, what ``fit`` runs) in fp32, and
   with bf16 autocast + ``channels_last`` (cocam's default on CUDA), and with ``torch.compile`` of
   the trunk when ``--compile`` is given; each as the median of ``--reps`` timed steps after a
   warm-up, synchronised. Reported: images/s, the ratio to the fp32 plain step, and the
@@ -89,7 +89,7 @@ def step_timings(args: argparse.Namespace, device: torch.device) -> list[dict]:
             x = images.contiguous(memory_format=torch.channels_last)
         if compile_trunk:
             model.trunk = torch.compile(model.trunk)
-        masks = cocam_train._masks_for(guidance, model, args.size, device)
+        masks = cocam_train.guidance_masks(guidance, model, args.size, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-7)
 
         def plain() -> None:
@@ -101,7 +101,7 @@ def step_timings(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
         def guided() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = cocam_train._guided_terms(model, x, targets, guidance, idx, masks, landmarks).total
+                loss = cocam_train.guided_terms(model, x, targets, guidance, idx, masks, landmarks).total
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -10,8 +10,8 @@ and one AdamW optimiser:
 * **plain step** — what ``fit`` does per step without guidance: ``BCE(model(x))``, backward,
   ``AdamW.step``;
 * **guided step** — what ``fit`` does per step with guidance, through the library:
-  ``cocam.train._guided_terms(model, images, targets, guidance, target_idx, masks)`` (masks from
-  ``cocam.train._masks_for`` of ``cocam.masks.default_mask``), ``terms.total.backward()``,
+  ``cocam.train.guided_terms(model, images, targets, guidance, target_idx, masks)`` (masks from
+  ``cocam.train.guidance_masks`` of ``cocam.masks.default_mask``), ``terms.total.backward()``,
   ``AdamW.step``; for 1 (Wearing_Lipstick) and 3 (+ High_Cheekbones, Double_Chin) guided
   attributes and the variants of ``Guidance``: exact (double backprop) vs first order,
   resolution input vs feature, target both vs positive.
@@ -86,16 +86,16 @@ class Bench:
         attrs = ATTRIBUTES[:n_attributes]
         guidance = Guidance(attrs, tuple(default_mask(a) for a in attrs), **kwargs)
         target_idx = [attribute_index(a) for a in attrs]
-        masks = cocam_train._masks_for(guidance, self.model, self.size, torch.device("cpu"))
+        masks = cocam_train.guidance_masks(guidance, self.model, self.size, torch.device("cpu"))
         return guidance, target_idx, masks
 
     def terms_fn(self, n_attributes: int, **kwargs: Any) -> Callable[[], Any]:
-        """``_guided_terms`` for this batch (the loss terms of one guided step, no backward)."""
+        """``guided_terms`` for this batch (the loss terms of one guided step, no backward)."""
         guidance, target_idx, masks = self.guidance(n_attributes, **kwargs)
         extra = {}
-        if "landmarks" in inspect.signature(cocam_train._guided_terms).parameters:
+        if "landmarks" in inspect.signature(cocam_train.guided_terms).parameters:
             extra["landmarks"] = self.landmarks  # newer signature; unused by transfer="template"
-        return lambda: cocam_train._guided_terms(self.model, self.images, self.targets, guidance, target_idx,
+        return lambda: cocam_train.guided_terms(self.model, self.images, self.targets, guidance, target_idx,
                                                  masks, **extra)
 
     def guided_step_fn(self, n_attributes: int, **kwargs: Any) -> Callable[[], None]:
@@ -152,14 +152,14 @@ def components(bench: Bench, n_attributes: int, reps: int) -> pd.DataFrame:
 
     fns = {"plain forward (+BCE)": forward, "plain step": bench.plain_step,
            "forward + grad to A (create_graph)": forward_grad, "+ CAM arithmetic (grad_cam)": cam_full,
-           "+ loss (_guided_terms)": terms_fn, "guided step": guided_step, "AdamW step alone": adam}
+           "+ loss (guided_terms)": terms_fn, "guided step": guided_step, "AdamW step alone": adam}
     times = {k: median(v) for k, v in interleaved_times(fns, reps=reps, warmup=1).items()}
     plain_bwd = times["plain step"] - times["plain forward (+BCE)"] - times["AdamW step alone"]
-    guided_bwd = times["guided step"] - times["+ loss (_guided_terms)"] - times["AdamW step alone"]
+    guided_bwd = times["guided step"] - times["+ loss (guided_terms)"] - times["AdamW step alone"]
     rows = [(k, v) for k, v in times.items()] + [
         ("= grad to A with create_graph (extra)", times["forward + grad to A (create_graph)"] - times["plain forward (+BCE)"]),
         ("= CAM arithmetic (extra)", times["+ CAM arithmetic (grad_cam)"] - times["forward + grad to A (create_graph)"]),
-        ("= loss_g forward (extra)", times["+ loss (_guided_terms)"] - times["+ CAM arithmetic (grad_cam)"]),
+        ("= loss_g forward (extra)", times["+ loss (guided_terms)"] - times["+ CAM arithmetic (grad_cam)"]),
         ("= plain backward", plain_bwd),
         ("= guided backward (double backprop)", guided_bwd),
         ("= extra backward", guided_bwd - plain_bwd),

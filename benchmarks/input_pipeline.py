@@ -158,8 +158,8 @@ def step_fns(size: int, batch: int, train: CelebADataset) -> dict[str, Callable[
     images, targets, landmarks = next(iter(BatchLoader(train, batch, drop_last=True)))
     guidance = Guidance(GUIDED, tuple(default_mask(a) for a in GUIDED))
     idx = [attribute_index(a) for a in GUIDED]
-    masks = cocam_train._masks_for(guidance, model, size, torch.device("cpu"))
-    extra = {"landmarks": landmarks} if "landmarks" in cocam_train._guided_terms.__code__.co_varnames else {}
+    masks = cocam_train.guidance_masks(guidance, model, size, torch.device("cpu"))
+    extra = {"landmarks": landmarks}
 
     def plain() -> int:
         loss = F.binary_cross_entropy_with_logits(model(images).float(), targets)
@@ -169,7 +169,7 @@ def step_fns(size: int, batch: int, train: CelebADataset) -> dict[str, Callable[
         return batch
 
     def guided() -> int:
-        terms = cocam_train._guided_terms(model, images, targets, guidance, idx, masks, **extra)
+        terms = cocam_train.guided_terms(model, images, targets, guidance, idx, masks, **extra)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         optimizer.step()

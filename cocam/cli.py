@@ -96,7 +96,7 @@ def cmd_template(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace, **override):
+def train_config(args: argparse.Namespace, **override):
     from cocam.train import TrainConfig
 
     values = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "device", "max_steps", "patience",
@@ -143,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     hidden = None if args.hidden == 0 or args.arch == "resnet18" else args.hidden
     spec = ModelSpec(arch=args.arch, image_size=args.image_size, hidden=hidden)
     train, valid = _datasets(args.root, spec.image_size)
-    config = _train_config(args)
+    config = train_config(args)
     torch.manual_seed(args.seed)  # --seed also fixes the initial weights
     result = fit(spec.build(pretrained=args.pretrained), train, valid, config, spec=spec, run_dir=args.out,
                  resume=args.resume, overwrite=args.overwrite)
@@ -232,7 +232,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train, valid = _datasets(args.root, spec.image_size)
     guidance = None if args.control else _guidance(args)
     _require_landmarks(guidance, train)
-    result = fit(model, train, valid, _train_config(args, patience=None), spec=spec, guidance=guidance,
+    result = fit(model, train, valid, train_config(args, patience=None), spec=spec, guidance=guidance,
                  run_dir=args.out, resume=args.resume, overwrite=args.overwrite)
     print(result.history.to_string(index=False))
     print(f"fine-tuned checkpoint: {result.last_path}")
@@ -384,7 +384,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\n1/3 baseline: BCE on all 40 attributes, early stopping on the validation split")
     t = time.perf_counter()
     torch.manual_seed(args.seed)
-    base = fit(spec.build(), train, valid, _train_config(args, epochs=args.epochs), spec=spec,
+    base = fit(spec.build(), train, valid, train_config(args, epochs=args.epochs), spec=spec,
                run_dir=out / "baseline", resume=True)
     times["baseline"] = time.perf_counter() - t
     from cocam.checkpoint import load_model

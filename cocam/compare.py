@@ -363,6 +363,8 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
     key = _scores_key(config)  # once: the dataset and masks do not change during a comparison
     rows: list[dict[str, Any]] = []
     first_base: Path | None = None
+    weights = (balancing_weights(train.attributes, config.pairs)  # the same for every baseline and seed
+               if {"group-balanced", "guided + balanced"} & set(config.peers) else None)
     cfg_steps = dict(batch_size=config.batch_size, lr=config.finetune_lr, device=config.device)
     for b in config.baseline_seeds:
         if baseline is None:
@@ -379,8 +381,7 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
         rows += [r | {"baseline": b} for r in _scores(config, key, PRE_TRAINED, -1, base_path)]
         for seed in config.seeds:
             balanced = None
-            if {"group-balanced", "guided + balanced"} & set(config.peers):
-                weights = balancing_weights(train.attributes, config.pairs)
+            if weights is not None:
                 balanced = train.resampled(balanced_resample(weights, len(train), seed))
             runs: dict[str, tuple[Guidance | None, CelebADataset, str]] = {CONTROL: (None, train, "control")}
             runs |= {name: (g, train, run_name(g)) for name, g in guidances.items()}

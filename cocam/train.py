@@ -100,7 +100,7 @@ from cocam.model import SplitModel
 
 __all__ = ["ABSURD_BCE", "RESUME_MAY_CHANGE", "RUN_FILES", "DegenerateRunError", "DeviceUnavailableError",
            "FitResult", "Guidance", "ResumeMismatchError", "RunExistsError", "RunLockedError", "TrainConfig",
-           "TrainingDivergedError", "fit"]
+           "TrainingDivergedError", "fit", "guidance_masks", "guided_terms"]
 
 #: The files of a run folder, written together once per epoch.
 RUN_FILES = ("last.pt", "best.pt", "history.csv", "run.json")
@@ -375,7 +375,7 @@ class _StepLoss(torch.nn.Module):
         if guidance is None:
             bce = F.binary_cross_entropy_with_logits(self.model(images).float(), targets)
             return bce, bce, None, None
-        terms = _guided_terms(self.model, images, targets, guidance, self.target_idx, self.masks, landmarks)
+        terms = guided_terms(self.model, images, targets, guidance, self.target_idx, self.masks, landmarks)
         per_sample = terms.per_sample
         weight = _sample_weight(guidance, targets[:, self.target_idx])
         weight = torch.ones_like(per_sample) if weight is None else weight
@@ -424,7 +424,7 @@ def _spec_of(model: SplitModel, image_size: int) -> ModelSpec | None:
     return spec
 
 
-def _masks_for(guidance: Guidance, model: SplitModel, image_size: int, device: torch.device) -> torch.Tensor:
+def guidance_masks(guidance: Guidance, model: SplitModel, image_size: int, device: torch.device) -> torch.Tensor:
     """The ``(T, h, w)`` template masks at the resolution the loss compares at (checked once here)."""
     if guidance.resolution == "input":
         masks = torch.stack([mask_to_input(m, image_size, device=device) for m in guidance.masks])
@@ -464,11 +464,11 @@ def _signs(guidance: Guidance, labels: torch.Tensor) -> torch.Tensor | None:
     return signs
 
 
-def _guided_terms(model: SplitModel, images: torch.Tensor, targets: torch.Tensor, guidance: Guidance,
+def guided_terms(model: SplitModel, images: torch.Tensor, targets: torch.Tensor, guidance: Guidance,
                   target_idx: list[int], masks: torch.Tensor, landmarks: torch.Tensor | None = None) -> GuidedLoss:
     """One step's loss terms: the BCE on all attributes and the guidance term on the guided ones.
 
-    ``masks`` come from :func:`_masks_for`; ``landmarks`` ``(B, 5, 2)`` (model-input pixels) are
+    ``masks`` come from :func:`guidance_masks`; ``landmarks`` ``(B, 5, 2)`` (model-input pixels) are
     needed for ``transfer="landmarks"``. Inputs are not re-validated here (no device sync per
     step): the masks were checked once and the labels come from the dataset.
     """
@@ -593,7 +593,7 @@ def fit(
                                    "batch_size_per_process": config.batch_size // context.world_size}
 
         target_idx = [attribute_index(a) for a in guidance.attributes] if guidance else []
-        masks = _masks_for(guidance, model, train.image_size, device) if guidance else None
+        masks = guidance_masks(guidance, model, train.image_size, device) if guidance else None
         loader = BatchLoader(train, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
                              device=device, channels_last=channels_last, rank=context.rank,
                              num_replicas=context.world_size)

@@ -17,7 +17,7 @@ from cocam.checkpoint import ModelSpec, load_model
 from cocam.dataset import BatchLoader, CelebADataset, normalize_uint8
 from cocam.gradcam import grad_cam
 from cocam.masks import default_mask
-from cocam.train import Guidance, TrainConfig, _guided_terms, _masks_for, fit
+from cocam.train import Guidance, TrainConfig, guided_terms, guidance_masks, fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -67,13 +67,13 @@ def test_guided_step_under_bf16_autocast_matches_fp32(train_set, loss: str) -> N
     model = _model().eval().cuda().to(memory_format=torch.channels_last)
     guidance = Guidance(ATTRS, tuple(default_mask(a) for a in ATTRS), loss=loss)
     idx = [attribute_index(a) for a in ATTRS]
-    masks = _masks_for(guidance, model, SPEC.image_size, torch.device("cuda"))
+    masks = guidance_masks(guidance, model, SPEC.image_size, torch.device("cuda"))
     images = images.contiguous(memory_format=torch.channels_last)
 
     def terms(amp: bool):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = _guided_terms(model, images, targets, guidance, idx, masks)
+            out = guided_terms(model, images, targets, guidance, idx, masks)
         out.total.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         return out, grads

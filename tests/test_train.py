@@ -388,10 +388,10 @@ def test_target_positive_and_both(data, base_checkpoint, lipstick_mask) -> None:
     images = normalize_uint8(images_u8)
     i = attribute_index(LIPSTICK)
     positive, both = _guidance(lipstick_mask, target="positive"), _guidance(lipstick_mask, target="both")
-    masks = train_module._masks_for(positive, model, 64, torch.device("cpu"))
+    masks = train_module.guidance_masks(positive, model, 64, torch.device("cpu"))
 
     def terms(guidance, y):
-        return train_module._guided_terms(model, images, y, guidance, [i], masks)
+        return train_module.guided_terms(model, images, y, guidance, [i], masks)
 
     mixed_pos, mixed_both = terms(positive, targets), terms(both, targets)
     has = targets[:, i] > 0
@@ -431,8 +431,8 @@ def test_settings_per_attribute_equal_each_attribute_guided_alone(data, base_che
     assert mixed.losses == ("iou", "energy") and mixed.targets == ("positive", "both")
     assert mixed.weights == (3.0, DEFAULT_GUIDANCE_WEIGHTS["energy"])
     idx = [attribute_index(a) for a in attrs]
-    out = train_module._guided_terms(model, images, targets, mixed, idx,
-                                     train_module._masks_for(mixed, model, 64, torch.device("cpu")))
+    out = train_module.guided_terms(model, images, targets, mixed, idx,
+                                     train_module.guidance_masks(mixed, model, 64, torch.device("cpu")))
     # Two targets take the vmapped pullback, one target the plain backward: the CAMs agree to the
     # rounding of the sums that differ (the head's backward, the spatial mean, the channel sum),
     # which the normalised CAM and the losses' 64×64 pixel sums pass on one to one (-ln of a ratio of
@@ -444,8 +444,8 @@ def test_settings_per_attribute_equal_each_attribute_guided_alone(data, base_che
     alone = []
     for t, (a, m) in enumerate(zip(attrs, masks)):
         g = Guidance((a,), (m,), loss=mixed.losses[t], target=mixed.targets[t])
-        alone.append(train_module._guided_terms(model, images, targets, g, [idx[t]],
-                                                train_module._masks_for(g, model, 64, torch.device("cpu"))))
+        alone.append(train_module.guided_terms(model, images, targets, g, [idx[t]],
+                                                train_module.guidance_masks(g, model, 64, torch.device("cpu"))))
         torch.testing.assert_close(out.per_sample[:, t], alone[t].per_sample[:, 0], rtol=per_sample_tol,
                                    atol=per_sample_tol)
     torch.testing.assert_close(out.bce, alone[0].bce)
@@ -732,10 +732,10 @@ def test_one_step_of_each_guidance_loss_reduces_it(data, base_checkpoint, lipsti
     guidance = _guidance(lipstick_mask, w_a=0.0, loss=loss)
     assert guidance.w_g == DEFAULT_GUIDANCE_WEIGHTS[loss]
     i = attribute_index(LIPSTICK)
-    masks = train_module._masks_for(guidance, model, 64, torch.device("cpu"))
+    masks = train_module.guidance_masks(guidance, model, 64, torch.device("cpu"))
 
     def value() -> float:
-        return train_module._guided_terms(model, images, targets, guidance, [i], masks, landmarks).guidance.item()
+        return train_module.guided_terms(model, images, targets, guidance, [i], masks, landmarks).guidance.item()
 
     before = value()
     result = fit(model, batch, None, _config(lr=1e-4, weight_decay=0.0), spec=spec, guidance=guidance,
@@ -755,12 +755,12 @@ def test_landmark_transfer_guides_with_one_moved_mask_per_image(data, base_check
     images = normalize_uint8(images_u8)
     i = attribute_index(LIPSTICK)
     moved = _guidance(lipstick_mask, transfer="landmarks", target="both")
-    masks = train_module._masks_for(moved, model, 64, torch.device("cpu"))
-    terms = train_module._guided_terms(model, images, targets, moved, [i], masks, landmarks)
+    masks = train_module.guidance_masks(moved, model, 64, torch.device("cpu"))
+    terms = train_module.guided_terms(model, images, targets, moved, [i], masks, landmarks)
     res = grad_cam(model, images, [i], signs=2 * targets[:, [i]] - 1, output_size=64)
     expected = iou_loss(res.cams, transfer_masks(masks, landmarks, 64), reduction="none", raw=res.signed)
     torch.testing.assert_close(terms.per_sample, expected)
-    template = train_module._guided_terms(model, images, targets, _guidance(lipstick_mask, target="both"), [i], masks,
+    template = train_module.guided_terms(model, images, targets, _guidance(lipstick_mask, target="both"), [i], masks,
                                           landmarks)
     assert not torch.allclose(terms.per_sample, template.per_sample)  # the synthetic faces do move
     result = fit(_load(base_checkpoint), train, None, _config(max_steps=1, batch_size=16), spec=SPEC,
@@ -801,8 +801,8 @@ def test_history_logs_the_dead_cam_share_and_the_pre_clip_gradient_norm(data, li
     assert 0.0 < share < 1.0  # the check below can tell a wrong count from a right one
 
     guidance = _guidance(lipstick_mask, w_a=0.0)  # the paper's target: positives only
-    masks = train_module._masks_for(guidance, model, 64, torch.device("cpu"))
-    terms = train_module._guided_terms(model, images, targets, guidance, [i], masks, landmarks)
+    masks = train_module.guidance_masks(guidance, model, 64, torch.device("cpu"))
+    terms = train_module.guided_terms(model, images, targets, guidance, [i], masks, landmarks)
     model.zero_grad(set_to_none=True)
     terms.total.backward()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
@@ -874,15 +874,15 @@ def test_clip_grad_norm_none_or_inactive_gives_bit_identical_runs(data, base_che
 
 
 def test_clip_grad_norm_is_validated_and_reaches_the_cli() -> None:
-    from cocam.cli import _train_config, build_parser
+    from cocam.cli import train_config, build_parser
 
     with pytest.raises(ValueError, match="clip_grad_norm must be a positive number"):
         TrainConfig(clip_grad_norm=0.0)
     for command in ("train", "finetune", "demo"):
         extra = ["--checkpoint", "x.pt"] if command == "finetune" else []
         args = build_parser().parse_args([command, *extra, "--clip-grad-norm", "2.5"])
-        assert _train_config(args).clip_grad_norm == 2.5
-        assert _train_config(build_parser().parse_args([command, *extra])).clip_grad_norm is None
+        assert train_config(args).clip_grad_norm == 2.5
+        assert train_config(build_parser().parse_args([command, *extra])).clip_grad_norm is None
 
 
 def test_the_defaults_are_the_papers_method(lipstick_mask) -> None:

@@ -240,19 +240,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cocam.compare import METHODS, PEERS, ComparisonConfig, compare_guidance, comparison_table, select_settings
+    from cocam.compare import METHODS, PEERS, compare_guidance, comparison_table, select_settings
 
     names = args.method or list(METHODS)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from: {', '.join(repr(m) for m in METHODS)}.")
-    config = ComparisonConfig(root=args.root, out=args.out, seeds=tuple(args.seeds), pairs=tuple(_pairs(args.pair)),
-                              image_size=args.image_size, hidden=args.hidden or None,
-                              baseline_epochs=args.epochs, patience=args.patience,
-                              finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                              batch_size=args.batch_size, mask_dir=_mask_dir(args), device=args.device,
-                              baseline_seeds=tuple(args.baseline_seeds),
-                              peers=PEERS if args.peers is None else tuple(args.peers), peer_setting=args.peer_setting)
+    config = _comparison_config(args, PEERS, args.peer_setting)
     _print_masks([a for a, _ in config.pairs], config.mask_dir)
     result = compare_guidance(config, {m: METHODS[m] for m in names}, baseline=args.baseline,
                               progress=not args.quiet)
@@ -273,6 +267,68 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 print(chosen[["attribute", "setting", "gain_worst_group", "gain_conflict_mean", "gain",
                               "test_change"]].to_string(index=False))
     print(f"\nruns: {config.out / 'runs.csv'}; summary: {config.out / 'summary.csv'}")
+    return 0
+
+
+def comparison_options(c: argparse.ArgumentParser, peers: str = "'random region', 'group-balanced', "
+                       "'guided + balanced', 'last layer (DFR)'") -> None:
+    """The budget options shared by ``compare`` and ``fix`` (the fields of ComparisonConfig)."""
+    c.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    c.add_argument("--pair", action="append", metavar="A:B", help="guided pairs (default: the paper's three)")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    c.add_argument("--baseline-seeds", type=int, nargs="+", default=[0],
+                   help="one converged baseline per seed; every fine-tuning seed runs from each (default: 0)")
+    c.add_argument("--peers", nargs="*", default=None, metavar="PEER",
+                   help=f"controls and peers beside the settings, from: {peers} (default: all; give none to run "
+                        f"only the settings)")
+    c.add_argument("--image-size", type=int, default=112)
+    c.add_argument("--hidden", type=int, default=512, help="classifier width (0 = torchvision's 4096)")
+    c.add_argument("--epochs", type=int, default=40, help="baseline epochs at most (early stopping)")
+    c.add_argument("--patience", type=int, default=3)
+    c.add_argument("--finetune-epochs", type=int, default=2)
+    c.add_argument("--finetune-lr", type=float, default=3e-4)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--mask-dir", type=Path, default=None, help=_MASK_DIR_HELP)
+    c.add_argument("--device", default="auto")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _comparison_config(args: argparse.Namespace, peers: tuple[str, ...], peer_setting: str | None = None):
+    from cocam.compare import ComparisonConfig
+
+    return ComparisonConfig(root=args.root, out=args.out, seeds=tuple(args.seeds), pairs=tuple(_pairs(args.pair)),
+                            image_size=args.image_size, hidden=args.hidden or None,
+                            baseline_epochs=args.epochs, patience=args.patience,
+                            finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                            batch_size=args.batch_size, mask_dir=_mask_dir(args), device=args.device,
+                            baseline_seeds=tuple(args.baseline_seeds),
+                            peers=peers if args.peers is None else tuple(args.peers), peer_setting=peer_setting)
+
+
+def cmd_fix(args: argparse.Namespace) -> int:
+    from cocam.fix import CANDIDATES, PEER_CHOICES, fix_biases, fix_table
+
+    names = args.candidate or list(CANDIDATES)
+    if unknown := [m for m in names if m not in CANDIDATES]:
+        raise ValueError(f"unknown candidate {unknown[0]!r}; choose from: {', '.join(repr(m) for m in CANDIDATES)}.")
+    if not args.max_accuracy_drop >= 0:
+        raise ValueError(f"--max-accuracy-drop must be a number of points ≥ 0, got {args.max_accuracy_drop}.")
+    config = _comparison_config(args, (*PEER_CHOICES, "random region"))
+    _print_masks([a for a, _ in config.pairs], config.mask_dir)
+    result = fix_biases(config, {m: CANDIDATES[m] for m in names}, max_test_drop=args.max_accuracy_drop,
+                        progress=not args.quiet)
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
+        print("\nchosen on the valid split (largest worst-group gain over the control, within "
+              f"{args.max_accuracy_drop:g} point(s) of accuracy; 'default' = none eligible, the paper's setting):")
+        print(result.choice[["attribute", "setting", "chosen_on", "gain_worst_group", "test_change",
+                             "best_peer"]].to_string(index=False))
+        print(f"\ntest split: worst-group accuracy (%) of the model guiding every attribute with its choice, "
+              f"mean over {len(config.baseline_seeds)} baseline(s) × {len(config.seeds)} seed(s) with 95 % "
+              f"t-intervals; gains are per-run differences:")
+        print(fix_table(result.report).to_string(index=False))
+    first = next(iter(result.checkpoints.values()))
+    print(f"\nfixed model (baseline {config.baseline_seeds[0]}, seed {config.seeds[0]}): {first}\n"
+          f"runs: {config.out / 'runs.csv'}; summary: {config.out / 'summary.csv'}")
     return 0
 
 
@@ -571,32 +627,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_protocol_arguments(pp)
 
     c = sub.add_parser("compare", help="guidance losses vs the BCE-only control: same budget, several seeds")
-    c.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     c.add_argument("--out", type=Path, default=Path("runs/compare"))
     c.add_argument("--method", action="append", metavar="NAME",
                    help="a setting of cocam.compare.METHODS (repeatable; default: all)")
-    c.add_argument("--pair", action="append", metavar="A:B", help="guided pairs (default: the paper's three)")
-    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
-    c.add_argument("--baseline-seeds", type=int, nargs="+", default=[0],
-                   help="one converged baseline per seed; every fine-tuning seed runs from each (default: 0)")
-    c.add_argument("--peers", nargs="*", default=None, metavar="PEER",
-                   help="controls and peers beside the settings, from: 'random region', 'group-balanced', "
-                        "'guided + balanced', 'last layer (DFR)' (default: all; give none to run only the settings)")
     c.add_argument("--peer-setting", default=None, metavar="NAME",
                    help="the setting the random region and guided + balanced reuse (default: the first --method)")
-    c.add_argument("--image-size", type=int, default=112)
-    c.add_argument("--hidden", type=int, default=512, help="classifier width (0 = torchvision's 4096)")
     c.add_argument("--baseline", type=Path, help="start from this converged baseline checkpoint (e.g. the "
                    "notebooks' best.pt) instead of training one into <out>/baseline")
-    c.add_argument("--epochs", type=int, default=40, help="baseline epochs at most (early stopping)")
-    c.add_argument("--patience", type=int, default=3)
-    c.add_argument("--finetune-epochs", type=int, default=2)
-    c.add_argument("--finetune-lr", type=float, default=3e-4)
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--mask-dir", type=Path, default=None, help=_MASK_DIR_HELP)
-    c.add_argument("--device", default="auto")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    comparison_options(c)
     c.set_defaults(func=cmd_compare)
+
+    fx = sub.add_parser("fix", help="choose each attribute's guidance on the validation split, train one model "
+                                    "guiding all, report it next to the control and the best peer")
+    fx.add_argument("--out", type=Path, default=Path("runs/fix"))
+    fx.add_argument("--candidate", action="append", metavar="NAME",
+                    help="a setting of cocam.fix.CANDIDATES to choose among (repeatable; default: all)")
+    fx.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                    help="points of validation accuracy a chosen setting may lose against the control")
+    comparison_options(fx, peers="'group-balanced', 'last layer (DFR)', 'random region'")
+    fx.set_defaults(func=cmd_fix)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic default")
     training_options(d, 8)
@@ -612,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     guidance_options(d)
     d.set_defaults(func=cmd_demo)
 
-    for name in ("train", "finetune", "evaluate", "bias", "compare", "demo", "paper"):
+    for name in ("train", "finetune", "evaluate", "bias", "compare", "fix", "demo", "paper"):
         data_options(sub.choices[name])
     pp.set_defaults(mask_dir=None, func=cmd_paper)
     return parser

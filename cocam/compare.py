@@ -413,7 +413,7 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
     return ComparisonResult(runs=runs_df, summary=summary, baseline=first_base, seconds=seconds)
 
 
-def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:
+def summarize_comparison(runs: pd.DataFrame, *, reference: str = CONTROL) -> pd.DataFrame:
     """Mean over runs (baselines × seeds) with 95 % t-intervals, per split, setting and attribute: numbers only.
 
     Columns: ``split, setting, attribute, seeds, n_conflict, n_reverse``; for each metric of
@@ -421,7 +421,8 @@ def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:
     ``_low``/``_high`` bounds; and for each guidance setting the per-seed difference to the same
     seed's control (:data:`GAINS`: ``gain_worst_group``, ``gain_conflict_mean`` — the headline —,
     ``gain`` on the paper's A∧¬B, ``gain_reverse``, ``test_change``, the AUC gains), each with
-    its interval over the per-seed differences.
+    its interval over the per-seed differences. ``reference`` names the row the gains are taken
+    against (default the control; e.g. a peer, to ask whether a setting beats it, run for run).
     """
     needed = {"setting", "seed", "split", "attribute", "test", "conflict"}
     if missing := needed - set(runs.columns):
@@ -437,8 +438,8 @@ def summarize_comparison(runs: pd.DataFrame) -> pd.DataFrame:
                 continue
             entry[col] = g[col].mean()
             entry[f"{col}_low"], entry[f"{col}_high"] = t_interval(g[col])
-        control = runs[(runs.split == split) & (runs.setting == CONTROL) & (runs.attribute == attribute)]
-        if name not in (CONTROL, PRE_TRAINED) and len(control):
+        control = runs[(runs.split == split) & (runs.setting == reference) & (runs.attribute == attribute)]
+        if name not in (reference, PRE_TRAINED) and len(control):
             cell = ["baseline", "seed"] if "baseline" in runs.columns else ["seed"]  # pair with the same run's control
             mine, ref = g.set_index(cell), control.set_index(cell)
             for col in metrics:

@@ -349,6 +349,21 @@ def test_compare_prints_both_splits_and_the_choice(root: Path, tmp_path: Path, c
     assert "unknown method" in capsys.readouterr().err
 
 
+def test_fix_prints_the_choice_and_the_report(root: Path, tmp_path: Path, capsys) -> None:
+    common = ["--root", str(root), "--pair", "Wearing_Lipstick:Heavy_Makeup", "--seeds", "0", "--image-size", "64",
+              "--hidden", "32", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "16", "--device", "cpu",
+              "--quiet"]
+    assert main(["fix", "--out", str(tmp_path / "fix"), "--candidate", "iou, positives (paper)",
+                 "--peers", "last layer (DFR)", *common]) == 0
+    text = capsys.readouterr().out
+    assert "chosen on the valid split" in text and "test split" in text and "fixed model" in text
+    assert "last layer (DFR)" in text and (tmp_path / "fix" / "summary.csv").is_file()
+    assert main(["fix", "--out", str(tmp_path / "x"), "--candidate", "dice", *common]) == 1
+    assert "unknown candidate" in capsys.readouterr().err
+    assert main(["fix", "--out", str(tmp_path / "x"), "--max-accuracy-drop", "-1", *common]) == 1
+    assert "--max-accuracy-drop" in capsys.readouterr().err
+
+
 def test_paper_check_reports_needs_and_time(root: Path, tmp_path: Path, capsys) -> None:
     assert main(["paper", "--root", str(root), "--out", str(tmp_path / "paper"), "--check", "--image-size", "64",
                  "--hidden", "32", "--batch-size", "8", "--measure-steps", "1", "--device", "cpu"]) == 0

@@ -49,6 +49,7 @@ region of every image.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +61,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from cocam.attributes import UnknownAttributeError, validate_attribute
 from cocam.geometry import (
     ALIGNED_HEIGHT,
     ALIGNED_WIDTH,
@@ -85,6 +87,7 @@ __all__ = [
     "MASK_DIR_ENV",
     "default_mask",
     "default_mask_dir",
+    "is_shipped_mask",
     "load_mask",
     "mask_to_feature",
     "mask_to_input",
@@ -93,6 +96,7 @@ __all__ = [
     "resolve_mask",
     "resolve_mask_dir",
     "save_mask",
+    "shipped_mask_dir",
     "transfer_masks",
     "transfer_quality",
 ]
@@ -123,8 +127,6 @@ def region_share(mask: np.ndarray) -> float:
 
 def _warn_if_inverted(binary: np.ndarray, source: str) -> None:
     """Warn (:class:`MaskCoverageWarning`) when ``binary`` covers more than :data:`MAX_REGION_SHARE` of the view."""
-    import warnings
-
     share = region_share(binary)
     if share > MAX_REGION_SHARE:
         warnings.warn(
@@ -406,6 +408,43 @@ def default_mask_dir() -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return project_dir() / "data" / "masks"
+
+
+def shipped_mask_dir() -> Path:
+    """The folder of the masks shipped with cocam: the project's ``data/masks`` (:func:`project_dir`).
+
+    Unlike :func:`default_mask_dir`, ``$COCAM_MASK_DIR`` does not move it: it is where the
+    project keeps its defaults, whichever folder the user draws into.
+    """
+    return project_dir() / "data" / "masks"
+
+
+def is_shipped_mask(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a shipped mask rather than a user's: ``<shipped_mask_dir()>/<Attribute>.png``
+    holding exactly :func:`default_mask` of that attribute, pixel for pixel.
+
+    The shipped masks are the built-in regions (the synthetic generator's true regions grown by
+    8 px), written out so that the CLI and the notebooks find a mask for the paper's attributes
+    in ``data/masks``; such a file holds nothing :func:`default_mask` cannot give back. A file
+    anywhere else, with another name, with any other content, or that cannot be read as a mask,
+    is not shipped: it may be someone's work.
+    """
+    path = Path(path)
+    try:
+        attribute = validate_attribute(path.stem)
+    except UnknownAttributeError:
+        return False
+    if path.suffix.lower() != ".png" or not path.is_file():
+        return False
+    if path.resolve().parent != shipped_mask_dir().resolve():
+        return False
+    try:
+        with warnings.catch_warnings():  # a large region is reported where the mask is used, not here
+            warnings.simplefilter("ignore", MaskCoverageWarning)
+            mask = load_mask(path)
+    except (OSError, ValueError):
+        return False
+    return bool(np.array_equal(mask, default_mask(attribute)))
 
 
 def resolve_mask_dir(mask_dir: str | os.PathLike | None = None) -> Path:

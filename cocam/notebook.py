@@ -58,7 +58,7 @@ from cocam.compare import ComparisonResult
 from cocam.errors import CocamError
 from cocam.protocol import ProtocolConfig
 from cocam.io import exclusive_lock
-from cocam.masks import default_mask_dir, project_dir
+from cocam.masks import default_mask_dir, is_shipped_mask, project_dir
 from cocam.dataset import CelebADataset, normalize_uint8
 from cocam.model import SplitModel
 from cocam.train import FitResult, Guidance, RunLockedError, TrainConfig, fit
@@ -415,13 +415,21 @@ def _baseline_checkpoint(ws: Workspace, progress: bool) -> Path:
 
 
 def mask_sources(ws: Workspace, attributes: Sequence[str]) -> pd.DataFrame:
-    """For each attribute: the mask that will be used (the saved drawing, or the built-in region)."""
+    """For each attribute: the mask that will be used and whose it is.
+
+    ``mask`` is the file (or ``"built-in"``); ``whose`` is ``"your drawing"`` for a file in the
+    mask folder, ``"shipped (built-in region)"`` for a shipped mask
+    (:func:`cocam.masks.is_shipped_mask`: cocam's own region, written out in ``data/masks``) and
+    ``"built-in"`` when there is no file.
+    """
     from cocam.masks import resolve_mask
 
     rows = []
     for a in validate_attributes(attributes):
         mask, source = resolve_mask(a, ws.mask_dir)
-        rows.append({"attribute": a, "mask": source, "pixels": int(mask.sum()),
+        whose = ("built-in" if source == "built-in" else
+                 "shipped (built-in region)" if is_shipped_mask(source) else "your drawing")
+        rows.append({"attribute": a, "mask": source, "whose": whose, "pixels": int(mask.sum()),
                      "% of the face": round(100 * float(mask.mean()), 1)})
     return pd.DataFrame(rows)
 
@@ -867,29 +875,35 @@ def conflict_mistakes(model: SplitModel, dataset: CelebADataset, attribute: str,
     return dataset.subset_names(dataset.names[wrong])
 
 
-def paint_with_strokes(editor: Any, region: np.ndarray, *, brush: float = 6.0) -> None:
+def paint_with_strokes(editor: Any, region: np.ndarray, *, brush: float | None = None) -> None:
     """Fill ``region`` (template coordinates) with the editor's own brush, as a hand would.
 
     Horizontal strokes ``0.7 · brush`` apart sweep every run of region pixels, through
     :meth:`~cocam.widget.MaskEditor.press` / ``drag`` / ``release`` — what a notebook does
-    when nobody is at the mouse.
+    when nobody is at the mouse. ``brush`` (template pixels) defaults to the editor's brush
+    size; a brush or mode changed for the painting is put back afterwards, so the editor's
+    controls keep showing the brush the notebook set up.
     """
     region = np.asarray(region, dtype=bool)
+    size, mode = editor.brush_size, editor.mode
+    brush = size if brush is None else brush
     editor.set_mode("brush")
     editor.set_brush(brush)
-    s = editor.scale
-    rows = np.flatnonzero(region.any(axis=1))
-    if rows.size == 0:
-        return
-    step = max(1, int(round(0.7 * brush)))
-    for r in range(int(rows[0]), int(rows[-1]) + 1, step):
-        line = region[r].astype(np.int8)
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], line, [0]])))
-        for start, stop in zip(edges[::2], edges[1::2], strict=True):
-            y = (r + 0.5) * s
-            editor.press((start + 0.5) * s, y)
-            editor.drag((stop - 0.5) * s, y)
-            editor.release()
+    try:
+        s = editor.scale
+        rows = np.flatnonzero(region.any(axis=1))
+        step = max(1, int(round(0.7 * brush)))
+        for r in range(int(rows[0]), int(rows[-1]) + 1, step) if rows.size else ():
+            line = region[r].astype(np.int8)
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], line, [0]])))
+            for start, stop in zip(edges[::2], edges[1::2], strict=True):
+                y = (r + 0.5) * s
+                editor.press((start + 0.5) * s, y)
+                editor.drag((stop - 0.5) * s, y)
+                editor.release()
+    finally:
+        editor.set_brush(size)
+        editor.set_mode(mode)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,30 +4,30 @@
 face, where the evidence for an attribute lies (the lips for Wearing_Lipstick, …). The result
 is a :mod:`cocam.masks` mask, saved as ``<mask_dir>/<Attribute>.png`` for guided fine-tuning.
 
-**Where the mask lives.** The authoritative mask is a NumPy ``(218, 178)`` bool array in
-template coordinates, held in Python and changed only by the editor's methods — the mouse
-callbacks call the same :meth:`~MaskEditor.press` / :meth:`~MaskEditor.drag` /
-:meth:`~MaskEditor.release` a test or a script can call. The canvas in the browser only
-*shows* that array (every change repaints the touched rectangle from it); nothing is ever
-read back from the browser, so what is saved is exactly what the Python side painted, however
-slow the connection.
+**Model and view.** Everything that is drawn, undone, switched or saved lives in a
+:class:`cocam.canvas.MaskCanvas` (:attr:`MaskEditor.model`): NumPy masks in template
+coordinates, one sheet per attribute with its own undo history and saved state, the brush,
+and the save rules (a shipped mask is replaced by a drawing, a user's file only with
+"overwrite"; see :mod:`cocam.canvas`). The editor is the view: it turns mouse positions into
+template coordinates, forwards them to the model — the mouse callbacks call the same
+:meth:`~MaskEditor.press` / :meth:`~MaskEditor.drag` / :meth:`~MaskEditor.release` a test or
+a script can call — and repaints from the model's mask (every change repaints the touched
+rectangle). Nothing is ever read back from the browser, so what is saved is exactly what the
+Python side painted, however slow the connection. The controls show the model's values (the
+brush slider's range and readout are the model's brush sizes), never a copy of their own.
 
 **Coordinates.** The template is shown enlarged ``scale`` times (e.g. 3×) for comfortable
 drawing. Mouse positions arrive in *display* pixels and are divided by ``scale``; a template
 pixel ``(row i, column j)`` covers display pixels ``[j, j + 1) · scale × [i, i + 1) · scale``.
+The brush (a round brush of :attr:`~MaskEditor.brush_size` template pixels) and the
+rasterisation of strokes are described in :mod:`cocam.canvas`.
 
-**Brush.** A round brush of diameter :attr:`~MaskEditor.brush_size` template pixels. A stroke
-paints every pixel whose centre lies within ``brush_size / 2`` of the polyline through the
-successive mouse positions (a thick line with round caps and joins), so a fast drag leaves no
-gaps. The smallest brush still paints the pixel under the pointer. The eraser is the same
-brush setting pixels back to ``False``.
-
-**History.** Each stroke, :meth:`~MaskEditor.clear`, load and attribute switch is one undo
-step (at most ``max_history`` are kept); :meth:`~MaskEditor.redo` re-applies undone steps
-until the next edit.
+**Attributes.** Switching the attribute shows that attribute's sheet and keeps the previous
+one as it is, unsaved drawing and undo history included; the status line says when the
+previous one is not saved.
 
 The drawing logic needs only NumPy; :attr:`MaskEditor.widget` additionally needs ``ipycanvas``
-and ``ipywidgets`` (``pip install 'cocam[notebooks]'``).
+and ``ipywidgets`` (``pip install 'cocam[notebooks]'``), imported only when the widget is built.
 """
 
 from __future__ import annotations
@@ -36,28 +36,22 @@ import contextlib
 import html
 import math
 import os
-from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from cocam.attributes import CELEBA_ATTRIBUTES, validate_attribute
+from cocam.attributes import CELEBA_ATTRIBUTES
+from cocam.canvas import BRUSH_MAX, BRUSH_MIN, DEFAULT_BRUSH, MIN_RADIUS, MaskCanvas, Mode, Start
 from cocam.errors import CocamError
-from cocam.masks import TEMPLATE_SHAPE, default_mask, load_mask, save_mask
+from cocam.masks import TEMPLATE_SHAPE, is_shipped_mask
 
 __all__ = ["MaskEditor", "MaskEditorUnavailableError"]
 
-Mode = Literal["brush", "eraser"]
-Start = Literal["empty", "saved", "default"]
-
-#: Smallest brush radius in template pixels: the pixel under the pointer is always painted.
-_MIN_RADIUS = math.sqrt(0.5)
 #: Colour of the painted region on the canvas (RGB).
 _MASK_COLOUR = (64, 230, 96)
-_BRUSH_MAX = 40.0
 _EPS = 1e-9
 
 
@@ -104,16 +98,18 @@ class MaskEditor:
     Args:
         attribute: the attribute the region explains (one of the 40 CelebA names); the mask
             is saved as ``<mask_dir>/<attribute>.png``.
-        mask_dir: folder of the saved masks.
+        mask_dir: folder of the saved masks; ``None`` is :func:`cocam.masks.default_mask_dir`
+            (``$COCAM_MASK_DIR``, else the project's ``data/masks``).
         scale: display magnification of the 178×218 template (``> 0``; 3 gives a 534×654
             canvas).
-        brush_size: brush diameter in template pixels.
+        brush_size: brush diameter, a whole number of template pixels
+            (:data:`cocam.canvas.BRUSH_MIN` to :data:`cocam.canvas.BRUSH_MAX`).
         mode: ``"brush"`` (paint) or ``"eraser"``.
         opacity: opacity of the painted region over the face on the canvas, in ``[0, 1]``.
-        max_history: how many undo steps are kept.
-        start: the initial mask: ``"empty"``, ``"saved"`` (the saved file of ``attribute`` if
-            there is one, else empty) or ``"default"`` (cocam's built-in region,
-            :func:`cocam.masks.default_mask`). Switching the attribute applies it again.
+        max_history: how many undo steps are kept per attribute.
+        start: how each attribute's drawing begins the first time it is shown: ``"empty"``,
+            ``"saved"`` (its saved file if there is one, else empty) or ``"default"`` (cocam's
+            built-in region, :func:`cocam.masks.default_mask`).
         template: the face to draw on (default: cocam's template face,
             :func:`cocam.synthetic.render_template`); an image, array or path, 178×218.
 
@@ -128,9 +124,9 @@ class MaskEditor:
         self,
         attribute: str = "Wearing_Lipstick",
         *,
-        mask_dir: str | os.PathLike = "data/masks",
+        mask_dir: str | os.PathLike | None = None,
         scale: float = 3.0,
-        brush_size: float = 10.0,
+        brush_size: float = DEFAULT_BRUSH,
         mode: Mode = "brush",
         opacity: float = 0.5,
         max_history: int = 50,
@@ -139,57 +135,45 @@ class MaskEditor:
     ) -> None:
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive number, got {scale!r}.")
-        if int(max_history) < 1:
-            raise ValueError(f"max_history must be at least 1, got {max_history}.")
-        if start not in ("empty", "saved", "default"):
-            raise ValueError(f"start must be 'empty', 'saved' or 'default', not {start!r}.")
-        self._attribute = validate_attribute(attribute)
-        self._mask_dir = Path(mask_dir)
         self._scale = float(scale)
+        self._model = MaskCanvas(attribute, mask_dir=mask_dir, brush_size=brush_size, mode=mode,
+                                 max_history=max_history, start=start)
         self._start: Start = start
         self._template = _template_rgb(template)
-        self._mask = np.zeros(TEMPLATE_SHAPE, dtype=bool)
-        self._undo: deque[np.ndarray] = deque(maxlen=int(max_history))
-        self._redo: list[np.ndarray] = []
-        self._brush = 10.0
-        self._mode: Mode = "brush"
         self._opacity = 0.5
-        self._down = False
-        self._last: tuple[float, float] | None = None
-        self._stroke_before: np.ndarray | None = None
-        self._stroke_changed = False
-        self._dirty = False
-        self._saved_path: Path | None = None
         self._status = ""
         self._ui: dict[str, Any] | None = None
         self._syncing = False
         self._holding = False
-        self.set_brush(brush_size)
-        self.set_mode(mode)
         self.set_opacity(opacity)
-        self._apply_start(record=False)
+        self._set_status(self._shown_message())
 
-    # -- read-only state -----------------------------------------------------------------------
+    # -- read-only state (the model's) ---------------------------------------------------------
+
+    @property
+    def model(self) -> MaskCanvas:
+        """The drawing state this editor shows: a :class:`cocam.canvas.MaskCanvas`."""
+        return self._model
 
     @property
     def mask(self) -> np.ndarray:
         """A copy of the current mask: ``(218, 178)`` bool in template coordinates."""
-        return self._mask.copy()
+        return self._model.mask
 
     @property
     def attribute(self) -> str:
         """The attribute the region is drawn for."""
-        return self._attribute
+        return self._model.attribute
 
     @property
     def mask_dir(self) -> Path:
         """Folder where :meth:`save` writes and :meth:`load` reads."""
-        return self._mask_dir
+        return self._model.mask_dir
 
     @property
     def mask_path(self) -> Path:
         """``<mask_dir>/<attribute>.png``."""
-        return self._mask_dir / f"{self._attribute}.png"
+        return self._model.mask_path
 
     @property
     def scale(self) -> float:
@@ -204,13 +188,13 @@ class MaskEditor:
 
     @property
     def brush_size(self) -> float:
-        """Brush diameter in template pixels."""
-        return self._brush
+        """Brush diameter in template pixels (the model's; the slider shows this value)."""
+        return self._model.brush_size
 
     @property
     def mode(self) -> Mode:
         """``"brush"`` or ``"eraser"``."""
-        return self._mode
+        return self._model.mode
 
     @property
     def opacity(self) -> float:
@@ -220,25 +204,25 @@ class MaskEditor:
     @property
     def drawing(self) -> bool:
         """Whether a stroke is in progress (the pen is down)."""
-        return self._down
+        return self._model.drawing
 
     @property
     def dirty(self) -> bool:
-        """Whether the mask changed since it was last saved or loaded from a file."""
-        return self._dirty
+        """Whether the current attribute's mask differs from what its file holds (see :mod:`cocam.canvas`)."""
+        return self._model.dirty
 
     @property
     def saved_path(self) -> Path | None:
-        """Where the current mask was last saved (``None`` if not saved since the last change)."""
-        return None if self._dirty else self._saved_path
+        """The file holding exactly the current mask (``None`` if it is not saved)."""
+        return self._model.saved_path
 
     @property
     def can_undo(self) -> bool:
-        return bool(self._undo)
+        return self._model.can_undo
 
     @property
     def can_redo(self) -> bool:
-        return bool(self._redo)
+        return self._model.can_redo
 
     @property
     def status(self) -> str:
@@ -248,30 +232,27 @@ class MaskEditor:
     @property
     def area(self) -> float:
         """Fraction of the template covered by the mask."""
-        return float(self._mask.mean())
+        return self._model.area
 
     def __repr__(self) -> str:
-        return (f"MaskEditor(attribute={self._attribute!r}, mask_dir='{self._mask_dir}', "
-                f"pixels={int(self._mask.sum())}, mode={self._mode!r}, brush_size={self._brush:g})")
+        return (f"MaskEditor(attribute={self.attribute!r}, mask_dir='{self.mask_dir}', "
+                f"pixels={self._model.pixels}, mode={self.mode!r}, brush_size={self.brush_size:g})")
 
     # -- settings ----------------------------------------------------------------------------
 
     def set_brush(self, size: float) -> None:
-        """Set the brush diameter in template pixels (``0 < size <= 40``)."""
-        if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
-            raise TypeError(f"brush size must be a number, got {size!r}.")
-        size = float(size)
-        if not (math.isfinite(size) and 0 < size <= _BRUSH_MAX):
-            raise ValueError(f"brush size must lie in (0, {_BRUSH_MAX:g}] template pixels, got {size:g}.")
-        self._brush = size
-        self._sync_controls()
+        """Set the brush diameter: a whole number of template pixels (see :meth:`cocam.canvas.MaskCanvas.set_brush`)."""
+        try:
+            self._model.set_brush(size)
+        finally:
+            self._sync_controls()
 
     def set_mode(self, mode: Mode) -> None:
         """``"brush"`` paints the region, ``"eraser"`` removes from it."""
-        if mode not in ("brush", "eraser"):
-            raise ValueError(f"mode must be 'brush' or 'eraser', not {mode!r}.")
-        self._mode = mode
-        self._sync_controls()
+        try:
+            self._model.set_mode(mode)
+        finally:
+            self._sync_controls()
 
     def set_opacity(self, opacity: float) -> None:
         """Opacity of the painted region over the face, in ``[0, 1]`` (display only)."""
@@ -283,15 +264,21 @@ class MaskEditor:
         self._repaint()
 
     def set_attribute(self, name: str) -> None:
-        """Draw for another attribute (validated); the mask is reset as ``start`` says (undoable)."""
-        name = validate_attribute(name)
-        if name == self._attribute:
+        """Draw for another attribute (validated). The previous attribute's drawing and undo history
+        are kept; the new one's are shown (created as ``start`` says the first time)."""
+        previous = self._model.attribute
+        try:
+            self._model.set_attribute(name)
+        finally:
+            self._sync_controls()
+        if self._model.attribute == previous:
             return
-        self._end_stroke()
-        self._attribute = name
-        self._saved_path = None
-        self._sync_controls()
-        self._apply_start(record=True)
+        self._show_where()
+        self._repaint()
+        message = self._shown_message()
+        if self._model.is_dirty(previous):
+            message += f" {previous} is not saved: switch back to it and press Save to keep it."
+        self._set_status(message + self._others_unsaved(besides=[previous]))
 
     # -- drawing -----------------------------------------------------------------------------
 
@@ -302,20 +289,15 @@ class MaskEditor:
     def press(self, x: float, y: float) -> None:
         """Start a stroke at display position ``(x, y)`` and paint a dot there."""
         self._end_stroke()
-        self._down = True
-        self._stroke_before = self._mask.copy()
-        self._stroke_changed = False
-        point = self.to_template(x, y)
-        self._last = point
-        self._paint(point, point)
+        box = self._model.press(*self.to_template(x, y))
+        if box is not None:
+            self._repaint(box)
 
     def drag(self, x: float, y: float) -> None:
         """Continue the stroke to ``(x, y)``; without a pressed pen this does nothing."""
-        if not self._down or self._last is None:
-            return
-        point = self.to_template(x, y)
-        self._paint(self._last, point)
-        self._last = point
+        box = self._model.drag(*self.to_template(x, y))
+        if box is not None:
+            self._repaint(box)
 
     def release(self) -> None:
         """End the stroke (one undo step if it changed anything)."""
@@ -333,30 +315,25 @@ class MaskEditor:
     def clear(self) -> None:
         """Erase the whole mask (undoable)."""
         self._end_stroke()
-        if not self._mask.any():
-            self._set_status("Nothing to clear.")
+        if not self._model.clear():
+            self._set_status("Nothing to clear." + self._others_unsaved())
             return
-        self._replace(np.zeros(TEMPLATE_SHAPE, dtype=bool), record=True)
+        self._repaint()
         self._set_status("Cleared (undo brings it back).")
 
     def set_mask(self, mask: np.ndarray) -> None:
         """Replace the mask with a ``(218, 178)`` array (non-zero = region), undoable."""
-        arr = np.asarray(mask)
-        if arr.shape != TEMPLATE_SHAPE:
-            raise ValueError(f"a mask must have the template shape {TEMPLATE_SHAPE}, got {arr.shape}.")
         self._end_stroke()
-        self._replace(arr.astype(bool), record=True)
+        self._model.set_mask(mask)
+        self._repaint()
         self._set_status(self._summary())
 
     def undo(self) -> bool:
-        """Undo the last stroke, clear, load or attribute switch; ``False`` if nothing to undo."""
+        """Undo the current attribute's last stroke, clear, load or replacement; ``False`` if nothing to undo."""
         self._end_stroke()
-        if not self._undo:
-            self._set_status("Nothing to undo.")
+        if not self._model.undo():
+            self._set_status("Nothing to undo." + self._others_unsaved())
             return False
-        self._redo.append(self._mask.copy())
-        self._mask = self._undo.pop()
-        self._dirty = True
         self._repaint()
         self._set_status("Undone. " + self._summary())
         return True
@@ -364,12 +341,9 @@ class MaskEditor:
     def redo(self) -> bool:
         """Re-apply the last undone step; ``False`` if there is none."""
         self._end_stroke()
-        if not self._redo:
-            self._set_status("Nothing to redo.")
+        if not self._model.redo():
+            self._set_status("Nothing to redo." + self._others_unsaved())
             return False
-        self._undo.append(self._mask.copy())
-        self._mask = self._redo.pop()
-        self._dirty = True
         self._repaint()
         self._set_status("Redone. " + self._summary())
         return True
@@ -384,105 +358,80 @@ class MaskEditor:
         ``path`` must exist (PNG or ``.npy``, see :func:`cocam.masks.load_mask`).
         """
         self._end_stroke()
-        if path is None and not self.mask_path.is_file():
-            return self.load_default()
-        source = Path(path) if path is not None else self.mask_path
-        mask = load_mask(source)
-        self._replace(mask, record=True)
-        same_file = source.resolve() == self.mask_path.resolve()
-        self._dirty = not same_file
-        self._saved_path = self.mask_path if same_file else None
-        self._set_status(f"Loaded {_short(source)}. " + self._summary())
-        return str(source)
+        source = self._model.load(path)
+        self._repaint()
+        if source == "built-in":
+            self._set_status(f"No saved mask of {self.attribute}: the built-in region (not saved yet). "
+                             + self._summary())
+        else:
+            self._set_status(f"Loaded {self._describe_file(Path(source))}. " + self._summary())
+        return source
 
     def load_default(self) -> str:
         """Start from cocam's built-in region of the attribute (undoable); returns ``"built-in"``."""
         self._end_stroke()
-        self._replace(default_mask(self._attribute), record=True)
-        self._set_status(f"Built-in region of {self._attribute} (not saved yet). " + self._summary())
+        self._model.load_default()
+        self._repaint()
+        self._set_status(f"Built-in region of {self.attribute} (not saved yet). " + self._summary())
         return "built-in"
 
     def save(self, overwrite: bool = False) -> Path:
         """Write the mask to ``<mask_dir>/<attribute>.png`` atomically and return the path.
 
+        A shipped mask (cocam's built-in region in the project's ``data/masks``, see
+        :mod:`cocam.canvas`) is replaced without ``overwrite``, and the status says so; any other
+        existing file only with ``overwrite=True``.
+
         Raises:
-            FileExistsError: the file exists and ``overwrite`` is false (nothing is written).
+            FileExistsError: the file exists, is not a shipped mask, and ``overwrite`` is false
+                (nothing is written).
             ValueError: the mask is empty or covers the whole face (nothing is written).
         """
         self._end_stroke()
-        path = save_mask(self.mask_path, self._mask, overwrite=overwrite)
-        self._dirty = False
-        self._saved_path = path
-        self._set_status(f"Saved {_short(path)}. " + self._summary(saved=True))
+        before = self._model.file_state()
+        path = self._model.save(overwrite=overwrite)
+        replaced = (" It replaced the shipped mask (cocam's built-in region; 'Built-in' then Save brings it "
+                    "back).") if before == "shipped" else ""
+        self._show_where()
+        self._set_status(f"Saved {_short(path)}. " + self._summary() + replaced)
         return path
 
-    # -- internals: painting -------------------------------------------------------------------
-
-    def _paint(self, p0: tuple[float, float], p1: tuple[float, float]) -> None:
-        """Paint (or erase) the capsule of radius brush/2 around the segment p0→p1."""
-        h, w = TEMPLATE_SHAPE
-        r = max(self._brush / 2.0, _MIN_RADIUS)
-        (x0, y0), (x1, y1) = p0, p1
-        j0 = max(int(math.floor(min(x0, x1) - r)), 0)
-        j1 = min(int(math.ceil(max(x0, x1) + r)) + 1, w)
-        i0 = max(int(math.floor(min(y0, y1) - r)), 0)
-        i1 = min(int(math.ceil(max(y0, y1) + r)) + 1, h)
-        if j0 >= j1 or i0 >= i1:
-            return
-        px = (np.arange(j0, j1, dtype=np.float64) + 0.5)[None, :] - x0
-        py = (np.arange(i0, i1, dtype=np.float64) + 0.5)[:, None] - y0
-        dx, dy = x1 - x0, y1 - y0
-        length2 = dx * dx + dy * dy
-        t = np.clip((px * dx + py * dy) / length2, 0.0, 1.0) if length2 > 0 else 0.0
-        hit = (px - t * dx) ** 2 + (py - t * dy) ** 2 <= r * r + _EPS
-        value = self._mode == "brush"
-        window = self._mask[i0:i1, j0:j1]
-        if not (window[hit] != value).any():
-            return
-        window[hit] = value
-        self._stroke_changed = True
-        self._repaint((i0, i1, j0, j1))
+    # -- internals: model ↔ status -------------------------------------------------------------
 
     def _end_stroke(self) -> None:
-        if not self._down:
-            return
-        self._down = False
-        self._last = None
-        if self._stroke_changed and self._stroke_before is not None:
-            self._push_undo(self._stroke_before)
-            self._dirty = True
+        if self._model.release():
             self._set_status(self._summary())
-        self._stroke_before = None
-        self._stroke_changed = False
 
-    def _push_undo(self, snapshot: np.ndarray) -> None:
-        self._undo.append(snapshot)
-        self._redo.clear()
+    def _describe_file(self, path: Path) -> str:
+        if is_shipped_mask(path):
+            return f"the shipped mask {_short(path)} (cocam's built-in region)"
+        return _short(path)
 
-    def _replace(self, mask: np.ndarray, *, record: bool) -> None:
-        if record and not np.array_equal(mask, self._mask):
-            self._push_undo(self._mask.copy())
-        self._mask = np.array(mask, dtype=bool, copy=True)
-        self._dirty = True
-        self._repaint()
+    def _shown_message(self) -> str:
+        """What the status says when an attribute's drawing is first shown (or shown again)."""
+        model = self._model
+        name = model.attribute
+        if model.saved_path is not None:
+            return f"Shows {self._describe_file(model.saved_path)}. " + self._own_summary()
+        if model.pixels == 0 and not model.can_undo:
+            return f"{name}: paint the region that shows it, then save."
+        if self._start == "default" and not model.can_undo:
+            return f"{name}: started from the built-in region. " + self._own_summary()
+        return self._own_summary()
 
-    def _apply_start(self, *, record: bool) -> None:
-        if self._start == "default":
-            self._replace(default_mask(self._attribute), record=record)
-            self._set_status(f"{self._attribute}: started from the built-in region. " + self._summary())
-        elif self._start == "saved" and self.mask_path.is_file():
-            self._replace(load_mask(self.mask_path), record=record)
-            self._dirty, self._saved_path = False, self.mask_path
-            self._set_status(f"{self._attribute}: loaded {_short(self.mask_path)}. " + self._summary())
-        else:
-            self._replace(np.zeros(TEMPLATE_SHAPE, dtype=bool), record=record)
-            self._dirty = False
-            self._set_status(f"{self._attribute}: paint the region that shows it, then save.")
+    def _own_summary(self) -> str:
+        model = self._model
+        n = model.pixels
+        state = "saved" if model.saved_path is not None else "not saved"
+        return f"{model.attribute}: {n} px ({100 * model.area:.1f} % of the face), {state}."
 
-    def _summary(self, saved: bool = False) -> str:
-        n = int(self._mask.sum())
-        state = "saved" if saved or not self._dirty else "not saved"
-        return f"{self._attribute}: {n} px ({100 * n / self._mask.size:.1f} % of the face), {state}."
+    def _summary(self) -> str:
+        return self._own_summary() + self._others_unsaved()
+
+    def _others_unsaved(self, *, besides: Sequence[str] = ()) -> str:
+        """A reminder of the other attributes' unsaved drawings (empty when there are none)."""
+        others = [a for a in self._model.unsaved if a != self._model.attribute and a not in besides]
+        return f" Also not saved: {', '.join(others)}." if others else ""
 
     def _set_status(self, text: str, *, error: bool = False) -> None:
         self._status = text
@@ -490,8 +439,8 @@ class MaskEditor:
             colour = "#c62828" if error else "inherit"
             self._ui["status"].value = (f"<div style='line-height:1.35;overflow-wrap:anywhere;color:{colour}'>"
                                         f"{html.escape(text)}</div>")
-            self._ui["undo"].disabled = not self._undo
-            self._ui["redo"].disabled = not self._redo
+            self._ui["undo"].disabled = not self._model.can_undo
+            self._ui["redo"].disabled = not self._model.can_redo
 
     # -- internals: display --------------------------------------------------------------------
 
@@ -505,7 +454,7 @@ class MaskEditor:
             return None
         rows = np.minimum((np.arange(y0, y1) / s + _EPS).astype(int), TEMPLATE_SHAPE[0] - 1)
         cols = np.minimum((np.arange(x0, x1) / s + _EPS).astype(int), TEMPLATE_SHAPE[1] - 1)
-        painted = self._mask[np.ix_(rows, cols)]
+        painted = self._model.mask[np.ix_(rows, cols)]
         rgba = np.zeros((y1 - y0, x1 - x0, 4), dtype=np.uint8)
         rgba[painted] = (*_MASK_COLOUR, int(round(255 * self._opacity)))
         return rgba, x0, y0
@@ -552,8 +501,8 @@ class MaskEditor:
             layer.clear()
             if x is not None and y is not None:
                 layer.line_width = 1.5
-                layer.stroke_style = "#ffffff" if self._mode == "brush" else "#ff5050"
-                layer.stroke_circle(x, y, max(self._brush / 2.0, _MIN_RADIUS) * self._scale)
+                layer.stroke_style = "#ffffff" if self.mode == "brush" else "#ff5050"
+                layer.stroke_circle(x, y, max(self.brush_size / 2.0, MIN_RADIUS) * self._scale)
 
     @contextlib.contextmanager
     def _hold(self) -> Iterator[None]:
@@ -637,17 +586,18 @@ class MaskEditor:
         canvas = MultiCanvas(3, width=width, height=height,
                              layout=w.Layout(width=f"{width}px", height=f"{height}px", flex="0 0 auto"))
         narrow = w.Layout(width="auto")
-        mode = w.ToggleButtons(options=[("Brush", "brush"), ("Eraser", "eraser")], value=self._mode,
+        mode = w.ToggleButtons(options=[("Brush", "brush"), ("Eraser", "eraser")], value=self.mode,
                                tooltips=["paint the region", "remove from the region"],
                                style={"button_width": "96px"})
-        brush = w.FloatSlider(value=self._brush, min=1, max=_BRUSH_MAX, step=1, description="Brush size",
+        # the model's brush sizes are whole pixels in [BRUSH_MIN, BRUSH_MAX]: the readout is the model's value
+        brush = w.FloatSlider(value=self.brush_size, min=BRUSH_MIN, max=BRUSH_MAX, step=1, description="Brush size",
                               readout_format=".0f", continuous_update=False, style={"description_width": "80px"})
         opacity = w.FloatSlider(value=self._opacity, min=0.0, max=1.0, step=0.05, description="Opacity",
                                 readout_format=".2f", style={"description_width": "80px"})
         undo = w.Button(description="Undo", icon="undo", layout=narrow, tooltip="undo the last step")
         redo = w.Button(description="Redo", icon="repeat", layout=narrow, tooltip="redo the undone step")
         clear = w.Button(description="Clear", icon="trash", layout=narrow, tooltip="erase everything (undoable)")
-        attribute = w.Dropdown(options=list(CELEBA_ATTRIBUTES), value=self._attribute, description="Attribute",
+        attribute = w.Dropdown(options=list(CELEBA_ATTRIBUTES), value=self.attribute, description="Attribute",
                                style={"description_width": "80px"})
         load = w.Button(description="Load saved", icon="folder-open", layout=narrow,
                         tooltip="load <mask_dir>/<Attribute>.png (or the built-in region if none)")
@@ -698,8 +648,9 @@ class MaskEditor:
                     return
                 try:
                     setter(change["new"])
-                except (ValueError, TypeError) as err:
+                except (ValueError, TypeError, OSError) as err:
                     self._set_status(str(err), error=True)
+                    self._sync_controls()  # back to the model's value
             self._ui[name].observe(handler, names="value")
 
         on_value("mode", self.set_mode)
@@ -712,8 +663,9 @@ class MaskEditor:
                 try:
                     action()
                 except FileExistsError:
-                    self._set_status(f"{_short(self.mask_path)} already exists: tick 'overwrite existing file' "
-                                     f"and press Save again to replace it.", error=True)
+                    self._set_status(f"{_short(self.mask_path)} already exists (a mask saved earlier, not a shipped "
+                                     f"one): tick 'overwrite existing file' and press Save again to replace it.",
+                                     error=True)
                 except (OSError, ValueError) as err:
                     self._set_status(str(err), error=True)
             return handler
@@ -730,6 +682,7 @@ class MaskEditor:
         save.on_click(guarded(do_save))
         self._redraw()
         self._sync_controls()
+        self._show_where()
         self._set_status(self._status)
 
     def _redraw(self) -> None:
@@ -742,12 +695,21 @@ class MaskEditor:
             return
         self._syncing = True
         try:
-            self._ui["mode"].value = self._mode
-            self._ui["brush"].value = min(max(self._brush, self._ui["brush"].min), self._ui["brush"].max)
+            self._ui["mode"].value = self.mode
+            self._ui["brush"].value = self.brush_size
             self._ui["opacity"].value = self._opacity
-            self._ui["attribute"].value = self._attribute
-            self._ui["where"].value = (f"<div style='line-height:1.35;font-size:12px;color:#555' "
-                                       f"title='{html.escape(str(self.mask_path), quote=True)}'>saves to "
-                                       f"{html.escape(_short(self.mask_path))}</div>")
+            self._ui["attribute"].value = self.attribute
         finally:
             self._syncing = False
+
+    def _show_where(self) -> None:
+        """The line under the buttons: the file Save writes, and what is there now."""
+        if self._ui is None:
+            return
+        state = self._model.file_state()
+        note = {"none": "",
+                "shipped": ", replacing the shipped mask (the built-in region)",
+                "user": ", which exists: tick 'overwrite existing file' to replace it"}[state]
+        self._ui["where"].value = (f"<div style='line-height:1.35;font-size:12px;color:#555' "
+                                   f"title='{html.escape(str(self.mask_path), quote=True)}'>saves to "
+                                   f"{html.escape(_short(self.mask_path))}{html.escape(note)}</div>")

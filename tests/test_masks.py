@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,11 +13,16 @@ from cocam.geometry import aligned_to_input
 from cocam.masks import (
     TEMPLATE_SHAPE,
     as_template_mask,
+    default_mask,
+    is_shipped_mask,
     load_mask,
     mask_to_feature,
     mask_to_input,
     save_mask,
+    shipped_mask_dir,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -279,3 +286,39 @@ def test_a_file_that_is_not_a_mask_is_a_one_line_error(tmp_path) -> None:
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"obj\.npy: not a NumPy array file"):
         load_mask(tmp_path / "obj.npy")  # pickled objects are never loaded
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A project folder whose data/masks holds the shipped masks (cocam's built-in regions)."""
+    monkeypatch.setenv("COCAM_PROJECT_DIR", str(tmp_path / "project"))
+    for name in ("Wearing_Lipstick", "Double_Chin"):
+        save_mask(tmp_path / "project" / "data" / "masks" / f"{name}.png", default_mask(name))
+    return tmp_path / "project"
+
+
+def test_the_repository_ships_the_built_in_regions(monkeypatch) -> None:
+    monkeypatch.setenv("COCAM_PROJECT_DIR", str(ROOT))
+    assert shipped_mask_dir() == ROOT / "data" / "masks"
+    shipped = sorted(shipped_mask_dir().glob("*.png"))
+    assert [p.stem for p in shipped] == ["Double_Chin", "High_Cheekbones", "Wearing_Lipstick"]
+    assert all(is_shipped_mask(p) for p in shipped)
+
+
+def test_shipped_masks_are_told_apart_from_a_users(project, tmp_path, monkeypatch) -> None:
+    masks = project / "data" / "masks"
+    assert is_shipped_mask(masks / "Wearing_Lipstick.png")
+    monkeypatch.setenv("COCAM_MASK_DIR", str(tmp_path / "mine"))  # drawing elsewhere does not move the shipped ones
+    assert shipped_mask_dir() == masks and is_shipped_mask(masks / "Wearing_Lipstick.png")
+    assert not is_shipped_mask(masks / "High_Cheekbones.png")  # no such file
+    drawn = default_mask("Double_Chin")
+    drawn[:, :89] = False
+    save_mask(masks / "Double_Chin.png", drawn, overwrite=True)
+    assert not is_shipped_mask(masks / "Double_Chin.png")  # edited: the user's
+    save_mask(masks / "High_Cheekbones.png", default_mask("Wearing_Lipstick"))
+    assert not is_shipped_mask(masks / "High_Cheekbones.png")  # another attribute's region
+    elsewhere = save_mask(tmp_path / "mine" / "Wearing_Lipstick.png", default_mask("Wearing_Lipstick"))
+    assert not is_shipped_mask(elsewhere)  # the built-in region, but outside the shipped folder
+    (masks / "Smiling.png").write_bytes(b"broken")
+    assert not is_shipped_mask(masks / "Smiling.png")  # unreadable: may be someone's
+    assert not is_shipped_mask(masks / "notes.png")

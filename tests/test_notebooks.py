@@ -240,15 +240,40 @@ def test_training_waits_for_another_process_on_the_same_run(workspace, capsys, m
     assert all(np.array_equal(first[k].cpu().numpy(), v.numpy()) for k, v in again.model.state_dict().items())
 
 
+def test_mask_sources_tell_shipped_masks_from_drawings(workspace, tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    from cocam.masks import save_mask
+
+    monkeypatch.setenv("COCAM_PROJECT_DIR", str(tmp_path / "project"))
+    masks = tmp_path / "project" / "data" / "masks"
+    save_mask(masks / "Wearing_Lipstick.png", default_mask("Wearing_Lipstick"))  # as shipped
+    drawn = default_mask("Double_Chin")
+    drawn[:, :89] = False
+    save_mask(masks / "Double_Chin.png", drawn)
+    table = nb.mask_sources(dataclasses.replace(workspace, mask_dir=masks),
+                            ["Wearing_Lipstick", "Double_Chin", "High_Cheekbones"])
+    assert list(table["whose"]) == ["shipped (built-in region)", "your drawing", "built-in"]
+    assert list(table["mask"]) == [str(masks / "Wearing_Lipstick.png"), str(masks / "Double_Chin.png"), "built-in"]
+    assert list(table["pixels"]) == [int(default_mask("Wearing_Lipstick").sum()), int(drawn.sum()),
+                                     int(default_mask("High_Cheekbones").sum())]
+
+
 def test_paint_with_strokes_covers_the_region(tmp_path) -> None:
     from cocam.widget import MaskEditor
 
-    editor = MaskEditor("Double_Chin", mask_dir=tmp_path, scale=3)
+    editor = MaskEditor("Double_Chin", mask_dir=tmp_path, scale=3, brush_size=10)
+    editor.set_mode("eraser")
     region = default_mask("Double_Chin")
     nb.paint_with_strokes(editor, region, brush=6)
     assert (editor.mask & region).sum() == region.sum()
     assert editor.mask.sum() < 1.6 * region.sum()
     assert editor.can_undo
+    assert (editor.brush_size, editor.mode) == (10, "eraser")  # the editor's own settings are put back
+
+    own = MaskEditor("Double_Chin", mask_dir=tmp_path, scale=3, brush_size=10)
+    nb.paint_with_strokes(own, region)  # the editor's brush
+    assert (own.mask & region).sum() == region.sum() and own.brush_size == 10
 
 
 def _table(guided_worst: float, control_ci: tuple[float, float] = (40.0, 60.0), n: int = 200,

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from cocam.attributes import UnknownAttributeError
+from cocam.canvas import BRUSH_MAX, BRUSH_MIN, DEFAULT_BRUSH
 from cocam.masks import TEMPLATE_SHAPE, default_mask, load_mask, save_mask
 from cocam.widget import MaskEditor, MaskEditorUnavailableError
 
@@ -246,8 +247,12 @@ def test_attribute_names_are_validated(tmp_path) -> None:
     assert editor.attribute == "High_Cheekbones"
     assert editor.mask_path.name == "High_Cheekbones.png"
     assert not editor.mask.any()  # start="empty": a fresh canvas for the new attribute
-    editor.undo()  # ...but the drawing is one undo away
-    assert np.array_equal(editor.mask, drawn)
+    assert "Wearing_Lipstick is not saved" in editor.status  # the view says the previous drawing is unsaved
+    assert not editor.undo()  # ...with its own history: the other attribute's stroke is not undone here
+    assert "not saved: Wearing_Lipstick" in editor.status  # and keeps saying so
+    editor.set_attribute("Wearing_Lipstick")  # switching back: the drawing and its history are kept
+    assert np.array_equal(editor.mask, drawn) and editor.dirty
+    assert editor.undo() and not editor.mask.any()
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -323,7 +328,7 @@ def test_save_is_atomic(tmp_path, monkeypatch) -> None:
     assert path.read_bytes() == original  # the old file is intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["Wearing_Lipstick.png"]  # no temporary left
     editor.set_attribute("Double_Chin")
-    editor.undo()
+    editor.stroke([centre(60, 190), centre(110, 190)])
     with pytest.raises(OSError):
         editor.save()
     assert not (path.parent / "Double_Chin.png").exists()
@@ -435,6 +440,64 @@ def test_widget_controls_drive_the_editor(tmp_path) -> None:
     assert np.array_equal(editor.mask, default_mask("Double_Chin"))
     controls["Button:Load saved"].click()  # no Double_Chin.png: the built-in region again
     assert np.array_equal(editor.mask, default_mask("Double_Chin"))
+
+
+def test_the_brush_slider_shows_the_models_brush(tmp_path) -> None:
+    pytest.importorskip("ipycanvas")
+    w = pytest.importorskip("ipywidgets")
+    editor = make(tmp_path, brush_size=10)
+    slider = next(c for c in _walk(editor.widget) if isinstance(c, w.FloatSlider) and c.description == "Brush size")
+    assert (slider.min, slider.max, slider.value) == (BRUSH_MIN, BRUSH_MAX, editor.brush_size) == (1, 40, 10)
+    editor.set_brush(BRUSH_MIN)  # the smallest brush the model takes is the slider's smallest: no clamping
+    assert slider.value == editor.brush_size == BRUSH_MIN
+    slider.value = 2.5  # a size the model refuses: the slider goes back to the model's
+    assert editor.brush_size == BRUSH_MIN and slider.value == BRUSH_MIN and "whole number" in editor.status
+    with pytest.raises(ValueError):
+        editor.set_brush(0.5)
+    assert slider.value == editor.brush_size == BRUSH_MIN
+    assert MaskEditor(mask_dir=tmp_path).brush_size == DEFAULT_BRUSH
+
+
+def test_switching_attributes_in_the_widget_keeps_each_drawing(tmp_path) -> None:
+    pytest.importorskip("ipycanvas")
+    w = pytest.importorskip("ipywidgets")
+    editor = make(tmp_path, brush_size=6)
+    dropdown = next(c for c in _walk(editor.widget) if isinstance(c, w.Dropdown))
+    editor.stroke([centre(60, 150), centre(110, 150)])
+    lips = editor.mask
+    dropdown.value = "Double_Chin"
+    assert "Wearing_Lipstick is not saved" in editor.status
+    assert not editor.mask.any() and editor._ui["undo"].disabled  # the new sheet has nothing to undo
+    editor.stroke([centre(70, 190), centre(100, 190)])
+    dropdown.value = "Wearing_Lipstick"
+    assert np.array_equal(editor.mask, lips) and "Double_Chin is not saved" in editor.status
+    rgba, _, _ = editor._rgba(0, 218, 0, 178)  # the canvas shows this attribute's drawing again
+    assert np.array_equal(rgba[::S, ::S, 3] > 0, lips)
+    editor.save()
+    assert "Also not saved: Double_Chin" in editor.status
+
+
+def test_saving_over_a_shipped_mask_needs_no_tick_and_says_so(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("ipycanvas")
+    w = pytest.importorskip("ipywidgets")
+    monkeypatch.setenv("COCAM_PROJECT_DIR", str(tmp_path))
+    masks = tmp_path / "data" / "masks"
+    save_mask(masks / "Wearing_Lipstick.png", default_mask("Wearing_Lipstick"))  # as shipped
+    editor = MaskEditor("Wearing_Lipstick", mask_dir=masks, scale=S, brush_size=6, start="saved")
+    assert "shipped mask" in editor.status and "built-in region" in editor.status and not editor.dirty
+    controls = {type(c).__name__ + ":" + getattr(c, "description", ""): c
+                for c in _walk(editor.widget) if isinstance(c, w.Widget)}
+    assert "replacing the shipped mask" in editor._ui["where"].value
+    controls["Button:Clear"].click()
+    editor.stroke([centre(70, 150), centre(105, 150)])
+    controls["Button:Save"].click()  # no tick: the shipped mask is cocam's, not the user's
+    assert np.array_equal(load_mask(masks / "Wearing_Lipstick.png"), editor.mask)
+    assert "replaced the shipped mask" in editor.status and "Built-in" in editor.status
+    assert "which exists" in editor._ui["where"].value  # now the user's file
+    editor.stroke([centre(70, 160), centre(105, 160)])
+    controls["Button:Save"].click()
+    assert "already exists" in editor.status  # the user's drawing is not replaced without the tick
+    assert not np.array_equal(load_mask(masks / "Wearing_Lipstick.png"), editor.mask)
 
 
 def _walk(widget):

@@ -474,6 +474,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "A∧B, A∧¬B, ¬A∧B, ¬A∧¬B; conflict mean = mean of A∧¬B and ¬A∧B; the masks are the generator's true "
           "regions grown by 8 px):")
     print(_format_table(table))
+    from cocam.evaluate import interval_reading
+
+    reading = interval_reading(table, "fine-tuned (guided)", "BCE-only control")
+    print("\nWhat this one run can say (worst group, guided vs control; 95 % intervals over the test images only — "
+          "one baseline and one fine-tuning seed say nothing about training's randomness, and a different CPU or "
+          "thread count can change these numbers):")
+    for _, r in reading.iterrows():
+        print(f"  {r.attribute}: {r.difference:+.1f} points, {r.reading}")
+    print("  For a claim, run `cocam fix --root ... --baseline-seeds 0 1 2 --seeds 0 1 2`: the choice on the valid "
+          "split, and intervals over baselines × seeds next to the control and the best peer.")
     print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) +
           f"; total {sum(times.values()):.0f}")
     print(f"results: {out / 'results.csv'}; Grad-CAM before/after: {', '.join(str(f) for f in figures)}")

@@ -46,6 +46,7 @@ __all__ = [
     "auc_interval",
     "bootstrap_interval",
     "evaluate_checkpoints",
+    "interval_reading",
     "mann_whitney_auc",
     "metrics_long",
     "metrics_table",
@@ -618,3 +619,35 @@ def write_results(path: str | os.PathLike, table: pd.DataFrame,
     atomic_write_text(path, table.to_csv(index=False))
     atomic_write_text(sidecar, text)
     return path, sidecar
+
+
+def interval_reading(table: pd.DataFrame, model: str, reference: str, metric: str = "acc_worst_group") -> pd.DataFrame:
+    """What one scored model's intervals say against another's, per attribute — and no more.
+
+    ``table`` is :func:`evaluate_checkpoints`' table (one row per model and attribute, with
+    ``metric`` and its ``_low``/``_high`` bootstrap bounds over the split's images). The reading
+    is ``"higher"`` or ``"lower"`` only when the two 95 % intervals do not overlap, else
+    ``"not distinguishable"``. These intervals cover the sampling of the *test images*; they say
+    nothing about the randomness of training (initial weights, data order), which only several
+    baselines × seeds measure (:func:`cocam.fix.fix_biases`). Returns ``attribute, model,
+    reference, difference`` (points) and ``reading``.
+    """
+    needed = {"model", "attribute", metric, f"{metric}_low", f"{metric}_high"}
+    if missing := needed - set(table.columns):
+        raise ValueError(f"the table lacks {sorted(missing)}: pass evaluate_checkpoints' table.")
+    rows = []
+    for attribute, g in table.groupby("attribute", sort=False):
+        mine, ref = g[g.model == model], g[g.model == reference]
+        if mine.empty or ref.empty:
+            raise ValueError(f"the table has no row for {model if mine.empty else reference!r} and {attribute}: "
+                             f"models in it are {sorted(set(table.model))}.")
+        m, r = mine.iloc[0], ref.iloc[0]
+        if m[f"{metric}_low"] > r[f"{metric}_high"]:
+            reading = "higher"
+        elif m[f"{metric}_high"] < r[f"{metric}_low"]:
+            reading = "lower"
+        else:
+            reading = "not distinguishable"
+        rows.append({"attribute": attribute, "model": model, "reference": reference,
+                     "difference": 100.0 * (m[metric] - r[metric]), "reading": reading})
+    return pd.DataFrame(rows)

@@ -272,6 +272,10 @@ def test_demo_end_to_end_smoke(tmp_path: Path, capsys, monkeypatch) -> None:
     assert rc == 0
     out = capsys.readouterr().out
     assert "Before/after" in out and "stage times" in out
+    assert "What this one run can say" in out and "cocam fix" in out  # no conclusion beyond the intervals
+    for a, _ in PAPER_PAIRS:
+        assert any(line.strip().startswith(f"{a}:") and line.rstrip().endswith(
+            ("higher", "lower", "not distinguishable")) for line in out.splitlines())
     table = pd.read_csv(tmp_path / "runs" / "results.csv")
     assert set(table["model"]) == {"pre-trained", "BCE-only control", "fine-tuned (guided)"}
     assert set(table["attribute"]) == {a for a, _ in PAPER_PAIRS}

@@ -619,3 +619,20 @@ def test_attention_metrics_uses_grad_cam_of_the_attribute(monkeypatch) -> None:
     assert m["soft_iou"] == pytest.approx(4 / 20)  # I = 4, U = 8 + 16 - 4
     assert m["pointing_game"] == 1.0
     assert m["energy_inside"] == pytest.approx(0.5)
+
+
+def test_interval_reading_says_only_what_the_intervals_do() -> None:
+    from cocam.evaluate import interval_reading
+
+    def row(model, attribute, acc, lo, hi):
+        return dict(model=model, attribute=attribute, acc_worst_group=acc, acc_worst_group_low=lo,
+                    acc_worst_group_high=hi)
+
+    table = pd.DataFrame([row("g", "A", 0.50, 0.45, 0.55), row("c", "A", 0.30, 0.25, 0.35),   # apart: higher
+                          row("g", "B", 0.20, 0.15, 0.25), row("c", "B", 0.40, 0.35, 0.45),   # apart: lower
+                          row("g", "C", 0.40, 0.30, 0.50), row("c", "C", 0.35, 0.28, 0.42)])  # overlap
+    reading = interval_reading(table, "g", "c").set_index("attribute")
+    assert reading.reading.to_dict() == {"A": "higher", "B": "lower", "C": "not distinguishable"}
+    assert reading.loc["A", "difference"] == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="no row for 'x'"):
+        interval_reading(table, "x", "c")

@@ -39,7 +39,11 @@ class CheckpointError(CocamError, ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What is needed to rebuild a model before loading its weights."""
+    """What is needed to rebuild a model before loading its weights.
+
+    ``arch`` names an entry of the architecture registry (:mod:`cocam.archs`); ``image_size``
+    is passed to it, which matters for architectures built for one input size (``vit_tiny``).
+    """
 
     arch: str = "alexnet"
     image_size: int = 112
@@ -50,7 +54,7 @@ class ModelSpec:
     def build(self, *, pretrained: bool = False) -> SplitModel:
         """A freshly initialised model of this spec."""
         return build_model(self.arch, len(self.attributes), pretrained=pretrained, dropout=self.dropout,
-                           hidden=self.hidden)
+                           hidden=self.hidden, image_size=self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "image_size": self.image_size, "hidden": self.hidden, "dropout": self.dropout,

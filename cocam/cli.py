@@ -135,12 +135,13 @@ def _require_landmarks(guidance, dataset) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cocam.archs import ARCHITECTURES
     from cocam.checkpoint import ModelSpec
     from cocam.train import fit
 
     import torch
 
-    hidden = None if args.hidden == 0 or args.arch == "resnet18" else args.hidden
+    hidden = None if args.hidden == 0 or not ARCHITECTURES[args.arch].hidden_layers else args.hidden
     spec = ModelSpec(arch=args.arch, image_size=args.image_size, hidden=hidden)
     train, valid = _datasets(args.root, spec.image_size)
     config = train_config(args)
@@ -521,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS, GUIDANCE_LOSSES
     from cocam.masks import MASK_TRANSFERS
+    from cocam.model import SUPPORTED_ARCHS
     from cocam.synthetic import PRESETS
 
     g = sub.add_parser("generate", help="write the synthetic CelebA-format dataset")
@@ -581,9 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train the baseline classifier")
     training_options(tr, 10)
     tr.add_argument("--out", type=Path, default=Path("runs/baseline"))
-    tr.add_argument("--arch", default="alexnet")
+    tr.add_argument("--arch", choices=SUPPORTED_ARCHS, default="alexnet",
+                    help="the backbone, from the architecture registry (default: %(default)s)")
     tr.add_argument("--image-size", type=int, default=112, help="224 for real CelebA; 112 for CPU runs")
-    tr.add_argument("--hidden", type=int, default=512, help="classifier width (0 = torchvision's 4096)")
+    tr.add_argument("--hidden", type=int, default=512, help="classifier width (0 = torchvision's 4096; ignored by "
+                    "architectures without hidden layers, e.g. resnet18)")
     tr.add_argument("--pretrained", action="store_true", help="ImageNet weights (must be in the torch cache)")
     tr.add_argument("--patience", type=int, default=3)
     tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out (its checkpoints "

@@ -222,6 +222,7 @@ class ProtocolConfig:
     attention: bool = False
 
     def __post_init__(self) -> None:
+        from cocam.archs import ARCHITECTURES
         from cocam.model import MIN_INPUT_SIZE, SUPPORTED_ARCHS
 
         if self.root is None or str(self.root) == "":
@@ -236,9 +237,10 @@ class ProtocolConfig:
         if int(self.image_size) < MIN_INPUT_SIZE[self.arch]:
             raise ProtocolError(f"image_size {self.image_size} is too small for {self.arch}: use at least "
                                 f"{MIN_INPUT_SIZE[self.arch]} (224 is AlexNet's native size).")
-        if self.hidden is not None and (self.arch == "resnet18" or int(self.hidden) < 1):
-            raise ProtocolError(f"hidden={self.hidden!r}: give a positive width for alexnet/vgg11, or None for "
-                                f"torchvision's 4096 (resnet18 takes only None).")
+        if self.hidden is not None and (not ARCHITECTURES[self.arch].hidden_layers or int(self.hidden) < 1):
+            takes = "/".join(name for name, a in ARCHITECTURES.items() if a.hidden_layers)
+            raise ProtocolError(f"hidden={self.hidden!r}: give a positive width for {takes}, or None for "
+                                f"torchvision's 4096 ({self.arch} takes only None).")
         for name in ("baseline_epochs", "finetune_epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ProtocolError(f"{name} must be at least 1, got {getattr(self, name)!r}.")
@@ -1002,6 +1004,8 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     Pair it with :func:`run_from_args`: ``parser.set_defaults(func=run_from_args)``. Defaults
     are :class:`ProtocolConfig`'s.
     """
+    from cocam.model import SUPPORTED_ARCHS
+
     d = ProtocolConfig(root=Path("."))
     parser.add_argument("--root", type=Path, required=True,
                         help="your CelebA: the folder that contains celeba/ (or celeba/ itself)")
@@ -1010,7 +1014,7 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="only print what the run needs and how long it will take here, then stop")
     parser.add_argument("--measure-steps", type=int, default=3, help="training steps timed by --check")
     parser.add_argument("--image-size", type=int, default=d.image_size, help="default: %(default)s")
-    parser.add_argument("--arch", default=d.arch, help="default: %(default)s (the paper's)")
+    parser.add_argument("--arch", choices=SUPPORTED_ARCHS, default=d.arch, help="default: %(default)s (the paper's)")
     parser.add_argument("--hidden", type=int, default=0,
                         help="width of the two hidden layers (0 = AlexNet's 4096, the default; 512 for CPU runs)")
     parser.add_argument("--pretrained", action="store_true", help="ImageNet weights (must be in the torch cache)")

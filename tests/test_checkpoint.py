@@ -265,3 +265,27 @@ def test_weights_of_another_architecture_are_one_line(tmp_path: Path, model) -> 
     with pytest.raises(CheckpointError, match=r"do not fit a alexnet model.*missing.*unexpected") as info:
         load_model(tmp_path / "lying.pt")
     assert "\n" not in str(info.value)  # torch's own message lists every key over many lines
+
+
+def test_a_model_built_for_one_input_size_is_rebuilt_for_the_size_its_spec_names(tmp_path: Path) -> None:
+    """vit_tiny's positional embeddings cover the patch grid of its image_size: the spec's size rebuilds it."""
+    spec = ModelSpec(arch="vit_tiny", image_size=32, hidden=None)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    path = save_checkpoint(tmp_path / "vit.pt", model, spec)
+    loaded, loaded_spec, _ = load_model(path)
+    assert loaded_spec == spec and loaded.input_size == 32
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(_images(size=32)), model(_images(size=32)))
+
+    payload = torch.load(path, weights_only=True)
+    payload["spec"]["image_size"] = 40  # a 5×5 patch grid: the stored 4×4 embeddings do not fit
+    torch.save(payload, tmp_path / "resized.pt")
+    with pytest.raises(CheckpointError, match=r"do not fit a vit_tiny model.*of another shape.*pos_embedding") as info:
+        load_model(tmp_path / "resized.pt")
+    assert "\n" not in str(info.value)
+    payload["spec"]["arch"] = "no_such_arch"
+    torch.save(payload, tmp_path / "unknown.pt")
+    with pytest.raises(CheckpointError, match=r"cannot be built \(Unknown architecture 'no_such_arch'") as info:
+        load_model(tmp_path / "unknown.pt")
+    assert "\n" not in str(info.value)

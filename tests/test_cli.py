@@ -245,6 +245,26 @@ def test_train_same_seed_same_weights(root: Path, tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_train_arch_choices_are_the_registered_architectures(root: Path, tmp_path: Path, capsys) -> None:
+    from cocam.archs import ARCHITECTURES
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--root", str(root), "--arch", "resnet50"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'resnet50'" in err and all(repr(name) in err for name in ARCHITECTURES)
+
+    # A token model through the CLI: the registry says it has no hidden layers, so --hidden is not applied.
+    out = tmp_path / "vit"
+    assert main(["train", "--root", str(root), "--out", str(out), "--arch", "vit_tiny", "--image-size", "64",
+                 "--hidden", "32", *TINY]) == 0
+    spec = load_checkpoint(out / "best.pt")["spec"]
+    assert (spec["arch"], spec["image_size"], spec["hidden"]) == ("vit_tiny", 64, None)
+    assert _finetune(root, out / "best.pt", tmp_path / "vit-guided", "--attribute", "Wearing_Lipstick") == 0
+    guided = load_checkpoint(tmp_path / "vit-guided" / "last.pt")
+    assert guided["spec"]["arch"] == "vit_tiny" and guided["step"] == 2
+
+
 # --------------------------------------------------------------------------------------------
 # python -m cocam
 # --------------------------------------------------------------------------------------------

@@ -117,6 +117,8 @@ def test_config_defaults_follow_the_paper_or_cocam(tmp_path: Path) -> None:
     ({"pairs": ()}, "at least one"),
     ({"batch_size": 0}, "batch_size"),
     ({"hidden": 0}, "positive width"),
+    ({"arch": "resnet18", "hidden": 512}, "positive width for alexnet/vgg11.*resnet18 takes only None"),
+    ({"arch": "resnet50"}, "not supported: use one of alexnet, resnet18, vgg11, vit_tiny"),
 ])
 def test_config_errors_name_the_problem(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):

@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=3e-4)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="processes that render the images")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: merge the runs.csv each strength's comparison has written so far")
     args = p.parse_args()
 
     pairs = tuple(parse_pairs(args.pair)) if args.pair else tuple(PAPER_PAIRS)
@@ -119,6 +121,11 @@ def main() -> None:
     runs = []
     for strength in args.strengths:
         root = strength_root(args.data, strength)
+        if args.report_only:
+            done = args.out / f"strength_{strength:g}" / "runs.csv"
+            if done.is_file():
+                runs.append(pd.read_csv(done).assign(strength=strength))
+            continue
         generate_synthetic_celeba(root, type(preset)(**{**preset.to_dict(), "difficulty": preset.difficulty,
                                                         "train_conflict_scale": strength}), workers=args.workers)
         config = ComparisonConfig(root=root, out=args.out / f"strength_{strength:g}", seeds=tuple(args.seeds),

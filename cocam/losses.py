@@ -113,6 +113,8 @@ from cocam.gradcam import NORMALIZE_EPS, resolve_targets
 __all__ = [
     "CAM_LOSSES",
     "DEAD_CAM_MAX",
+    "LOSSES",
+    "LossEntry",
     "DEFAULT_GUIDANCE_WEIGHTS",
     "GUIDANCE_LOSSES",
     "GuidedLoss",
@@ -127,16 +129,66 @@ __all__ = [
     "per_target",
     "positive_sample_weight",
     "region_loss",
+    "register_guidance_loss",
+    "unregister_guidance_loss",
     "revive_term",
     "rrr_cam_loss",
     "rrr_input_loss",
     "soft_iou",
 ]
 
+@dataclass(frozen=True)
+class LossEntry:
+    """One guidance loss of the registry (:func:`register_guidance_loss`).
+
+    Attributes:
+        fn: ``fn(cam, mask, *, eps, reduction, validate, raw) -> Tensor`` for a CAM loss (the
+            signature of :func:`iou_loss`); ``None`` for ``rrr_input``, which the training step
+            computes from input gradients (:func:`rrr_input_loss`).
+        default_weight: the loss's starting ``w_g`` (:data:`DEFAULT_GUIDANCE_WEIGHTS`).
+        uses: ``"cam"`` or ``"input_gradients"``.
+    """
+
+    fn: Any
+    default_weight: float
+    uses: str = "cam"
+
+
+#: The guidance losses by name. Add one with :func:`register_guidance_loss`; every view below
+#: (:data:`GUIDANCE_LOSSES`, :data:`CAM_LOSSES`, :data:`DEFAULT_GUIDANCE_WEIGHTS`), ``Guidance``,
+#: the CLI's ``--loss`` choices and the tests that loop over the losses read it.
+LOSSES: dict[str, LossEntry] = {}
+
+
+class _Names:
+    """A live, read-only view of the registry's names (optionally only those of one kind)."""
+
+    def __init__(self, uses: str | None = None) -> None:
+        self._uses = uses
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(n for n, e in LOSSES.items() if self._uses is None or e.uses == self._uses)
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
 #: Guidance losses selectable by name (``Guidance(loss=...)``, ``cocam finetune --loss``).
-GUIDANCE_LOSSES: tuple[str, ...] = ("iou", "energy", "rrr_cam", "rrr_input")
+GUIDANCE_LOSSES = _Names()
 #: The losses computed from the Grad-CAM (the others need input gradients).
-CAM_LOSSES: tuple[str, ...] = ("iou", "energy", "rrr_cam")
+CAM_LOSSES = _Names("cam")
 #: A starting ``w_g`` per loss, with ``w_a = 1``, following Ross et al.'s rule: the guidance
 #: term about as large as the BCE at the start of fine-tuning. Measured on the synthetic
 #: benchmark's converged baseline (AlexNet, 112 px, the three paper masks; BCE ≈ 0.19):
@@ -144,7 +196,7 @@ CAM_LOSSES: tuple[str, ...] = ("iou", "energy", "rrr_cam")
 #: (weight 10), ``rrr_input`` near 10 (weight 0.02; its scale depends on the model and the
 #: input normalisation). Check the first ``loss_g`` the training loop reports and adjust for
 #: other models.
-DEFAULT_GUIDANCE_WEIGHTS: dict[str, float] = {"iou": 1.0, "energy": 1.0, "rrr_cam": 10.0, "rrr_input": 0.02}
+DEFAULT_GUIDANCE_WEIGHTS: dict[str, float] = {}  # filled by register_guidance_loss, at the end of this module
 #: ``τ`` of the revive branch ``softplus(−μ/τ)`` (module docstring), in units of the raw map's
 #: largest magnitude: at a dead CAM (``μ ∈ [−1, 0]``) the branch adds 0.69–4.0 to the loss and
 #: its slope ``σ(−μ/τ)/τ`` is 2–4, a signal of the same order as an alive ``-ln IoU``'s.
@@ -313,16 +365,10 @@ def region_loss(cam: Tensor, mask: Tensor, loss: str = "iou", *, eps: float = 1e
             (:attr:`cocam.gradcam.GradCAMResult.signed`), for the dead-CAM branch's gradient
             (module docstring); ``None`` uses the CAM.
     """
-    if loss == "iou":
-        return iou_loss(cam, mask, eps, reduction, validate=validate, raw=raw)
-    if loss == "energy":
-        return energy_loss(cam, mask, eps, reduction, validate=validate, raw=raw)
-    if loss == "rrr_cam":
-        return rrr_cam_loss(cam, mask, reduction, validate=validate, raw=raw, eps=eps)
-    if loss == "rrr_input":
-        raise ValueError("'rrr_input' is computed from input gradients, not from a CAM: use rrr_input_loss.")
-    check_guidance_loss(loss)
-    raise AssertionError("unreachable")
+    entry = LOSSES[check_guidance_loss(loss)]
+    if entry.uses != "cam":
+        raise ValueError(f"{loss!r} is computed from input gradients, not from a CAM: use rrr_input_loss.")
+    return entry.fn(cam, mask, eps=eps, reduction=reduction, validate=validate, raw=raw)
 
 
 def input_gradients(model: torch.nn.Module, images: Tensor, targets: Sequence[int], *,
@@ -572,3 +618,39 @@ def guided_objective(
         terms = weight * per_sample  # weights as Python floats: no host-to-device copy per step
         total = w_a * bce + sum(float(w) * terms[:, i].sum() for i, w in enumerate(weights)) / denom
     return GuidedLoss(total=total, bce=bce, guidance=guidance, per_sample=per_sample)
+
+
+def register_guidance_loss(name: str, fn: Any, *, default_weight: float) -> None:
+    """Add a CAM-based guidance loss: ``fn(cam, mask, *, eps, reduction, validate, raw)``.
+
+    ``fn`` returns ``-ln``-like values, one per (image, target) with ``reduction="none"``, and
+    must score a dead (all-zero) CAM worse than any CAM with its mass inside the region —
+    :func:`revive_term` gives a loss that property (see the module docstring); the tests loop
+    over :data:`CAM_LOSSES` and check it for every registered loss. Then
+    ``Guidance(loss=name)``, ``cocam finetune --loss name`` and ``cocam compare`` can use it.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a guidance loss name must be a plain identifier, got {name!r}.")
+    if name in LOSSES:
+        raise ValueError(f"the guidance loss {name!r} is already registered: choose another name.")
+    if not callable(fn):
+        raise TypeError(f"the guidance loss {name!r} needs a function, got {type(fn).__name__}.")
+    if not default_weight > 0:
+        raise ValueError(f"default_weight must be positive, got {default_weight}.")
+    LOSSES[name] = LossEntry(fn, float(default_weight))
+    DEFAULT_GUIDANCE_WEIGHTS[name] = float(default_weight)
+
+
+def unregister_guidance_loss(name: str) -> None:
+    """Remove a loss added with :func:`register_guidance_loss` (the built-in ones stay)."""
+    if name in _BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in guidance loss and cannot be removed.")
+    LOSSES.pop(check_guidance_loss(name))
+    DEFAULT_GUIDANCE_WEIGHTS.pop(name, None)
+
+
+for _name, _fn, _w in (("iou", iou_loss, 1.0), ("energy", energy_loss, 1.0), ("rrr_cam", rrr_cam_loss, 10.0)):
+    register_guidance_loss(_name, _fn, default_weight=_w)
+LOSSES["rrr_input"] = LossEntry(None, 0.02, uses="input_gradients")
+DEFAULT_GUIDANCE_WEIGHTS["rrr_input"] = 0.02
+_BUILT_IN = frozenset(LOSSES)

@@ -593,3 +593,58 @@ def test_guidance_alone_revives_a_model_whose_cams_are_all_dead() -> None:
     assert final < -math.log(1e-6)
     stuck, _ = run(pass_raw=False)
     assert stuck == [1.0] * 30
+
+
+def test_a_new_loss_is_one_function_and_one_registration(tmp_path) -> None:
+    """Register a loss, use it through Guidance and the guided step and the CLI's choices, remove it."""
+    from cocam.cli import build_parser
+    from cocam.losses import LOSSES, register_guidance_loss, revive_term, unregister_guidance_loss
+    from cocam.masks import default_mask
+    from cocam.model import build_model
+    from cocam.train import Guidance, guidance_masks, guided_terms
+    from cocam.attributes import attribute_index
+
+    def outside_share(cam, mask, *, eps=1e-6, reduction="mean", validate=True, raw=None):
+        """The share of the CAM's mass outside S, plus the revive branch for a dead CAM."""
+        out = (cam * (1 - mask)).sum(dim=(-2, -1)) / cam.sum(dim=(-2, -1)).clamp_min(eps)
+        dead = cam.amax(dim=(-2, -1)) <= 0
+        value = torch.where(dead, 1.0 + revive_term(cam, mask, raw), out)
+        return value if reduction == "none" else value.mean() if reduction == "mean" else value.sum()
+
+    register_guidance_loss("outside_share", outside_share, default_weight=2.0)
+    try:
+        assert "outside_share" in GUIDANCE_LOSSES and "outside_share" in CAM_LOSSES
+        assert DEFAULT_GUIDANCE_WEIGHTS["outside_share"] == 2.0
+        mask = _region()
+        assert region_loss(mask[None], mask, "outside_share").item() == 0.0  # all mass inside S
+        assert region_loss(torch.zeros(1, 1, 16, 16), mask, "outside_share").item() >= 1.0 + math.log(2) * (1 - 1e-6)
+        # the guided step computes it: its guidance term equals the function on the step's own CAMs
+        attrs = ("Wearing_Lipstick",)
+        g = Guidance(attrs, (default_mask(attrs[0]),), loss="outside_share", target="both")
+        assert g.w_g == 2.0  # the registry's default weight
+        torch.manual_seed(0)
+        model = build_model("alexnet", num_outputs=40, hidden=16).eval()
+        images = torch.rand(3, 3, 64, 64)
+        targets = torch.randint(0, 2, (3, 40)).float()
+        masks = guidance_masks(g, model, 64, torch.device("cpu"))
+        terms = guided_terms(model, images, targets, g, [attribute_index(attrs[0])], masks)
+        assert torch.isfinite(terms.total) and terms.per_sample.shape == (3, 1)
+        from cocam.gradcam import grad_cam, signs_from_labels
+
+        k = attribute_index(attrs[0])
+        res = grad_cam(model, images, [k], signs=signs_from_labels(targets, [k]), output_size=64)
+        expected = outside_share(res.cams, masks, reduction="none", raw=res.signed)
+        torch.testing.assert_close(terms.per_sample, expected)
+        torch.testing.assert_close(terms.total, terms.bce + 2.0 * expected.mean())
+        assert "outside_share" in build_parser().parse_args(
+            ["finetune", "--checkpoint", "x.pt", "--loss", "outside_share"]).loss
+        with pytest.raises(ValueError, match="already registered"):
+            register_guidance_loss("outside_share", outside_share, default_weight=1.0)
+    finally:
+        unregister_guidance_loss("outside_share")
+    assert "outside_share" not in GUIDANCE_LOSSES and "outside_share" not in DEFAULT_GUIDANCE_WEIGHTS
+    assert "outside_share" not in LOSSES
+    with pytest.raises(ValueError, match="built-in"):
+        unregister_guidance_loss("iou")
+    with pytest.raises(ValueError, match="unknown guidance loss"):
+        Guidance(("Wearing_Lipstick",), (default_mask("Wearing_Lipstick"),), loss="outside_share")

@@ -619,3 +619,19 @@ def test_attention_metrics_uses_grad_cam_of_the_attribute(monkeypatch) -> None:
     assert m["soft_iou"] == pytest.approx(4 / 20)  # I = 4, U = 8 + 16 - 4
     assert m["pointing_game"] == 1.0
     assert m["energy_inside"] == pytest.approx(0.5)
+
+
+def test_attention_metrics_take_the_cam_method(monkeypatch) -> None:
+    """``cam_method`` reaches ``grad_cam`` (default Grad-CAM); an unknown name fails before any work."""
+    import cocam.evaluate as ev
+    from cocam.cams import UnknownCamMethodError
+
+    methods = []
+    real = ev.grad_cam
+    monkeypatch.setattr(ev, "grad_cam", lambda *a, **k: methods.append(k.get("method")) or real(*a, **k))
+    attention_metrics(_cam_model(), _hand_dataset(), A, _region(), device="cpu")
+    layer = attention_metrics(_cam_model(), _hand_dataset(), A, _region(), device="cpu", cam_method="layercam")
+    assert methods == ["gradcam", "layercam"] and layer["n"] == 3
+    with pytest.raises(UnknownCamMethodError, match="gradcam, gradcam\\+\\+, layercam"):
+        attention_metrics(_cam_model(), _hand_dataset(), A, _region(), device="cpu", cam_method="cam")
+    assert len(methods) == 2

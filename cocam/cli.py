@@ -181,13 +181,14 @@ def _guidance(args: argparse.Namespace):
 
     guidance = Guidance(tuple(attributes), tuple(masks), w_a=args.w_a, w_g=one_or_each(args.w_g),
                         target=one_or_each(args.target), exact=not args.first_order, loss=one_or_each(args.loss),
-                        transfer=args.transfer)
+                        transfer=args.transfer, cam_method=args.cam_method)
     losses = args.loss if len(args.loss) > 1 else args.loss * len(attributes)
     w_g = args.w_g if args.w_g is not None else [DEFAULT_GUIDANCE_WEIGHTS.get(loss) for loss in losses]
     print(f"guidance: loss {' '.join(args.loss)}, target {' '.join(args.target)}, "
           f"w_g {' '.join(f'{w:g}' for w in w_g) if all(w is not None for w in w_g) else w_g}"
           f"{'' if args.w_g is not None else ' (the loss default)'}, w_a {args.w_a:g}, transfer {args.transfer}, "
-          f"{'first-order' if args.first_order else 'exact'} gradients")
+          f"{'first-order' if args.first_order else 'exact'} gradients"
+          f"{'' if args.cam_method == 'gradcam' else ', CAM ' + args.cam_method}")
     return guidance
 
 
@@ -520,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from cocam.cams import CAM_METHODS, DEFAULT_CAM_METHOD
     from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS, GUIDANCE_LOSSES
     from cocam.masks import MASK_TRANSFERS
     from cocam.model import SUPPORTED_ARCHS
@@ -579,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="template: the same mask pixels for every image; landmarks: moved by each image's "
                             "5 landmarks")
         p.add_argument("--first-order", action="store_true", help="detach the Grad-CAM weights (cheaper)")
+        p.add_argument("--cam-method", choices=list(CAM_METHODS), default=DEFAULT_CAM_METHOD,
+                       help="the CAM the guidance loss is computed on: gradcam (default, the paper's), gradcam++ "
+                            "or layercam")
 
     tr = sub.add_parser("train", help="train the baseline classifier")
     training_options(tr, 10)

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cocam.attributes import attribute_index, validate_attributes
+from cocam.cams import get_cam_method
 from cocam.dataset import CelebADataset, iterate_batches
 from cocam.gradcam import grad_cam
 from cocam.groups import CONFLICT_GROUPS, GROUPS
@@ -412,30 +413,32 @@ def paper_table(results: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFr
 
 def attention_metrics(model: SplitModel, dataset: CelebADataset, attribute: str, region: torch.Tensor, *,
                       batch_size: int = 64, device: str | torch.device | None = "auto",
-                      positives_only: bool = True) -> dict[str, float]:
-    """How well the Grad-CAM of ``attribute`` falls inside ``region``.
+                      positives_only: bool = True, cam_method: str = "gradcam") -> dict[str, float]:
+    """How well the Grad-CAM (or ``cam_method``'s CAM) of ``attribute`` falls inside ``region``.
 
     Args:
         region: ``(S, S)`` one region for every image (e.g. the user's mask at input size) or
             ``(N, S, S)`` one per image of ``dataset`` (e.g. ground-truth evidence regions).
         positives_only: score only images that have the attribute (the CAM of an absent
             attribute shows evidence *for* it, which is not what the region marks).
+        cam_method: a name in :data:`cocam.cams.CAM_METHODS` (``grad_cam(method=...)``).
 
     Returns:
         ``{"soft_iou", "pointing_game", "energy_inside", "n"}`` averaged over the scored images.
     """
     return attention_scores(model, dataset, attribute, {"region": region}, batch_size=batch_size, device=device,
-                            positives_only=positives_only)["region"]
+                            positives_only=positives_only, cam_method=cam_method)["region"]
 
 
 def attention_scores(model: SplitModel, dataset: CelebADataset, attribute: str,
                      regions: Mapping[str, torch.Tensor], *, batch_size: int = 64,
                      device: str | torch.device | None = "auto",
-                     positives_only: bool = True) -> dict[str, dict[str, float]]:
+                     positives_only: bool = True, cam_method: str = "gradcam") -> dict[str, dict[str, float]]:
     """:func:`attention_metrics` against several regions at once, from one Grad-CAM pass.
 
     Returns one ``{"soft_iou", "pointing_game", "energy_inside", "n"}`` dict per region name.
     """
+    get_cam_method(cam_method)  # an unknown name fails before any work
     device = resolve_device(device)
     idx = attribute_index(attribute)
     regions = {name: torch.as_tensor(r, dtype=torch.float32) for name, r in regions.items()}
@@ -455,7 +458,7 @@ def attention_scores(model: SplitModel, dataset: CelebADataset, attribute: str,
             stop = start + len(images)
             keep = labels[start:stop] > 0 if positives_only else torch.ones(stop - start, dtype=torch.bool)
             if keep.any():
-                res = grad_cam(model, images[keep.to(device)], idx, output_size=images.shape[-1])
+                res = grad_cam(model, images[keep.to(device)], idx, output_size=images.shape[-1], method=cam_method)
                 cam = res.cams[:, 0].detach().float().cpu()
                 flat = cam.flatten(1)
                 for name, region in regions.items():

@@ -1,12 +1,18 @@
-"""Batched, differentiable Grad-CAM for :class:`~cocam.model.SplitModel`.
+"""Batched, differentiable Grad-CAM (and Grad-CAM++, LayerCAM) for :class:`~cocam.model.SplitModel`.
 
 For an image ``x``, target ``t`` and target activation ``A = trunk(x)`` (``K`` channels,
 ``h×w``), Grad-CAM is::
 
     score_t = sign_t · logit_t(x)                      (sign = 1 unless ``signs`` is given)
-    w_k     = mean_{i,j} ∂score_t / ∂A_k[i, j]         (one weight per channel)
+    G_t     = ∂score_t / ∂A                            (K × h × w per-position gradients)
+    w_k     = mean_{i,j} G_t[k, i, j]                  (one weight per channel)
     raw     = ReLU(Σ_k w_k · A_k)                      (``relu=False`` keeps the signed map)
     cam     = upsample(minmax(raw))                    (optional, in this order)
+
+``method=`` picks how ``(A, G)`` become the map (:data:`cocam.cams.CAM_METHODS`): ``"gradcam"``
+(above, the default), ``"gradcam++"`` (Grad-CAM++ weights) or ``"layercam"`` (LayerCAM's
+per-position weights); see :mod:`cocam.cams`. Everything else here — one forward, the gradients
+of all targets, the modes, normalisation and upsampling — is shared by all methods.
 
 All images and all ``T`` targets are handled in one forward pass; per-image gradients come
 from a single backward of ``Σ_b score_t[b]``, which equals ``∂score_t[b]/∂A[b]`` for each
@@ -20,11 +26,12 @@ upsampled bilinearly (``align_corners=False``), which keeps values in ``[0, 1]``
 ``eps`` floor (:data:`NORMALIZE_EPS`) makes a constant map, e.g. an all-zero CAM after the
 ReLU, normalise to all zeros instead of NaN.
 
-**Two gradient modes.** ``create_graph=True`` is exact: the channel weights ``w`` are
-themselves differentiable (double backprop), so a loss on the CAM sends gradients to the trunk
-*and* the head. ``create_graph=False`` (default, cheaper) treats ``w`` as constants: the CAM
-is still differentiable through ``A``, so a loss on it trains the trunk, but the head receives
-no gradient from that loss (it still learns from any loss on ``logits``).
+**Two gradient modes.** ``create_graph=True`` is exact: the gradients ``G``, and so the channel
+weights ``w``, are themselves differentiable (double backprop), so a loss on the CAM sends
+gradients to the trunk *and* the head. ``create_graph=False`` (default, cheaper) treats ``G``
+(for Grad-CAM: ``w``) as constants: the CAM is still differentiable through ``A``, so a loss on
+it trains the trunk, but the head receives no gradient from that loss (it still learns from any
+loss on ``logits``).
 
 **Hygiene.** :func:`grad_cam` uses :func:`torch.autograd.grad` only: it never calls
 ``zero_grad``, never reads or writes a parameter's ``.grad``, never changes
@@ -48,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cocam.attributes import attribute_index
+from cocam.cams import DEFAULT_CAM_METHOD, CamMethod, get_cam_method
 from cocam.model import SplitModel
 
 __all__ = [
@@ -78,7 +86,7 @@ NORMALIZE_EPS: float = 1e-7
 BATCHED_TARGET_GRADS: bool = True
 
 #: Targets per vmapped pullback chunk: the ``(chunk, B, K, h, w)`` gradients are reduced to
-#: channel weights chunk by chunk (``torch.func.vmap(chunk_size=...)``), which bounds memory
+#: channel weights (or, for LayerCAM, to the map: :meth:`cocam.cams.CamMethod.reduce`) chunk by chunk (``torch.func.vmap(chunk_size=...)``), which bounds memory
 #: (all 40 attributes, batch 64, 224²: 44 MB of gradients instead of 443 MB) and was ~10 %
 #: faster than a single chunk on the 2-core CPU (1 thread, batch 64, 128²).
 TARGET_CHUNK: int = 10
@@ -97,26 +105,37 @@ class GradCAMResult:
             (after the ReLU when ``relu=True``).
         logits: ``(B, num_outputs)`` from the same forward pass (reuse them for the BCE loss).
         activations: ``(B, K, h, w)`` the target activation ``A``.
-        weights: ``(B, T, K)`` the channel weights (spatial mean of the gradients).
+        weights: ``(B, T, K)`` the channel weights (Grad-CAM: spatial mean of the gradients;
+            Grad-CAM++: its α-weighted sum), or ``None`` for a method without them (LayerCAM).
         targets: the ``T`` output indices.
+        method: the CAM method's name (:data:`cocam.cams.CAM_METHODS`).
+        pre_relu: ``(B, T, h, w)`` the map before the ReLU, as computed (``None`` if not kept).
     """
 
     cams: Tensor
     raw: Tensor
     logits: Tensor
     activations: Tensor
-    weights: Tensor
+    weights: Tensor | None
     targets: tuple[int, ...]
+    method: str = DEFAULT_CAM_METHOD
+    pre_relu: Tensor | None = None
 
     @property
     def signed(self) -> Tensor:
-        """``(B, T, h, w)`` the signed map ``Σ_k w_k · A_k`` *before* the ReLU (equal to ``raw`` when ``relu=False``).
+        """``(B, T, h, w)`` the signed map (``Σ_k w_k · A_k``) *before* the ReLU (equal to ``raw`` when ``relu=False``).
 
         Where it is ≤ 0 everywhere the CAM is all zero and the ReLU passes no gradient; the
         guidance losses use it to give such a dead CAM a way out (:mod:`cocam.losses`).
-        Recomputed from :attr:`weights` and :attr:`activations` (attached to the graph like them).
+        With channel weights it is recomputed from :attr:`weights` and :attr:`activations`
+        (attached to the graph like them, as a separate branch of it); without, it is :attr:`pre_relu`.
         """
-        return torch.einsum("btk,bkhw->bthw", self.weights, self.activations)
+        if self.weights is not None:
+            return torch.einsum("btk,bkhw->bthw", self.weights, self.activations)
+        if self.pre_relu is None:
+            raise ValueError(f"this {self.method} result has neither channel weights nor its pre-ReLU map: "
+                             f"make it with grad_cam, which keeps them.")
+        return self.pre_relu
 
 
 def resolve_targets(targets: Target | Sequence[Target], num_outputs: int) -> list[int]:
@@ -167,15 +186,15 @@ def normalize_cams(raw: Tensor, eps: float = NORMALIZE_EPS) -> Tensor:
     return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(raw)
 
 
-def _grads_loop(scores: Tensor, acts: Tensor, create_graph: bool) -> Tensor:
-    """``(B, T, K)`` spatial-mean gradients, one backward per target."""
+def _grads_loop(scores: Tensor, acts: Tensor, create_graph: bool, method: CamMethod) -> Tensor:
+    """``(B, T, ...)`` the method's reduction of each target's gradients, one backward per target."""
     out = []
     for t in range(scores.shape[1]):
         (g,) = torch.autograd.grad(
             scores[:, t].sum(), acts, retain_graph=True, create_graph=create_graph
         )
-        out.append(g.mean(dim=(-2, -1)))
-    return torch.stack(out, dim=1)
+        out.append(method.reduce(acts, g[:, None]))  # (B, 1, ...)
+    return torch.cat(out, dim=1)
 
 
 def _cotangents(idx: Sequence[int], signs: Tensor | None, b: int, num_outputs: int, like: Tensor) -> Tensor:
@@ -192,27 +211,31 @@ def _cotangents(idx: Sequence[int], signs: Tensor | None, b: int, num_outputs: i
 
 
 def _grads_batched(
-    head: torch.nn.Module, acts: Tensor, idx: Sequence[int], signs: Tensor | None, create_graph: bool
+    head: torch.nn.Module, acts: Tensor, idx: Sequence[int], signs: Tensor | None, create_graph: bool,
+    method: CamMethod,
 ) -> tuple[Tensor, Tensor]:
-    """Logits and ``(B, T, K)`` spatial-mean gradients of ``T`` targets: one head forward, one vmapped pullback.
+    """Logits and the method's ``(B, T, ...)`` reduction of ``T`` targets' gradients: one head forward, one vmapped pullback.
 
     The head's forward is the call's only head forward (its logits are returned, dropout is
     sampled once). Its pullback is vmapped over the ``T`` cotangents; under ``create_graph``
-    the result stays attached to the autograd graph (double backprop), otherwise it is
-    computed without recording one (first order: the weights are constants).
+    the gradients stay attached to the autograd graph (double backprop), otherwise they are
+    computed without recording one (first order: they are constants). The method's reduction
+    (:meth:`cocam.cams.CamMethod.reduce`) runs per target inside the vmap, in the caller's grad
+    mode, so it stays differentiable through ``A``.
     """
     logits, pullback = torch.func.vjp(head, acts)
     go = _cotangents(idx, signs, acts.shape[0], logits.shape[1], logits)
 
-    def spatial_mean_grad(cotangent: Tensor) -> Tensor:  # (B, K): never keeps all T full-size gradients
-        return pullback(cotangent)[0].mean(dim=(-2, -1))
+    def reduced_grad(cotangent: Tensor) -> Tensor:  # (B, ...): never keeps all T full-size gradients
+        with torch.set_grad_enabled(create_graph):
+            g = pullback(cotangent)[0]
+        return method.reduce(acts, g[:, None])[:, 0]
 
-    with torch.set_grad_enabled(create_graph):
-        try:
-            w = torch.func.vmap(spatial_mean_grad, chunk_size=TARGET_CHUNK)(go)  # (T, B, K)
-        except (RuntimeError, NotImplementedError):  # an op without a vmap rule: loop the pullback
-            w = torch.stack([spatial_mean_grad(go[t]) for t in range(go.shape[0])])
-    return logits, w.transpose(0, 1)  # (T, B, K) -> (B, T, K)
+    try:
+        w = torch.func.vmap(reduced_grad, chunk_size=TARGET_CHUNK)(go)  # (T, B, ...)
+    except (RuntimeError, NotImplementedError):  # an op without a vmap rule: loop the pullback
+        w = torch.stack([reduced_grad(go[t]) for t in range(go.shape[0])])
+    return logits, w.transpose(0, 1)  # (T, B, ...) -> (B, T, ...)
 
 
 def _rng_states(device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -238,8 +261,9 @@ def grad_cam(
     normalize: bool = True,
     eps: float = NORMALIZE_EPS,
     batched: bool | None = None,
+    method: str | CamMethod = DEFAULT_CAM_METHOD,
 ) -> GradCAMResult:
-    """Grad-CAM of ``T`` targets for a batch of images, in one forward pass.
+    """Grad-CAM (or another gradient CAM, ``method``) of ``T`` targets for a batch of images, in one forward pass.
 
     Args:
         model: a :class:`~cocam.model.SplitModel` (its mode, train or eval, is used as is).
@@ -250,18 +274,22 @@ def grad_cam(
             target ``sign(y) · logit``, the evidence for the true label.
         create_graph: exact double-backprop mode (see the module docstring).
         output_size: ``S`` or ``(H, W)`` to upsample the maps to; ``None`` keeps ``(h, w)``.
-        relu: apply the ReLU of Grad-CAM (``False`` keeps the signed map).
+        relu: apply the CAM's final ReLU (``False`` keeps the signed map).
         normalize: per-image, per-target min–max normalisation to ``[0, 1]`` (before
             upsampling); ``False`` leaves the maps unnormalised (then only upsampled).
         eps: floor of the min–max range (:data:`NORMALIZE_EPS`).
         batched: compute the ``T`` gradients with one vmapped backward; ``None`` uses
             :data:`BATCHED_TARGET_GRADS`.
+        method: the CAM method, a name in :data:`cocam.cams.CAM_METHODS` (``"gradcam"``,
+            ``"gradcam++"``, ``"layercam"``) or a :class:`cocam.cams.CamMethod`.
 
     Returns:
         :class:`GradCAMResult` with ``cams (B, T, H, W)``, ``raw (B, T, h, w)``,
-        ``logits (B, num_outputs)``, ``activations (B, K, h, w)`` and ``weights (B, T, K)``.
-        When called with grad enabled, all of them stay attached to the autograd graph.
+        ``logits (B, num_outputs)``, ``activations (B, K, h, w)`` and ``weights (B, T, K)``
+        (``None`` for LayerCAM). When called with grad enabled, all of them stay attached to
+        the autograd graph.
     """
+    cam_method = get_cam_method(method)
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}.")
     idx = resolve_targets(targets, model.num_outputs)
@@ -281,7 +309,7 @@ def grad_cam(
         if use_batched and t > 1:
             rng = _rng_states(acts.device)
             try:
-                logits, weights = _grads_batched(model.head, acts, idx, signs, create_graph)  # (B, T, K)
+                logits, reduced = _grads_batched(model.head, acts, idx, signs, create_graph, cam_method)
             except (RuntimeError, NotImplementedError):
                 _set_rng_states(rng, acts.device)  # functorch could not trace the head: redo it plainly
                 logits = None
@@ -290,21 +318,19 @@ def grad_cam(
             scores = logits[:, idx]
             if signs is not None:
                 scores = scores * signs.to(scores.dtype)
-            weights = _grads_loop(scores, acts, create_graph)  # (B, T, K)
-        raw = torch.einsum("btk,bkhw->bthw", weights, acts)
-        if relu:
-            raw = F.relu(raw)
+            reduced = _grads_loop(scores, acts, create_graph, cam_method)  # (B, T, ...)
+        signed = cam_method.signed_map(acts, reduced)  # (B, T, h, w)
+        weights = cam_method.reported_weights(reduced)  # (B, T, K) or None
+        raw = F.relu(signed) if relu else signed
         cams = normalize_cams(raw, eps) if normalize else raw
         if output_size is not None:
             size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
             cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
 
-    result = GradCAMResult(cams, raw, logits, acts, weights, tuple(idx))
     if not grad_was_enabled:
-        result = GradCAMResult(
-            cams.detach(), raw.detach(), logits.detach(), acts.detach(), weights.detach(), tuple(idx)
-        )
-    return result
+        cams, raw, logits, acts, signed = (v.detach() for v in (cams, raw, logits, acts, signed))
+        weights = weights.detach() if weights is not None else None
+    return GradCAMResult(cams, raw, logits, acts, weights, tuple(idx), cam_method.name, signed)
 
 
 def _trunk_forward(model: SplitModel, images: Tensor) -> Tensor:

@@ -436,19 +436,21 @@ def mask_sources(ws: Workspace, attributes: Sequence[str]) -> pd.DataFrame:
 
 def guidance_for(ws: Workspace, attributes: Sequence[str], *, w_a: float = 1.0,
                  w_g: float | None | Sequence[float | None] = None, target: str | Sequence[str] = "positive",
-                 loss: str | Sequence[str] = "iou", transfer: str = "template") -> Guidance:
+                 loss: str | Sequence[str] = "iou", transfer: str = "template",
+                 cam_method: str = "gradcam") -> Guidance:
     """A :class:`~cocam.train.Guidance` with each attribute's mask from ``ws.mask_dir`` (or built-in).
 
     ``loss`` names the guidance loss (:data:`cocam.losses.GUIDANCE_LOSSES`; ``w_g=None`` takes its
     default weight) and ``transfer`` how the mask reaches each image (``"template"`` or
-    ``"landmarks"``). ``loss``, ``target`` and ``w_g`` take one value for all attributes or one
-    per attribute.
+    ``"landmarks"``), ``cam_method`` the CAM guided (:data:`cocam.cams.CAM_METHODS`). ``loss``,
+    ``target`` and ``w_g`` take one value for all attributes or one per attribute.
     """
     from cocam.masks import resolve_mask
 
     attributes = validate_attributes(attributes)
     masks = tuple(resolve_mask(a, ws.mask_dir)[0] for a in attributes)
-    return Guidance(tuple(attributes), masks, w_a=w_a, w_g=w_g, target=target, loss=loss, transfer=transfer)
+    return Guidance(tuple(attributes), masks, w_a=w_a, w_g=w_g, target=target, loss=loss, transfer=transfer,
+                    cam_method=cam_method)
 
 
 #: File in a workspace's run folder naming the guided run notebook 3 trains (:func:`record_guidance`).
@@ -473,13 +475,14 @@ class GuidanceSettings:
     w_g: float | None | tuple[float | None, ...] = None
     exact: bool = True
     resolution: str = "input"
+    cam_method: str = "gradcam"
 
     @classmethod
     def of(cls, guidance: Guidance) -> GuidanceSettings:
         """The settings of ``guidance`` (as normalised by it: ``w_g=None`` becomes the loss's weight)."""
         return cls(attributes=tuple(guidance.attributes), loss=guidance.loss, target=guidance.target,
                    transfer=guidance.transfer, w_a=float(guidance.w_a), w_g=guidance.w_g, exact=guidance.exact,
-                   resolution=guidance.resolution)
+                   resolution=guidance.resolution, cam_method=guidance.cam_method)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GuidanceSettings:
@@ -497,12 +500,14 @@ class GuidanceSettings:
         attributes = validate_attributes(self.attributes)
         masks = tuple(resolve_mask(a, ws.mask_dir)[0] for a in attributes)
         return Guidance(tuple(attributes), masks, w_a=self.w_a, w_g=self.w_g, target=self.target, loss=self.loss,
-                        transfer=self.transfer, exact=self.exact, resolution=self.resolution)
+                        transfer=self.transfer, exact=self.exact, resolution=self.resolution,
+                        cam_method=self.cam_method)
 
     def summary(self) -> str:
         """One line: what is guided and how."""
         return (f"{', '.join(self.attributes)}; loss {self.loss}, target {self.target}, transfer {self.transfer}, "
-                f"w_a {self.w_a:g}, w_g {self.w_g}")
+                f"w_a {self.w_a:g}, w_g {self.w_g}"
+                f"{'' if self.cam_method == 'gradcam' else ', CAM ' + self.cam_method}")
 
 
 def record_guidance(ws: Workspace, guidance: Guidance) -> Path:

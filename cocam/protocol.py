@@ -654,6 +654,10 @@ def _check_resumable(run_dir: Path, planned: Mapping[str, Any], origin: Mapping[
         differences = []
         for key in ("config", "spec", "guidance"):
             old, new = record.get(key), planned.get(key)
+            if key == "guidance" and isinstance(old, dict) and isinstance(new, dict):  # a setting added since
+                from cocam.train import GUIDANCE_ADDED_DEFAULTS
+
+                old, new = {**GUIDANCE_ADDED_DEFAULTS, **old}, {**GUIDANCE_ADDED_DEFAULTS, **new}
             if isinstance(old, dict) and isinstance(new, dict):
                 for k in sorted(set(old) | set(new)):
                     if key == "config" and k in _COMPARED_CONFIG_KEYS_IGNORED:

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cocam.attributes import attribute_index, validate_attributes
+from cocam.cams import CAM_METHODS, DEFAULT_CAM_METHOD, UnknownCamMethodError
 from cocam.checkpoint import (
     CheckpointError,
     ModelSpec,
@@ -98,9 +99,9 @@ from cocam.losses import (
 from cocam.masks import MASK_TRANSFERS, mask_to_feature, mask_to_input, masks_for_batch
 from cocam.model import SplitModel
 
-__all__ = ["ABSURD_BCE", "RESUME_MAY_CHANGE", "RUN_FILES", "DegenerateRunError", "DeviceUnavailableError",
-           "FitResult", "Guidance", "ResumeMismatchError", "RunExistsError", "RunLockedError", "TrainConfig",
-           "TrainingDivergedError", "fit", "guidance_masks", "guided_terms"]
+__all__ = ["ABSURD_BCE", "GUIDANCE_ADDED_DEFAULTS", "RESUME_MAY_CHANGE", "RUN_FILES", "DegenerateRunError",
+           "DeviceUnavailableError", "FitResult", "Guidance", "ResumeMismatchError", "RunExistsError", "RunLockedError",
+           "TrainConfig", "TrainingDivergedError", "fit", "guidance_masks", "guided_terms"]
 
 #: The files of a run folder, written together once per epoch.
 RUN_FILES = ("last.pt", "best.pt", "history.csv", "run.json")
@@ -181,6 +182,12 @@ class TrainConfig:
             raise ValueError(f"clip_grad_norm must be a positive number (or None), got {self.clip_grad_norm}.")
 
 
+#: Guidance settings added after runs were first recorded, with the value an older record
+#: (``run.json``, a checkpoint's ``guidance``) that lacks them had: compared as such on resume,
+#: and left out of :meth:`Guidance.fingerprint` at that value.
+GUIDANCE_ADDED_DEFAULTS: dict[str, Any] = {"cam_method": DEFAULT_CAM_METHOD}
+
+
 @dataclass(frozen=True)
 class Guidance:
     """What to guide and how.
@@ -208,6 +215,9 @@ class Guidance:
             for every image, the paper's) or ``"landmarks"`` (moved by the similarity
             transform from the template's five landmarks to the image's; see
             :mod:`cocam.masks`).
+        cam_method: the CAM the guidance loss is computed on, one of
+            :data:`cocam.cams.CAM_METHODS`: ``"gradcam"`` (the paper's, the default),
+            ``"gradcam++"`` or ``"layercam"`` (see :mod:`cocam.cams`). Not used by ``rrr_input``.
 
     ``w_g=None`` takes the loss's default weight (:data:`cocam.losses.DEFAULT_GUIDANCE_WEIGHTS`:
     1 for ``iou``, the paper's setting). Per-attribute values that are all equal are stored as
@@ -225,6 +235,7 @@ class Guidance:
     resolution: str = "input"
     loss: str | tuple[str, ...] = "iou"
     transfer: str = "template"
+    cam_method: str = DEFAULT_CAM_METHOD
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attributes", tuple(validate_attributes(self.attributes)))
@@ -249,6 +260,11 @@ class Guidance:
                              f"exact=True (the penalty is trained through the gradients).")
         if self.transfer not in MASK_TRANSFERS:
             raise ValueError(f"transfer must be one of {', '.join(MASK_TRANSFERS)}, not {self.transfer!r}.")
+        if not isinstance(self.cam_method, str) or self.cam_method not in CAM_METHODS:
+            raise UnknownCamMethodError(f"cam_method must be one of {', '.join(CAM_METHODS)}, not {self.cam_method!r}.")
+        if losses[0] not in CAM_LOSSES and self.cam_method != DEFAULT_CAM_METHOD:
+            raise ValueError(f"loss {losses[0]!r} penalises input gradients and uses no CAM: leave cam_method at "
+                             f"{DEFAULT_CAM_METHOD!r} (not {self.cam_method!r}).")
         weights = tuple(DEFAULT_GUIDANCE_WEIGHTS[x] if w is None else float(w)
                         for x, w in zip(losses, per_target(self.w_g, n, "w_g")))
         for name, values in (("target", targets), ("loss", losses), ("w_g", weights)):
@@ -273,10 +289,12 @@ class Guidance:
         """10 hex digits naming these settings and masks: a new drawing, attribute or weight gives a new one.
 
         Run folders are named by it (notebooks, :mod:`cocam.compare`), so a resumed run is never
-        one trained with other settings.
+        one trained with other settings. ``cam_method`` counts only when it is not the default,
+        so the fingerprints of Grad-CAM guidance are those from before the setting existed.
         """
-        digest = hashlib.sha256(repr(sorted((k, v) for k, v in self.describe().items()
-                                            if k != "mask_pixels")).encode())
+        settings = sorted((k, v) for k, v in self.describe().items() if k != "mask_pixels"
+                          and not (k in GUIDANCE_ADDED_DEFAULTS and GUIDANCE_ADDED_DEFAULTS[k] == v))
+        digest = hashlib.sha256(repr(settings).encode())
         for mask in self.masks:
             digest.update(np.packbits(np.asarray(mask, dtype=bool)).tobytes())
         return digest.hexdigest()[:10]
@@ -482,7 +500,8 @@ def guided_terms(model: SplitModel, images: torch.Tensor, targets: torch.Tensor,
                                 sample_weight=weight, validate=False)
     signs = _signs(guidance, labels)
     out_size = images.shape[-1] if guidance.resolution == "input" else None
-    res = grad_cam(model, images, target_idx, signs=signs, create_graph=guidance.exact, output_size=out_size)
+    res = grad_cam(model, images, target_idx, signs=signs, create_graph=guidance.exact, output_size=out_size,
+                   method=guidance.cam_method)
     return guided_loss(res.logits.float(), targets, res.cams.float(), masks, w_a=guidance.w_a, w_g=guidance.w_g,
                        sample_weight=weight, loss=guidance.loss, validate=False, raw=res.signed.float())
 
@@ -988,6 +1007,7 @@ def _check_resume_settings(state: dict[str, Any], path: Path, config: TrainConfi
         differences.append(f"guidance {'none' if old_g is None else _shown(old_g.get('attributes'))} → "
                            f"{'none' if new_g is None else _shown(new_g.get('attributes'))}")
     elif old_g is not None:
+        old_g, new_g = {**GUIDANCE_ADDED_DEFAULTS, **old_g}, {**GUIDANCE_ADDED_DEFAULTS, **new_g}
         for k in sorted(set(old_g) | set(new_g)):
             if _plain(old_g.get(k)) != _plain(new_g.get(k)):
                 differences.append(f"{'masks' if k == 'mask_pixels' else k} {_shown(old_g.get(k))} → "

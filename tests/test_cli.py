@@ -127,6 +127,7 @@ def test_finetune_guided(guided: Path) -> None:
     info = json.loads((guided / "run.json").read_text())
     assert info["guidance"]["attributes"] == ["Wearing_Lipstick"]
     assert info["guidance"]["target"] == "positive" and info["guidance"]["exact"] is True  # the paper's default
+    assert info["guidance"]["cam_method"] == "gradcam"
     assert info["config"]["patience"] is None and info["config"]["max_steps"] == 2
     history = pd.read_csv(guided / "history.csv")
     assert "train_loss_g" in history.columns
@@ -324,6 +325,19 @@ def test_finetune_with_another_loss_records_it(root: Path, baseline: Path, tmp_p
     from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS
 
     assert guidance["w_g"] == float(options.get("--w-g", DEFAULT_GUIDANCE_WEIGHTS[options["--loss"]]))
+
+
+def test_finetune_with_another_cam_method_records_it(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:
+    assert _finetune(root, baseline / "best.pt", tmp_path / "run", "--attribute", "Wearing_Lipstick",
+                     "--cam-method", "gradcam++", "--max-steps", "1") == 0
+    assert "exact gradients, CAM gradcam++" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["guidance"]["cam_method"] == "gradcam++"
+    with pytest.raises(SystemExit):
+        _finetune(root, baseline / "best.pt", tmp_path / "other", "--attribute", "Wearing_Lipstick",
+                  "--cam-method", "scorecam")
+    err = capsys.readouterr().err
+    assert "--cam-method: invalid choice" in err and all(m in err.split("choose from")[1]
+                                                         for m in ("gradcam", "gradcam++", "layercam"))
 
 
 def test_finetune_with_a_setting_per_attribute(root: Path, baseline: Path, tmp_path: Path, capsys) -> None:

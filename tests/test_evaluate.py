@@ -636,3 +636,19 @@ def test_interval_reading_says_only_what_the_intervals_do() -> None:
     assert reading.loc["A", "difference"] == pytest.approx(20.0)
     with pytest.raises(ValueError, match="no row for 'x'"):
         interval_reading(table, "x", "c")
+
+
+def test_attention_metrics_take_the_cam_method(monkeypatch) -> None:
+    """``cam_method`` reaches ``grad_cam`` (default Grad-CAM); an unknown name fails before any work."""
+    import cocam.evaluate as ev
+    from cocam.cams import UnknownCamMethodError
+
+    methods = []
+    real = ev.grad_cam
+    monkeypatch.setattr(ev, "grad_cam", lambda *a, **k: methods.append(k.get("method")) or real(*a, **k))
+    attention_metrics(_cam_model(), _hand_dataset(), A, _region(), device="cpu")
+    layer = attention_metrics(_cam_model(), _hand_dataset(), A, _region(), device="cpu", cam_method="layercam")
+    assert methods == ["gradcam", "layercam"] and layer["n"] == 3
+    with pytest.raises(UnknownCamMethodError, match="gradcam, gradcam\\+\\+, layercam"):
+        attention_metrics(_cam_model(), _hand_dataset(), A, _region(), device="cpu", cam_method="cam")
+    assert len(methods) == 2

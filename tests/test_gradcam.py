@@ -1,6 +1,8 @@
-"""Tests for cocam.gradcam: correctness against captum, modes, and hygiene."""
+"""Tests for cocam.gradcam: correctness against captum and pytorch-grad-cam, CAM methods, modes, and hygiene."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from torch import nn
 import _tolerance
 import cocam.gradcam as gc
 from cocam.attributes import UnknownAttributeError, attribute_index
+from cocam.cams import CAM_METHODS, ChannelWeightedCam, UnknownCamMethodError, register_cam_method
 from cocam.gradcam import grad_cam, normalize_cams, overlay, resolve_targets, signs_from_labels
 from cocam.model import SplitModel, build_model
 
@@ -426,3 +429,266 @@ def test_overlay() -> None:
     np.testing.assert_allclose(uint8, 1.0)
     with pytest.raises(ValueError):
         overlay(np.zeros((8, 10)), cam)
+
+
+# --- CAM methods (cocam.cams): each against an independent reference -------------------------
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def _reference_gradcam(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``ReLU(Σ_k mean_ij(G_k) · A_k)`` for ``a, g`` of shape ``(B, K, h, w)`` (one target)."""
+    return _relu(np.einsum("bk,bkhw->bhw", g.mean(axis=(2, 3)), a))
+
+
+def _reference_gradcam_pp(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Grad-CAM++: ``α = G² / (2G² + Σ_ab A_ab · G³)`` (``0`` where the denominator is ``0``), ``w = Σ α ReLU(G)``."""
+    s = a.sum(axis=(2, 3), keepdims=True)
+    den = 2 * g**2 + s * g**3
+    alpha = np.divide(g**2, den, out=np.zeros_like(g), where=den != 0)
+    return _relu(np.einsum("bk,bkhw->bhw", (alpha * _relu(g)).sum(axis=(2, 3)), a))
+
+
+def _reference_layercam(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """LayerCAM: ``ReLU(Σ_k ReLU(G_kij) · A_kij)``."""
+    return _relu((_relu(g) * a).sum(axis=1))
+
+
+#: An independent float64 formula for every registered method: a new method needs one here.
+REFERENCE_CAMS = {"gradcam": _reference_gradcam, "gradcam++": _reference_gradcam_pp, "layercam": _reference_layercam}
+
+
+def _summand_scale(method: str, a: np.ndarray, g: np.ndarray) -> float:
+    """The summand magnitude of the map's last sums, for the rounding bound of :mod:`_tolerance`.
+
+    Grad-CAM sums ``w_k · A_k`` with ``|w_k| ≤ mean|G_k|``. A Grad-CAM++ weight is a sum over
+    positions of ``G·α(G)`` with ``0 ≤ G·α ≤ G/2`` and ``|d(G·α)/dG| ≤ 1/2`` for ``G > 0`` and
+    ``Σ A ≥ 0``, so its error is at most that of ``Σ_ij |G_kij|``. LayerCAM sums ``|G_kij| · A_kij``.
+    """
+    a, g = np.abs(a), np.abs(g)
+    if method == "gradcam":
+        return float(np.einsum("bk,bkhw->bhw", g.mean(axis=(2, 3)), a).max())
+    if method == "gradcam++":
+        return float(np.einsum("bk,bkhw->bhw", g.sum(axis=(2, 3)), a).max())
+    return float((g * a).sum(axis=1).max())
+
+
+def _activation_and_grads(split: nn.Module, rest: nn.Module, x: torch.Tensor, targets: list[int]):
+    """``A`` and ``[∂logit_t/∂A for t in targets]`` by plain autograd, one backward per target."""
+    a = split(x).detach().requires_grad_(True)
+    logits = rest(a)
+    grads = [torch.autograd.grad(logits[:, t].sum(), a, retain_graph=True)[0] for t in targets]
+    return a.detach(), grads
+
+
+def _alexnet_tail(ref: nn.Module) -> nn.Module:
+    return nn.Sequential(*ref.features[12:], ref.avgpool, nn.Flatten(1), ref.classifier)
+
+
+def test_every_method_has_a_reference() -> None:
+    assert {"gradcam", "gradcam++", "layercam"} <= set(CAM_METHODS)
+    assert set(CAM_METHODS) == set(REFERENCE_CAMS), "add the new method's formula to REFERENCE_CAMS"
+
+
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_methods_match_float64_formulas_alexnet(method: str, alexnet: SplitModel, images: torch.Tensor) -> None:
+    """Each method on cocam's AlexNet against its formula applied to float64 gradients of a torchvision copy."""
+    ref = _no_inplace(torchvision.models.alexnet(num_classes=40)).eval()
+    _copy_by_position(alexnet, ref)
+    ref = ref.double()
+    targets = [36, 2]
+    result = grad_cam(alexnet, images, targets, method=method)
+    assert result.method == method and result.raw.shape == (3, 2, 5, 5)
+    a, grads = _activation_and_grads(ref.features[:12], _alexnet_tail(ref), images.double(), targets)
+    for j, g in enumerate(grads):
+        expected = REFERENCE_CAMS[method](a.numpy(), g.numpy())
+        assert (expected > 0).any()
+        _tolerance.assert_near_reference(result.raw[:, j], torch.from_numpy(expected), n=_cam_chain(alexnet, images) + 8,
+                                         scale=_summand_scale(method, a.numpy(), g.numpy()), what=f"{method} {j}")
+
+
+def test_methods_match_pytorch_grad_cam(alexnet: SplitModel, images: torch.Tensor) -> None:
+    """Grad-CAM, Grad-CAM++ and LayerCAM against pytorch-grad-cam's on the same layer, at feature resolution.
+
+    pytorch-grad-cam hooks the layer, runs one backward per target and applies its own formula;
+    its map before min–max scaling and resizing (``get_cam_image`` on the gradients it recorded,
+    then its ReLU) is compared with cocam's ``raw``. Its Grad-CAM++ adds ``1e-6`` to the
+    denominator of ``α``: per position that lowers ``G·α`` by exactly ``G·α · 1e-6 / (D + 1e-6)``
+    (``D = 2G² + S·G³ > 0`` for ``G > 0``), a bias added to the rounding bound. The last layer is
+    scaled by 1000 so that the gradients (~1e-3 for the untrained AlexNet) are far above that
+    ``1e-6`` and the comparison stays sharp.
+    """
+    pgc = pytest.importorskip("pytorch_grad_cam", reason="pytorch-grad-cam is not installed (pip install 'cocam[bench]')")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = copy.deepcopy(alexnet)
+    with torch.no_grad():
+        model.head.classifier[-1].weight.mul_(1000.0)
+        model.head.classifier[-1].bias.mul_(1000.0)
+    ref = _no_inplace(torchvision.models.alexnet(num_classes=40)).eval()
+    _copy_by_position(model, ref)
+    layer = ref.features[11]
+    n = _cam_chain(model, images) + 8
+    targets = [36, 2]
+    for method, cls in {"gradcam": pgc.GradCAM, "gradcam++": pgc.GradCAMPlusPlus, "layercam": pgc.LayerCAM}.items():
+        result = grad_cam(model, images, targets, method=method)
+        with cls(ref, [layer]) as cam:
+            for j, t in enumerate(targets):
+                cam(images, [ClassifierOutputTarget(t)] * len(images))
+                a = cam.activations_and_grads.activations[0].numpy()
+                g = cam.activations_and_grads.gradients[0].numpy()
+                expected = np.maximum(cam.get_cam_image(images, layer, None, a, g, False), 0)
+                assert (expected > 0).any()
+                a64, g64 = a.astype(np.float64), g.astype(np.float64)
+                bound = 2 * _tolerance.sum_error_bound(n, _summand_scale(method, a64, g64), torch.float32)
+                if method == "gradcam++":
+                    den = 2 * g64**2 + a64.sum(axis=(2, 3), keepdims=True) * g64**3
+                    term = np.divide(g64**3, den, out=np.zeros_like(g64), where=(g64 > 0) & (den > 0))
+                    bias = np.einsum("bk,bkhw->bhw", (term * 1e-6 / (den + 1e-6)).sum(axis=(2, 3)), a64)
+                    assert bias.max() < 1e-4 * expected.max()  # the 1e-6 is negligible here
+                    bound = bound + bias
+                err = np.abs(result.raw[:, j].detach().double().numpy() - expected)
+                assert (err <= bound).all(), f"{method} target {t}: {err.max():.3e} > {np.max(bound):.3e}"
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_methods_by_hand() -> None:
+    """One channel, 2×2 positions: ``A = [[1, 2], [0, 3]]``, ``G = [[1, -1], [0, 2]]`` (so ``Σ A = 6``).
+
+    Grad-CAM ``w = (1 - 1 + 0 + 2)/4 = 1/2``. Grad-CAM++ ``α = 1/(2 + 6G)`` where ``G ≠ 0``:
+    ``1/8`` at ``G = 1``, ``1/14`` at ``G = 2`` (the ``G = -1`` term has ``ReLU(G) = 0``, the
+    ``G = 0`` one is ``0/0 := 0``), ``w = 1/8 + 2/14 = 15/56``. LayerCAM ``ReLU(G) · A = [[1, 0], [0, 6]]``.
+    """
+    a = torch.tensor([[[[1.0, 2.0], [0.0, 3.0]]]], dtype=torch.float64)
+    g = torch.tensor([[[[1.0, -1.0], [0.0, 2.0]]]], dtype=torch.float64)[:, None]  # (B=1, T=1, K=1, 2, 2)
+    torch.testing.assert_close(CAM_METHODS["gradcam"](a, g), 0.5 * a, rtol=0, atol=1e-15)
+    torch.testing.assert_close(CAM_METHODS["gradcam++"](a, g), 15 / 56 * a, rtol=0, atol=1e-15)
+    expected = torch.tensor([[[[1.0, 0.0], [0.0, 6.0]]]], dtype=torch.float64)
+    assert torch.equal(CAM_METHODS["layercam"](a, g), expected)
+    # Two channels at one position: a negative gradient drops its channel (3·1 + 0·2), it does not subtract.
+    two = torch.tensor([[[[1.0]], [[2.0]]]], dtype=torch.float64)
+    assert CAM_METHODS["layercam"](two, torch.tensor([[[[[3.0]], [[-1.0]]]]], dtype=torch.float64)).item() == 3.0
+    # A vanishing denominator 2 + S·G = 0 (S = -2, G = 1) also contributes 0, and nothing is NaN,
+    # not even the double-backprop gradient at G = 0.
+    a_neg = torch.tensor([[[[-1.0, -1.0]]]], dtype=torch.float64)
+    g_deg = torch.tensor([[[[[1.0, 0.0]]]]], dtype=torch.float64, requires_grad=True)
+    weights = CAM_METHODS["gradcam++"].channel_weights(a_neg, g_deg)
+    assert torch.equal(weights, torch.zeros(1, 1, 1, dtype=torch.float64))
+    g_var = torch.tensor([[[[[1.0, 0.0], [0.0, 2.0]]]]], dtype=torch.float64, requires_grad=True)
+    (d,) = torch.autograd.grad(CAM_METHODS["gradcam++"].channel_weights(a, g_var).sum(), g_var)
+    assert torch.isfinite(d).all() and d[0, 0, 0, 0, 1] == 0 == d[0, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match="activations must be"):
+        CAM_METHODS["gradcam"](a, g[:, 0])
+
+
+def _margin_ok(values: torch.Tensor, n: int, scale: float) -> bool:
+    """Every value exactly zero or farther from zero than two float32+float64 rounding bounds."""
+    margin = 2 * (_tolerance.gamma(n, torch.float32) + _tolerance.gamma(n, torch.float64)) * scale
+    return bool(((values == 0) | (values.abs() > margin)).all())
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_methods_batched_and_looped_agree(method: str, create_graph: bool) -> None:
+    """For every method, the vmapped and the looped gradients give the same maps and parameter gradients.
+
+    As in :func:`test_batched_and_looped_gradients_agree`, each float32 path is compared with a
+    float64 run within the bound of :mod:`_tolerance`. The loss is ``Σ raw²``, whose gradient is
+    continuous at the CAM's ReLU; the methods' ``ReLU(G)`` is not (in exact mode it passes
+    ``[G > 0]``), so every gradient must be zero or clear of rounding, as every pre-ReLU value.
+    """
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x = torch.randn(4, 3, 16, 16)
+    targets = [0, 7, 36]
+    n_raw = _cam_chain(model, x) + 8
+    n_grad = 2 * n_raw + 4 * 8 * 8
+    reference = tiny_model(dtype=torch.float64).eval()
+    reference.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    exact = grad_cam(reference, x.double(), targets, batched=False, create_graph=create_graph, method=method)
+    g_exact = torch.autograd.grad(exact.raw.square().sum(), list(reference.parameters()), allow_unused=True)
+    a, grads = _activation_and_grads(reference.trunk, reference.head, x.double(), targets)
+    scale = max(_summand_scale(method, a.numpy(), g.numpy()) for g in grads)
+    assert _margin_ok(exact.pre_relu.detach(), n_raw, scale)
+    if create_graph:
+        assert _margin_ok(torch.stack(grads), n_raw, max(g.abs().max().item() for g in grads))
+    for batched in (False, True):
+        result = grad_cam(model, x, targets, batched=batched, create_graph=create_graph, method=method)
+        _tolerance.assert_near_reference(result.raw, exact.raw, n=n_raw, scale=scale, what=f"{method} raw ({batched=})")
+        got = torch.autograd.grad(result.raw.square().sum(), list(model.parameters()), allow_unused=True)
+        for (name, _), g, ref in zip(model.named_parameters(), got, g_exact):
+            assert (g is None) == (ref is None), name
+            if g is not None:
+                _tolerance.assert_near_reference(g, ref, n=n_grad, what=f"{method} d/d {name} ({batched=})")
+
+
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_methods_hygiene_and_differentiable(method: str, alexnet: SplitModel, images: torch.Tensor) -> None:
+    """Every method keeps mode and ``.grad`` untouched, registers no hook, and trains through its CAM.
+
+    A loss on the CAM alone reaches the trunk in both modes and the head only in exact mode
+    (first order holds the gradients ``G`` constant).
+    """
+    mask = torch.zeros(96, 96)
+    mask[60:80, 30:70] = 1.0
+    head_params = [alexnet.head.classifier[1].weight, alexnet.head.classifier[4].weight]
+    trunk_params = [alexnet.trunk[0].weight, alexnet.trunk[10].weight]
+    for train in (True, False):
+        alexnet.train(train)
+        for create_graph in (False, True):
+            torch.manual_seed(3)
+            result = grad_cam(alexnet, images[:2], [36, 2], create_graph=create_graph, output_size=96, method=method)
+            assert result.method == method and result.cams.shape == (2, 2, 96, 96)
+            assert 0 <= result.cams.min() and result.cams.max() <= 1
+            torch.testing.assert_close(result.raw, F.relu(result.signed))
+            loss = -(result.cams * mask).sum() / result.cams.sum()
+            grads = torch.autograd.grad(loss, head_params + trunk_params, allow_unused=True)
+            assert all(g is not None and g.abs().sum() > 0 for g in grads[2:])
+            if create_graph:
+                assert all(g is not None and g.abs().sum() > 0 for g in grads[:2])
+            else:
+                assert all(g is None or g.abs().sum() == 0 for g in grads[:2])
+        assert alexnet.training is train and all(m.training is train for m in alexnet.modules())
+    alexnet.eval()
+    assert all(p.grad is None for p in alexnet.parameters())
+    assert _hook_count(alexnet) == 0
+    expected = grad_cam(alexnet, images, 36, method=method)
+    with torch.no_grad():
+        detached = grad_cam(alexnet, images, 36, method=method)
+    for name in ("cams", "raw", "logits", "activations", "weights", "pre_relu"):
+        value = getattr(detached, name)
+        if value is None:
+            assert getattr(expected, name) is None, name
+            continue
+        assert not value.requires_grad, name
+        torch.testing.assert_close(value, getattr(expected, name).detach())
+
+
+def test_unknown_method_and_registering_one() -> None:
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(UnknownCamMethodError, match=r"unknown CAM method 'gradcam\+': choose one of gradcam, gradcam\+\+, layercam\."):
+        grad_cam(model, x, 0, method="gradcam+")
+
+    class AbsGradCAM(ChannelWeightedCam):  # a new method: one class, one registration
+        name = "absgrad"
+
+        def channel_weights(self, activations, grads):
+            return grads.abs().mean(dim=(-2, -1))
+
+    try:
+        register_cam_method(AbsGradCAM)
+        result = grad_cam(model, x, [1, 2], method="absgrad")
+        _, grads = _activation_and_grads(model.trunk, model.head, x, [1, 2])
+        torch.testing.assert_close(result.weights, torch.stack([g.abs().mean(dim=(-2, -1)) for g in grads], dim=1))
+        assert result.method == "absgrad"
+        torch.testing.assert_close(result.raw, torch.einsum("btk,bkhw->bthw", result.weights, result.activations))
+        with pytest.raises(ValueError, match="already taken"):
+            register_cam_method(type("Other", (ChannelWeightedCam,), {"name": "absgrad"}))
+    finally:
+        CAM_METHODS.pop("absgrad", None)
+    with pytest.raises(ValueError, match="class attribute name"):
+        register_cam_method(type("Nameless", (ChannelWeightedCam,), {}))

@@ -215,6 +215,22 @@ def test_guided_runs_are_named_by_their_masks(workspace) -> None:
     assert workspace.guided_dir(nb.guidance_for(workspace, ["Wearing_Lipstick"], w_g=2.0)) != workspace.guided_dir(c)
 
 
+def test_the_cam_method_is_a_guidance_setting(workspace) -> None:
+    """Notebook 3's ``CAM_METHOD`` reaches the Guidance, its record and its run folder; old records are Grad-CAM."""
+    plain = nb.guidance_for(workspace, ["Wearing_Lipstick"])
+    layer = nb.guidance_for(workspace, ["Wearing_Lipstick"], cam_method="layercam")
+    assert (plain.cam_method, layer.cam_method) == ("gradcam", "layercam")
+    assert workspace.guided_dir(layer) != workspace.guided_dir(plain)
+    settings = nb.GuidanceSettings.of(layer)
+    assert settings.cam_method == "layercam" and "CAM layercam" in settings.summary()
+    assert nb.GuidanceSettings.from_dict(settings.to_dict()).guidance(workspace).fingerprint() == layer.fingerprint()
+    older = nb.GuidanceSettings.of(plain).to_dict()
+    del older["cam_method"]  # a record notebook 3 wrote before the setting existed
+    assert nb.GuidanceSettings.from_dict(older).guidance(workspace).cam_method == "gradcam"
+    nb3 = (Path(__file__).parent.parent / "notebooks" / "03_fine_tune.ipynb").read_text(encoding="utf-8")
+    assert 'CAM_METHOD = \\"gradcam\\"' in nb3 and "cam_method=CAM_METHOD" in nb3
+
+
 def test_training_waits_for_another_process_on_the_same_run(workspace, capsys, monkeypatch) -> None:
     lock = workspace.baseline_dir / ".lock"
     lock.parent.mkdir(parents=True)

@@ -894,3 +894,72 @@ def test_the_defaults_are_the_papers_method(lipstick_mask) -> None:
     for argv in (["finetune", "--checkpoint", "x.pt"], ["demo"]):
         args = build_parser().parse_args(argv)
         assert (args.target, args.loss) == (["positive"], ["iou"])
+
+
+# --------------------------------------------------------------------------------------------
+# The CAM method the guidance is computed on
+# --------------------------------------------------------------------------------------------
+
+
+def test_cam_method_is_validated_and_fingerprinted_only_when_not_the_default(lipstick_mask) -> None:
+    from cocam.cams import UnknownCamMethodError
+
+    plain = _guidance(lipstick_mask)
+    assert plain.cam_method == "gradcam" and plain.describe()["cam_method"] == "gradcam"
+    # The fingerprint of this Guidance before cam_method existed: run folders keep their names.
+    assert plain.fingerprint() == _guidance(lipstick_mask, cam_method="gradcam").fingerprint() == "24d69616ae"
+    prints = {m: _guidance(lipstick_mask, cam_method=m).fingerprint() for m in ("gradcam", "gradcam++", "layercam")}
+    assert len(set(prints.values())) == 3
+    with pytest.raises(UnknownCamMethodError, match=r"cam_method must be one of gradcam, gradcam\+\+, layercam"):
+        _guidance(lipstick_mask, cam_method="GradCAM")
+    with pytest.raises(ValueError, match="uses no CAM"):
+        _guidance(lipstick_mask, loss="rrr_input", cam_method="layercam")
+
+
+def test_guided_step_uses_the_cam_method_and_runs_record_it(data, base_checkpoint, lipstick_mask,
+                                                             tmp_path: Path) -> None:
+    """``cam_method`` reaches the guided step's ``grad_cam``; ``run.json`` and the checkpoints record it."""
+    from cocam.masks import masks_for_batch
+
+    train, _ = data
+    spec = dataclasses.replace(SPEC, dropout=0.0)
+    model = _load(base_checkpoint, spec).eval()
+    images_u8, targets, _ = train.get_batch(range(16))
+    images = normalize_uint8(images_u8)
+    i = attribute_index(LIPSTICK)
+    per_sample = {}
+    for method in ("gradcam", "layercam"):
+        guidance = _guidance(lipstick_mask, target="both", cam_method=method)
+        masks = train_module.guidance_masks(guidance, model, 64, torch.device("cpu"))
+        terms = train_module.guided_terms(model, images, targets, guidance, [i], masks)
+        res = grad_cam(model, images, [i], signs=2 * targets[:, [i]] - 1, output_size=64, method=method)
+        expected = iou_loss(res.cams, masks_for_batch(masks, None, "template", 64), reduction="none", raw=res.signed)
+        torch.testing.assert_close(terms.per_sample, expected)
+        per_sample[method] = terms.per_sample
+    assert not torch.allclose(per_sample["gradcam"], per_sample["layercam"])
+    guidance = _guidance(lipstick_mask, cam_method="layercam")
+    result = fit(_load(base_checkpoint), train, None, _config(max_steps=1, batch_size=16), spec=SPEC,
+                 guidance=guidance, run_dir=tmp_path / "run", progress=False)
+    assert math.isfinite(result.history["train_loss_g"].iloc[0])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["guidance"]["cam_method"] == "layercam"
+    assert load_checkpoint(result.last_path)["guidance"]["cam_method"] == "layercam"
+
+
+def test_resume_of_a_run_recorded_before_cam_method(data, base_checkpoint, lipstick_mask, tmp_path: Path) -> None:
+    """A record without ``cam_method`` is a Grad-CAM run: it resumes with the default, not with another method."""
+    train, _ = data
+    run = tmp_path / "run"
+    fit(_load(base_checkpoint), train, None, _config(max_steps=1, batch_size=16), spec=SPEC,
+        guidance=_guidance(lipstick_mask), run_dir=run, progress=False)
+    state = torch.load(run / "last.pt", weights_only=True)
+    del state["guidance"]["cam_method"]  # as written before the setting existed
+    torch.save(state, run / "last.pt")
+    record = json.loads((run / "run.json").read_text())
+    del record["guidance"]["cam_method"]
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ResumeMismatchError, match=r"cam_method .*gradcam.* → .*layercam"):
+        fit(_load(base_checkpoint), train, None, _config(max_steps=2, batch_size=16), spec=SPEC,
+            guidance=_guidance(lipstick_mask, cam_method="layercam"), run_dir=run, resume=True, progress=False)
+    result = fit(_load(base_checkpoint), train, None, _config(max_steps=2, epochs=2, batch_size=16), spec=SPEC,
+                 guidance=_guidance(lipstick_mask), run_dir=run, resume=True, progress=False)
+    assert result.steps == 2 and len(result.history) == 2

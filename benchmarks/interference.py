@@ -16,7 +16,9 @@ attribute t:
 * ``cos`` — the cosine between t's guidance gradient and the BCE gradient, and between every two
   attributes' guidance gradients (a negative cosine: the two objectives pull the shared trunk
   apart — what gradient surgery such as PCGrad removes);
-* ``effective`` — ‖share_t · w_t · ∇θ L_t‖: how hard t actually pulls in the pooled step.
+* ``effective`` — ‖share_t · w_t · ∇θ L_t‖: how hard t actually pulls in the pooled step; and
+  ``effective, pool=attribute`` — ‖w_t · ∇θ L_t‖ / T', its pull when every attribute weighs the
+  same (``Guidance(pool="attribute")``).
 
 Means over ``--batches`` batches (model in training mode, as in a step). Writes
 ``benchmarks/results/interference_<device>.csv`` (tidy: one row per batch-mean quantity).
@@ -87,6 +89,9 @@ def measure(checkpoint: Path, root: Path, guidance_kwargs: dict, batches: int, b
                 continue
             rows.append(dict(batch=k, quantity="norm", a=a, b="", value=float(grads[t].norm())))
             rows.append(dict(batch=k, quantity="effective", a=a, b="", value=float(share[t] * w[t] * grads[t].norm())))
+            present = sum(g is not None for g in grads)
+            rows.append(dict(batch=k, quantity="effective, pool=attribute", a=a, b="",
+                             value=float(w[t] * grads[t].norm() / present)))
             rows.append(dict(batch=k, quantity="cos", a=a, b="BCE", value=cosine(grads[t], g_bce)))
             for u in range(t + 1, len(attrs)):
                 if grads[u] is not None:

@@ -181,7 +181,7 @@ def _guidance(args: argparse.Namespace):
 
     guidance = Guidance(tuple(attributes), tuple(masks), w_a=args.w_a, w_g=one_or_each(args.w_g),
                         target=one_or_each(args.target), exact=not args.first_order, loss=one_or_each(args.loss),
-                        transfer=args.transfer, cam_method=args.cam_method)
+                        transfer=args.transfer, cam_method=args.cam_method, pool=args.pool)
     losses = args.loss if len(args.loss) > 1 else args.loss * len(attributes)
     w_g = args.w_g if args.w_g is not None else [DEFAULT_GUIDANCE_WEIGHTS.get(loss) for loss in losses]
     print(f"guidance: loss {' '.join(args.loss)}, target {' '.join(args.target)}, "
@@ -584,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cam-method", choices=list(CAM_METHODS), default=DEFAULT_CAM_METHOD,
                        help="the CAM the guidance loss is computed on: gradcam (default, the paper's), gradcam++ "
                             "or layercam")
+        p.add_argument("--pool", choices=["pairs", "attribute"], default="pairs",
+                       help="average the guidance losses over all guided (image, attribute) pairs (default), or "
+                            "per attribute first, so that each guided attribute weighs the same")
 
     tr = sub.add_parser("train", help="train the baseline classifier")
     training_options(tr, 10)

@@ -99,9 +99,9 @@ from cocam.losses import (
 from cocam.masks import MASK_TRANSFERS, mask_to_feature, mask_to_input, masks_for_batch
 from cocam.model import SplitModel
 
-__all__ = ["ABSURD_BCE", "GUIDANCE_ADDED_DEFAULTS", "RESUME_MAY_CHANGE", "RUN_FILES", "DegenerateRunError",
+__all__ = ["ABSURD_BCE", "GUIDANCE_ADDED_DEFAULTS", "POOLS", "RESUME_MAY_CHANGE", "RUN_FILES", "DegenerateRunError",
            "DeviceUnavailableError", "FitResult", "Guidance", "ResumeMismatchError", "RunExistsError", "RunLockedError",
-           "TrainConfig", "TrainingDivergedError", "fit", "guidance_masks", "guided_terms"]
+           "TrainConfig", "TrainingDivergedError", "fit", "guidance_masks", "guided_terms", "pool_weights"]
 
 #: The files of a run folder, written together once per epoch.
 RUN_FILES = ("last.pt", "best.pt", "history.csv", "run.json")
@@ -185,7 +185,10 @@ class TrainConfig:
 #: Guidance settings added after runs were first recorded, with the value an older record
 #: (``run.json``, a checkpoint's ``guidance``) that lacks them had: compared as such on resume,
 #: and left out of :meth:`Guidance.fingerprint` at that value.
-GUIDANCE_ADDED_DEFAULTS: dict[str, Any] = {"cam_method": DEFAULT_CAM_METHOD}
+GUIDANCE_ADDED_DEFAULTS: dict[str, Any] = {"cam_method": DEFAULT_CAM_METHOD, "pool": "pairs"}
+
+#: How the guidance term averages its per-(image, attribute) losses (``Guidance.pool``).
+POOLS: tuple[str, ...] = ("pairs", "attribute")
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,14 @@ class Guidance:
         cam_method: the CAM the guidance loss is computed on, one of
             :data:`cocam.cams.CAM_METHODS`: ``"gradcam"`` (the paper's, the default),
             ``"gradcam++"`` or ``"layercam"`` (see :mod:`cocam.cams`). Not used by ``rrr_input``.
+        pool: how the guidance term averages over the guided (image, attribute) pairs of a
+            batch: ``"pairs"`` (the default) — one mean over all pairs, ``Σ_bt m_bt ℓ_bt /
+            Σ_bt m_bt``, so an attribute weighs by how many guided pairs it has (with
+            ``target="positive"``, Double_Chin's ~5 % of faces against Wearing_Lipstick's ~48 %);
+            ``"attribute"`` — each attribute's own mean, then the mean over the attributes that
+            have a guided pair in the batch, ``(1/T') Σ_t Σ_b m_bt ℓ_bt / Σ_b m_bt``, so every
+            guided attribute weighs the same (:func:`pool_weights`; in data-parallel training
+            the per-attribute counts are the global batch's).
 
     ``w_g=None`` takes the loss's default weight (:data:`cocam.losses.DEFAULT_GUIDANCE_WEIGHTS`:
     1 for ``iou``, the paper's setting). Per-attribute values that are all equal are stored as
@@ -236,6 +247,7 @@ class Guidance:
     loss: str | tuple[str, ...] = "iou"
     transfer: str = "template"
     cam_method: str = DEFAULT_CAM_METHOD
+    pool: str = "pairs"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attributes", tuple(validate_attributes(self.attributes)))
@@ -260,6 +272,8 @@ class Guidance:
                              f"exact=True (the penalty is trained through the gradients).")
         if self.transfer not in MASK_TRANSFERS:
             raise ValueError(f"transfer must be one of {', '.join(MASK_TRANSFERS)}, not {self.transfer!r}.")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, not {self.pool!r}.")
         if not isinstance(self.cam_method, str) or self.cam_method not in CAM_METHODS:
             raise UnknownCamMethodError(f"cam_method must be one of {', '.join(CAM_METHODS)}, not {self.cam_method!r}.")
         if losses[0] not in CAM_LOSSES and self.cam_method != DEFAULT_CAM_METHOD:
@@ -400,6 +414,8 @@ class _StepLoss(torch.nn.Module):
         dead = None if terms.dead is None else torch.stack([(weight * terms.dead).sum(), weight.sum()]).detach()
         if not self.context.enabled:
             return terms.total, terms.bce, terms.guidance, dead
+        if guidance.pool == "attribute":  # the per-attribute counts of the global batch
+            weight = pool_weights(weight, self.context.all_reduce_sum(weight.sum(0)))
         g = sharded_weighted_mean(per_sample, weight, self.context)
         if not isinstance(guidance.w_g, tuple):
             return guidance.w_a * terms.bce + guidance.w_g * g, terms.bce, g, dead
@@ -458,6 +474,20 @@ def guidance_masks(guidance: Guidance, model: SplitModel, image_size: int, devic
     return masks
 
 
+def pool_weights(weight: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, T)`` weights that turn the one weighted mean over pairs into the mean of per-attribute means.
+
+    ``w'_bt = m_bt / (T' · n_t)`` with ``n_t = Σ_b m_bt`` (``counts``, e.g. the global batch's
+    under data parallelism; default this batch's) and ``T'`` the number of attributes with
+    ``n_t > 0``. Then ``Σ w' = 1`` and ``Σ_bt w'_bt ℓ_bt / Σ_bt w'_bt = (1/T') Σ_t Σ_b m_bt ℓ_bt / n_t``.
+    """
+    counts = weight.sum(0) if counts is None else counts.to(weight)
+    present = counts > 0
+    n_present = present.sum().clamp_min(1).to(weight)
+    return torch.where(present, weight / (counts.clamp_min(torch.finfo(weight.dtype).tiny) * n_present),
+                       torch.zeros_like(weight))
+
+
 def _sample_weight(guidance: Guidance, labels: torch.Tensor) -> torch.Tensor | None:
     """``(B, T)`` which pairs are guided: the positives for ``"positive"`` targets, all for ``"both"``."""
     if guidance.target == "positive":
@@ -492,6 +522,8 @@ def guided_terms(model: SplitModel, images: torch.Tensor, targets: torch.Tensor,
     """
     labels = targets[:, target_idx]
     weight = _sample_weight(guidance, labels)
+    if guidance.pool == "attribute":
+        weight = pool_weights(torch.ones_like(labels) if weight is None else weight)
     masks = masks_for_batch(masks, landmarks, guidance.transfer, images.shape[-1])
     if guidance.loss == "rrr_input":
         grads, logits = input_gradients(model, images, target_idx, create_graph=True)

@@ -50,6 +50,9 @@ SCENARIOS: dict[str, tuple[dict, dict | None, bool]] = {
     # a loss, target and weight per attribute: the per-attribute weights within the global mean
     "mixed": ({"max_steps": 2}, {"attributes": (LIPSTICK, CHEEKS), "loss": ("iou", "energy"),
                                  "target": ("positive", "both"), "w_g": (3.0, 1.0)}, False),
+    # each attribute's own mean, then the mean over attributes: the counts are the global batch's
+    "pool_attribute": ({"max_steps": 1}, {"attributes": (LIPSTICK, CHEEKS), "w_g": (3.0, 1.0),
+                                          "pool": "attribute"}, False),
 }
 #: resume: one epoch of 2 steps, then resumed to two epochs (batch 48: 2 steps per epoch)
 RESUME_CONFIG = {"batch_size": 48}

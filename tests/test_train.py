@@ -963,3 +963,50 @@ def test_resume_of_a_run_recorded_before_cam_method(data, base_checkpoint, lipst
     result = fit(_load(base_checkpoint), train, None, _config(max_steps=2, epochs=2, batch_size=16), spec=SPEC,
                  guidance=_guidance(lipstick_mask), run_dir=run, resume=True, progress=False)
     assert result.steps == 2 and len(result.history) == 2
+
+
+def test_pool_weights_hand_computation() -> None:
+    from cocam.train import pool_weights
+
+    m = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])  # counts 4, 1, 0
+    w = pool_weights(m)
+    expected = torch.tensor([[1 / 8, 0, 0], [1 / 8, 1 / 2, 0], [1 / 8, 0, 0], [1 / 8, 0, 0]])  # T' = 2
+    torch.testing.assert_close(w, expected)
+    assert w.sum().item() == pytest.approx(1.0)
+    loss = torch.tensor([[1.0, 5.0, 7.0], [3.0, 2.0, 7.0], [5.0, 9.0, 7.0], [7.0, 9.0, 7.0]])
+    # the mean over attributes of each attribute's own mean: ((1+3+5+7)/4 + 2/1) / 2 = 3
+    assert ((w * loss).sum() / w.sum()).item() == pytest.approx(3.0)
+    # global counts (data-parallel) replace the batch's
+    torch.testing.assert_close(pool_weights(m, torch.tensor([8.0, 2.0, 0.0])), expected / 2)
+
+
+def test_pooling_per_attribute_in_the_guided_step() -> None:
+    from cocam.attributes import attribute_index
+    from cocam.masks import default_mask
+    from cocam.model import build_model
+    from cocam.train import guidance_masks, guided_terms
+
+    attrs = ("Wearing_Lipstick", "Double_Chin")
+    masks = tuple(default_mask(a) for a in attrs)
+    pairs = Guidance(attrs, masks, w_g=(3.0, 1.0))
+    pooled = Guidance(attrs, masks, w_g=(3.0, 1.0), pool="attribute")
+    assert pairs.fingerprint() == Guidance(attrs, masks, w_g=(3.0, 1.0), pool="pairs").fingerprint()
+    assert pooled.fingerprint() != pairs.fingerprint() and pooled.describe()["pool"] == "attribute"
+    with pytest.raises(ValueError, match="pool must be one of pairs, attribute"):
+        Guidance(attrs, masks, pool="mean")
+    torch.manual_seed(0)
+    model = build_model("alexnet", num_outputs=40, hidden=16).eval()
+    images = torch.rand(6, 3, 64, 64)
+    targets = torch.zeros(6, 40)
+    idx = [attribute_index(a) for a in attrs]
+    targets[:, idx[0]] = torch.tensor([1.0, 1, 1, 1, 0, 0])  # 4 lipstick positives, 1 double chin
+    targets[:, idx[1]] = torch.tensor([0.0, 0, 0, 0, 1, 0])
+    masks_t = guidance_masks(pooled, model, 64, torch.device("cpu"))
+    a = guided_terms(model, images, targets, pairs, idx, masks_t)
+    b = guided_terms(model, images, targets, pooled, idx, masks_t)
+    torch.testing.assert_close(a.per_sample, b.per_sample)  # the same losses, pooled differently
+    ell = a.per_sample.double()
+    lip, chin = ell[:4, 0].mean(), ell[4, 1]
+    torch.testing.assert_close(b.total.double(), b.bce.double() + (3.0 * lip + 1.0 * chin) / 2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.total.double(), a.bce.double() + (3.0 * ell[:4, 0].sum() + chin) / 5,
+                               rtol=1e-6, atol=1e-6)

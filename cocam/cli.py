@@ -334,6 +334,18 @@ def cmd_fix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decoy(args: argparse.Namespace) -> int:
+    from cocam.decoy import DecoyConfig, generate_decoy_fmnist
+
+    config = DecoyConfig(n_train=args.n_train, n_valid=args.n_valid, n_test=args.n_test, patch=args.patch,
+                         seed=args.seed)
+    root = generate_decoy_fmnist(args.root, config, source=args.source, overwrite=args.overwrite)
+    labels = pd.read_csv(root / "labels.csv")
+    print(f"Decoy-FashionMNIST in {root}: " + ", ".join(f"{n} {s}" for s, n in labels.split.value_counts().items())
+          + " images; labels.csv (one-hot classes, split), decoy_boxes.csv (each image's decoy patch)")
+    return 0
+
+
 def cmd_bias(args: argparse.Namespace) -> int:
     from cocam.bias import rank_biases
     from cocam.checkpoint import load_model
@@ -668,6 +680,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="points of validation accuracy a chosen setting may lose against the control")
     comparison_options(fx, peers="'group-balanced', 'last layer (DFR)', 'random region'")
     fx.set_defaults(func=cmd_fix)
+
+    dc = sub.add_parser("decoy", help="write Decoy-FashionMNIST (a class-coloured corner patch at training time, "
+                                      "a random one at test time) from Debian's dataset-fashion-mnist files")
+    dc.add_argument("--root", type=Path, default=Path("data/decoy_fmnist"), help="the folder to create")
+    dc.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+                    help="the folder holding Fashion-MNIST's four .gz files")
+    dc.add_argument("--n-train", type=int, default=None, help="training images (default: all)")
+    dc.add_argument("--n-valid", type=int, default=5_000)
+    dc.add_argument("--n-test", type=int, default=None, help="test images (default: all 10,000)")
+    dc.add_argument("--patch", type=int, default=4, help="side of the decoy patch in pixels")
+    dc.add_argument("--seed", type=int, default=0)
+    dc.add_argument("--overwrite", action="store_true", help="replace a Decoy-FashionMNIST of another configuration")
+    dc.set_defaults(func=cmd_decoy)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic default")
     training_options(d, 8)

@@ -44,6 +44,7 @@ from cocam.synthetic import PRESETS, generate_synthetic_celeba
 SETTINGS = {"guided (paper's IoU, positives, w_g=3)": dict(loss="iou", target="positive", w_g=3.0)}
 
 ORACLE = "oracle (CelebA rates)"
+DECORRELATED = "oracle (decorrelated)"
 
 
 def strength_root(data: Path, strength: float) -> Path:
@@ -79,7 +80,8 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
         for setting, g in rows.groupby("setting", sort=False):
             g = g.sort_values("strength")
             err = np.vstack([g.worst_group - g.worst_group_low, g.worst_group_high - g.worst_group]).clip(min=0)
-            style = dict(ls="--", color="k") if setting == ORACLE else dict(marker="o")
+            style = dict(ls="--", color="k" if setting == ORACLE else "grey") if setting in (ORACLE, DECORRELATED) \
+                else dict(marker="o")
             ax.errorbar(g.strength, g.worst_group, yerr=np.nan_to_num(err), capsize=3, label=setting, **style)
         ax.set_xscale("symlog", linthresh=0.05)
         ax.set_xlabel("bias strength (train conflict scale; 1 = CelebA's rates)")
@@ -112,6 +114,9 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=3e-4)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None, help="processes that render the images")
+    p.add_argument("--decorrelated-oracle", action="store_true",
+                   help="also train baselines on a training split where each pair's A is independent of its B "
+                        "(cocam generate --train-decorrelated): the oracle 'oracle (decorrelated)'")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: merge the runs.csv each strength's comparison has written so far")
     args = p.parse_args()
@@ -135,6 +140,23 @@ def main() -> None:
                                   baseline_seeds=tuple(args.baseline_seeds), peers=tuple(args.peers))
         result = compare_guidance(config, SETTINGS, log=lambda line, s=strength: print(f"strength {s:g} · {line}"))
         runs.append(result.runs.assign(strength=strength))
+    if args.decorrelated_oracle:
+        root = args.data / "decorrelated"
+        if not args.report_only:
+            generate_synthetic_celeba(root, type(preset)(**{**preset.to_dict(), "difficulty": preset.difficulty,
+                                                            "train_decorrelated": True}), workers=args.workers)
+            # only the baselines are needed (one control per baseline comes with them)
+            config = ComparisonConfig(root=root, out=args.out / "decorrelated", seeds=(args.seeds[0],), pairs=pairs,
+                                      image_size=args.image_size, baseline_epochs=args.epochs, patience=args.patience,
+                                      finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                                      device=args.device, baseline_seeds=tuple(args.baseline_seeds), peers=())
+            compare_guidance(config, {}, log=lambda line: print(f"decorrelated · {line}"))
+        done = args.out / "decorrelated" / "runs.csv"
+        if done.is_file():
+            oracle = pd.read_csv(done)
+            oracle = oracle[oracle.setting == PRE_TRAINED].assign(setting=DECORRELATED)
+            runs += [oracle.assign(strength=s) for s in args.strengths
+                     if same_evaluation_splits(root, strength_root(args.data, s))]
     runs_df = pd.concat(runs, ignore_index=True)
     if 1.0 in args.strengths:
         oracle = runs_df[(runs_df.strength == 1.0) & (runs_df.setting == PRE_TRAINED)]

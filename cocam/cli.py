@@ -40,6 +40,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = PRESETS[args.preset]
     overrides = {k: getattr(args, k) for k in ("n_train", "n_valid", "n_test", "seed", "train_conflict_scale")
                  if getattr(args, k) is not None}
+    if args.train_decorrelated:
+        overrides["train_decorrelated"] = True
     config = replace(config, **overrides)
     folder = generate_synthetic_celeba(args.root, config, workers=args.workers, overwrite=args.overwrite)
     print(f"synthetic CelebA ({config.n_train}/{config.n_valid}/{config.n_test} train/valid/test images) in {folder}")
@@ -546,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-valid", type=int)
     g.add_argument("--n-test", type=int)
     g.add_argument("--seed", type=int)
+    g.add_argument("--train-decorrelated", action="store_true",
+                   help="the oracle's training split: each paper pair's A independent of its B (validation and "
+                        "test unchanged)")
     g.add_argument("--train-conflict-scale", type=float,
                    help="bias strength: 1 keeps CelebA's rates in train, smaller amplifies co-occurrence")
     g.add_argument("--workers", type=int, default=None, help="rendering processes (default: all cores)")

@@ -60,3 +60,26 @@ def test_sampling_is_deterministic_and_stratified():
     y = sample_labels(tree, 1000, np.random.default_rng(3))
     assert x.equals(y)
     assert x["Male"].sum() == round(1000 * tree.p_root)  # exact count, not a binomial draw
+
+
+def test_the_oracle_split_removes_each_paper_pairs_co_occurrence():
+    from cocam.synthetic import SyntheticConfig
+
+    tree = fit_label_tree("train", decorrelate=True)
+    labels = sample_labels(tree, 20_000, np.random.default_rng(1))
+    ref = celeba_reference()
+    for a, b in PAPER_PAIRS:
+        pa, pb = labels[a].mean(), labels[b].mean()
+        both = (labels[a] & labels[b]).mean()
+        assert both == pytest.approx(pa * pb, abs=0.01), (a, b)  # independent: P(A∧B) = P(A)·P(B)
+        for x in (a, b):  # the marginals stay CelebA's (training split)
+            want = ref[(ref.split == "train") & (ref.a == x) & (ref.b == x)].iloc[0].p_a
+            assert labels[x].mean() == pytest.approx(want, abs=0.02), x
+    # only the training split changes, and the configuration of an ordinary dataset is as before
+    oracle = SyntheticConfig(n_train=200, n_valid=100, n_test=100, train_decorrelated=True)
+    plain = SyntheticConfig(n_train=200, n_valid=100, n_test=100)
+    lo, so = synthetic_labels(oracle)
+    lp, sp = synthetic_labels(plain)
+    assert lo[so != "train"].equals(lp[sp != "train"]) and not lo[so == "train"].equals(lp[sp == "train"])
+    assert "train_decorrelated" not in plain.to_dict() and oracle.to_dict()["train_decorrelated"] is True
+    assert SyntheticConfig.from_dict(oracle.to_dict()) == oracle

@@ -75,6 +75,9 @@ class SyntheticConfig:
         train_conflict_scale: bias strength — multiplier on the conflict cells of the paper's
             pairs in the *training* split only (1.0 = CelebA's rates; the validation and test
             splits always keep CelebA's rates).
+        train_decorrelated: the *oracle*'s training split: each paper pair's A drawn independently
+            of its B (at CelebA's rate of A), so the training split has no co-occurrence to
+            exploit; ``train_conflict_scale`` is then ignored. Validation and test are unchanged.
         difficulty: visibility of the true cues (see :class:`CueDifficulty`).
         jpeg_quality: JPEG quality of the written images.
     """
@@ -84,6 +87,7 @@ class SyntheticConfig:
     n_test: int = 4_000
     seed: int = 0
     train_conflict_scale: float = 0.25
+    train_decorrelated: bool = False
     difficulty: CueDifficulty = field(default_factory=CueDifficulty)
     jpeg_quality: int = 92
 
@@ -101,7 +105,10 @@ class SyntheticConfig:
         return self.n_train + self.n_valid + self.n_test
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["train_decorrelated"]:  # added later: left out at its default, so older markers still match
+            del d["train_decorrelated"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SyntheticConfig:
@@ -243,7 +250,9 @@ def synthetic_labels(config: SyntheticConfig) -> tuple[pd.DataFrame, pd.Series]:
     splits = [("train", config.n_train), ("valid", config.n_valid), ("test", config.n_test)]
     frames, split_names = [], []
     for s, (split, n) in enumerate(splits):
-        tree = fit_label_tree(split, train_conflict_scale=config.train_conflict_scale if split == "train" else 1.0)
+        train = split == "train"
+        tree = fit_label_tree(split, train_conflict_scale=config.train_conflict_scale if train else 1.0,
+                              decorrelate=train and config.train_decorrelated)
         frames.append(sample_labels(tree, n, np.random.default_rng([config.seed, 1_000_003, s])))
         split_names += [split] * n
     labels = pd.concat(frames, ignore_index=True)

@@ -61,6 +61,7 @@ def fit_label_tree(
     root: str = "Male",
     train_conflict_scale: float = 1.0,
     reference: pd.DataFrame | None = None,
+    decorrelate: bool = False,
 ) -> LabelTree:
     """Fit the label tree to CelebA's counts of one split.
 
@@ -71,6 +72,9 @@ def fit_label_tree(
         train_conflict_scale: multiplier in [0, 1] on the conflict cells of ``forced_pairs``
             (1 keeps CelebA's rates; 0 makes A and B always agree).
         reference: counts as from :func:`cocam.cooccurrence.celeba_reference` (default: it).
+        decorrelate: draw the child of each of ``forced_pairs`` independently of its parent, at
+            the child's marginal rate (``P(child | parent) = P(child)``): the pair's co-occurrence
+            is removed, every other edge of the tree is kept (the oracle's training split).
     """
     if not 0.0 <= train_conflict_scale <= 1.0:
         raise ValueError(f"train_conflict_scale must lie in [0, 1], got {train_conflict_scale}.")
@@ -123,6 +127,8 @@ def fit_label_tree(
             table[1, 0] -= moved[1]
             table[1, 1] += moved[1]
         p_given[child] = (table[0, 1] / table[0].sum(), table[1, 1] / table[1].sum())
+        if decorrelate and frozenset((child, parent[child])) in forced:
+            p_given[child] = (n_c / n, n_c / n)
     return LabelTree(tuple(order), parent, na[idx[root]] / n, p_given)
 
 

@@ -326,5 +326,4 @@ def test_the_widget_offers_the_backgrounds_of_its_dataset(tmp_path, dataset) -> 
     assert np.array_equal(editor.background_image, dataset_image(dataset, 4))
     editor.set_background("template")
     assert choice.value == "template" and np.array_equal(editor.mask, mask)
-    assert "cocam-mask-editor" in editor.widget._dom_classes
     assert "Background" not in {getattr(c, "description", "") for c in walk(MaskEditor(mask_dir=tmp_path).widget)}

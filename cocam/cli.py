@@ -373,6 +373,38 @@ def cmd_bias(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rank(args: argparse.Namespace) -> int:
+    """``cocam rank``: the images of a split in the order to look at them (glue over :mod:`cocam.ranking`)."""
+    from cocam.checkpoint import load_model
+    from cocam.dataset import CelebADataset
+    from cocam.evaluate import write_results
+    from cocam.masks import load_mask, resolve_mask
+    from cocam.ranking import RANKINGS_NEEDING_SHORTCUT, rank_for_correction
+
+    _positive("--top", args.top)
+    [attribute] = validate_attributes([args.attribute])
+    if args.by in RANKINGS_NEEDING_SHORTCUT and args.shortcut is None:
+        raise ValueError(f"--by {args.by} needs the shortcut attribute: add --shortcut B (e.g. --shortcut "
+                         f"Heavy_Makeup for Wearing_Lipstick).")
+    if args.out:
+        _check_results_path(args.out, args.overwrite)
+    mask, source = (load_mask(args.mask), str(args.mask)) if args.mask else resolve_mask(attribute, _mask_dir(args))
+    model, spec, _ = load_model(args.checkpoint)
+    dataset = CelebADataset(args.root, args.split, image_size=spec.image_size)
+    ranking = rank_for_correction(model, dataset, attribute, mask, by=args.by, shortcut=args.shortcut,
+                                  seed=args.seed, batch_size=args.batch_size, device=args.device)
+    shortcut = f", shortcut {args.shortcut}" if args.shortcut else ""
+    print(f"{attribute}: region {source}\nImages of the {args.split} split ({len(dataset)}) of {args.checkpoint} to "
+          f"correct first, by {args.by}{shortcut} (p: predicted probability; outside_energy: share of the "
+          f"Grad-CAM outside the region):")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(ranking.head(args.top).to_string(index=False))
+    if args.out:
+        _, sidecar = write_results(args.out, ranking, {"model": args.checkpoint}, overwrite=args.overwrite)
+        print(f"full ranking ({len(ranking)} images): {args.out} (provenance: {sidecar})")
+    return 0
+
+
 def _format_table(table: pd.DataFrame) -> str:
     """The printed before/after table: a view of :func:`cocam.evaluate.evaluate_checkpoints`' numbers,
     worst group and conflict mean first, then the paper's columns, the reverse group and the AUCs."""
@@ -658,6 +690,30 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--overwrite", action="store_true", help="replace an existing --out file and its sidecar")
     bi.add_argument("--device", default="auto")
     bi.set_defaults(func=cmd_bias)
+
+    from cocam.ranking import RANKINGS
+
+    rk = sub.add_parser("rank", help="the images to correct first: CAM outside the region, uncertainty, worst group")
+    rk.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    rk.add_argument("--checkpoint", type=Path, required=True)
+    rk.add_argument("--attribute", required=True, help="attribute A whose evidence should lie in its region")
+    rk.add_argument("--shortcut", help="A's co-occurring attribute B: adds the (A, B) group and --by worst_group")
+    rk.add_argument("--by", choices=list(RANKINGS), default="outside_energy",
+                    help="outside_energy (default): share of the Grad-CAM of the predicted class outside the "
+                         "region; uncertainty: p near 0.5; worst_group: the worst (A, B) group first; random: "
+                         "the baseline")
+    rk.add_argument("--split", default="valid", choices=["train", "valid", "test"],
+                    help="where to look (default: valid — keep the test split for the final report)")
+    rk.add_argument("--top", type=int, default=20, help="rows to print")
+    rk.add_argument("--mask", type=Path, help="the region's mask file (PNG or .npy; default: from --mask-dir)")
+    rk.add_argument("--mask-dir", type=Path, default=None, help=_MASK_DIR_HELP)
+    rk.add_argument("--seed", type=int, default=0, help="seed of --by random")
+    rk.add_argument("--batch-size", type=int, default=64)
+    rk.add_argument("--out", type=Path, help="write the whole ranking as CSV (with a provenance sidecar)")
+    rk.add_argument("--overwrite", action="store_true", help="replace an existing --out file and its sidecar")
+    rk.add_argument("--device", default="auto")
+    data_options(rk)
+    rk.set_defaults(func=cmd_rank)
 
     from cocam.protocol import add_protocol_arguments
 

@@ -26,6 +26,12 @@ rasterisation of strokes are described in :mod:`cocam.canvas`.
 one as it is, unsaved drawing and undo history included; the status line says when the
 previous one is not saved.
 
+**Background.** What the face under the drawing is — cocam's template (the default), the
+dataset's mean aligned face (:func:`cocam.backgrounds.mean_image`) or one of its images
+(:func:`cocam.backgrounds.dataset_image`) — is display only (``background=`` or
+:meth:`~MaskEditor.set_background`): every one is a 178×218 image in the template frame, so the
+mask, its undo history and what is saved do not change when it does.
+
 The drawing logic needs only NumPy; :attr:`MaskEditor.widget` additionally needs ``ipycanvas``
 and ``ipywidgets`` (``pip install 'cocam[notebooks]'``), imported only when the widget is built.
 """
@@ -48,7 +54,10 @@ from cocam.canvas import BRUSH_MAX, BRUSH_MIN, DEFAULT_BRUSH, MIN_RADIUS, MaskCa
 from cocam.errors import CocamError
 from cocam.masks import TEMPLATE_SHAPE, is_shipped_mask
 
-__all__ = ["MaskEditor", "MaskEditorUnavailableError"]
+__all__ = ["MEAN_FACE_IMAGES", "MaskEditor", "MaskEditorUnavailableError"]
+
+#: How many (evenly spread) images ``background="mean"`` averages (:func:`cocam.backgrounds.mean_image`).
+MEAN_FACE_IMAGES: int = 2000
 
 #: Colour of the painted region on the canvas (RGB).
 _MASK_COLOUR = (64, 230, 96)
@@ -112,6 +121,10 @@ class MaskEditor:
             built-in region, :func:`cocam.masks.default_mask`).
         template: the face to draw on (default: cocam's template face,
             :func:`cocam.synthetic.render_template`); an image, array or path, 178×218.
+        background: what is shown under the drawing (see :meth:`set_background`):
+            ``"template"`` (the default: ``template``), ``"mean"`` (``dataset``'s mean aligned
+            face), an ``int`` (that image of ``dataset``) or a 178×218 image, array or path.
+        dataset: the :class:`~cocam.dataset.CelebADataset` that ``"mean"`` and an index refer to.
 
     Example (no browser needed)::
 
@@ -132,6 +145,8 @@ class MaskEditor:
         max_history: int = 50,
         start: Start = "empty",
         template: Image.Image | np.ndarray | str | os.PathLike | None = None,
+        background: str | int | Image.Image | np.ndarray | os.PathLike = "template",
+        dataset: Any = None,
     ) -> None:
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive number, got {scale!r}.")
@@ -140,12 +155,16 @@ class MaskEditor:
                                  max_history=max_history, start=start)
         self._start: Start = start
         self._template = _template_rgb(template)
+        self._face = self._template
+        self._background: str | int = "template"
+        self._dataset = dataset
         self._opacity = 0.5
         self._status = ""
         self._ui: dict[str, Any] | None = None
         self._syncing = False
         self._holding = False
         self.set_opacity(opacity)
+        self._face, self._background = self._resolve_background(background, dataset)
         self._set_status(self._shown_message())
 
     # -- read-only state (the model's) ---------------------------------------------------------
@@ -234,6 +253,16 @@ class MaskEditor:
         """Fraction of the template covered by the mask."""
         return self._model.area
 
+    @property
+    def background(self) -> str | int:
+        """What is shown under the drawing: ``"template"``, ``"mean"``, an image index, or ``"image"`` (given)."""
+        return self._background
+
+    @property
+    def background_image(self) -> np.ndarray:
+        """A copy of the face shown under the drawing: ``(218, 178, 3)`` uint8 in template coordinates."""
+        return self._face.copy()
+
     def __repr__(self) -> str:
         return (f"MaskEditor(attribute={self.attribute!r}, mask_dir='{self.mask_dir}', "
                 f"pixels={self._model.pixels}, mode={self.mode!r}, brush_size={self.brush_size:g})")
@@ -262,6 +291,59 @@ class MaskEditor:
         self._opacity = opacity
         self._sync_controls()
         self._repaint()
+
+    def set_background(self, background: str | int | Image.Image | np.ndarray | os.PathLike = "template",
+                       dataset: Any = None) -> None:
+        """Show another face under the drawing; the masks, their history and files are untouched.
+
+        Args:
+            background: ``"template"`` (the editor's template face), ``"mean"`` (the mean aligned
+                face of ``dataset``: :func:`cocam.backgrounds.mean_image` over
+                :data:`MEAN_FACE_IMAGES` evenly spread images), an ``int`` (that image of
+                ``dataset``: :func:`cocam.backgrounds.dataset_image`) or a 178×218 image, array
+                or path.
+            dataset: the dataset ``"mean"`` and an index refer to (default: the editor's).
+
+        Raises:
+            ValueError: ``"mean"`` or an index without a dataset, an unknown name, a wrong size.
+            IndexError: an index outside the dataset.
+        """
+        if dataset is not None:
+            self._dataset = dataset
+        self._face, self._background = self._resolve_background(background, self._dataset)
+        self._sync_controls()
+        self._draw_template()
+        self._set_status(f"Background: {self._describe_background()}. " + self._summary())
+
+    def _resolve_background(self, background: Any, dataset: Any) -> tuple[np.ndarray, str | int]:
+        """The face to show and how to name it."""
+        from cocam.backgrounds import dataset_image, mean_image
+
+        if isinstance(background, str) and background in ("template", "mean"):
+            if background == "template":
+                return self._template, "template"
+            if dataset is None:
+                raise ValueError("background='mean' needs the dataset to average: pass dataset= (a CelebADataset).")
+            return mean_image(dataset, max_images=MEAN_FACE_IMAGES), "mean"
+        if isinstance(background, (int, np.integer)) and not isinstance(background, bool):
+            if dataset is None:
+                raise ValueError(f"background={background} is an image index: pass dataset= (a CelebADataset) "
+                                 f"to take it from.")
+            return dataset_image(dataset, int(background)), int(background)
+        if isinstance(background, str) and not os.path.exists(background):
+            raise ValueError(f"background must be 'template', 'mean', an image index, or a 178x218 image or path; "
+                             f"got {background!r} (no such file).")
+        return _template_rgb(background), "image"
+
+    def _describe_background(self) -> str:
+        b = self._background
+        if b == "template":
+            return "the template face"
+        if b == "mean":
+            return "the dataset's mean aligned face"
+        if isinstance(b, int):
+            return f"image {b} of the dataset ({self._dataset.names[b]})"
+        return "the given image"
 
     def set_attribute(self, name: str) -> None:
         """Draw for another attribute (validated). The previous attribute's drawing and undo history
@@ -460,9 +542,9 @@ class MaskEditor:
         return rgba, x0, y0
 
     def render(self) -> np.ndarray:
-        """What the canvas shows: the template with the mask blended in, ``(H, W, 3)`` uint8 at display size."""
+        """What the canvas shows: the background face with the mask blended in, ``(H, W, 3)`` uint8 at display size."""
         width, height = self.display_size
-        face = np.asarray(Image.fromarray(self._template).resize((width, height), Image.Resampling.LANCZOS),
+        face = np.asarray(Image.fromarray(self._face).resize((width, height), Image.Resampling.LANCZOS),
                           dtype=np.float64)
         rgba = self._rgba(0, TEMPLATE_SHAPE[0], 0, TEMPLATE_SHAPE[1])
         if rgba is None:
@@ -489,7 +571,7 @@ class MaskEditor:
         if self._ui is None:
             return
         width, height = self.display_size
-        face = Image.fromarray(self._template).resize((width, height), Image.Resampling.LANCZOS)
+        face = Image.fromarray(self._face).resize((width, height), Image.Resampling.LANCZOS)
         with self._hold():  # RGBA travels as PNG (lossless); RGB would be sent as JPEG
             self._ui["canvas"][0].put_image_data(np.asarray(face.convert("RGBA"), dtype=np.uint8), 0, 0)
 
@@ -608,6 +690,13 @@ class MaskEditor:
         overwrite = w.Checkbox(value=False, description="overwrite existing file", indent=False)
         status = w.HTML(layout=w.Layout(width="310px", min_height="4.5em"))
         where = w.HTML(layout=w.Layout(width="310px"))
+        shown: list[Any] = []
+        if self._dataset is not None:  # the faces of the data to draw on (display only)
+            background = w.Dropdown(options=[("template", "template"), ("mean face", "mean"), ("image", "index")],
+                                    description="Background", style={"description_width": "80px"})
+            image_index = w.BoundedIntText(value=0, min=0, max=max(len(self._dataset) - 1, 0), description="Image",
+                                           style={"description_width": "80px"}, layout=w.Layout(width="200px"))
+            shown = [background, image_index]
 
         controls = w.VBox(
             [
@@ -616,6 +705,7 @@ class MaskEditor:
                 mode,
                 brush,
                 opacity,
+                *shown,
                 w.HBox([undo, redo, clear]),
                 w.HBox([load, builtin]),
                 w.HBox([save, overwrite]),
@@ -631,6 +721,8 @@ class MaskEditor:
         self._ui = {"root": root, "canvas": canvas, "mode": mode, "brush": brush, "opacity": opacity,
                     "attribute": attribute, "overwrite": overwrite, "status": status, "undo": undo, "redo": redo,
                     "where": where}
+        if shown:
+            self._ui["background"], self._ui["image_index"] = shown
 
         canvas.on_mouse_down(self._on_mouse_down)
         canvas.on_mouse_move(self._on_mouse_move)
@@ -657,6 +749,10 @@ class MaskEditor:
         on_value("brush", self.set_brush)
         on_value("opacity", self.set_opacity)
         on_value("attribute", self.set_attribute)
+        if shown:
+            on_value("background", lambda value: self.set_background(
+                int(self._ui["image_index"].value) if value == "index" else value))
+            on_value("image_index", lambda value: self.set_background(int(value)))
 
         def guarded(action):
             def handler(_button: Any) -> None:
@@ -699,6 +795,11 @@ class MaskEditor:
             self._ui["brush"].value = self.brush_size
             self._ui["opacity"].value = self._opacity
             self._ui["attribute"].value = self.attribute
+            if "background" in self._ui:
+                b = self._background
+                self._ui["background"].value = "index" if isinstance(b, int) else (b if b != "image" else None)
+                if isinstance(b, int):
+                    self._ui["image_index"].value = b
         finally:
             self._syncing = False
 

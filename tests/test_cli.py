@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -365,6 +366,35 @@ def test_bias_ranks_pairs_and_writes_the_ranking(root: Path, baseline: Path, tmp
     assert main(["bias", "--root", str(root), "--checkpoint", str(baseline / "best.pt"),
                  "--attribute", "Wearing_Lipstik"]) == 1
     assert "Wearing_Lipstick" in capsys.readouterr().err
+
+
+def test_rank_prints_the_images_to_correct_first_and_writes_them(root: Path, baseline: Path, tmp_path: Path,
+                                                                 capsys) -> None:
+    out = tmp_path / "ranking.csv"
+    args = ["rank", "--root", str(root), "--checkpoint", str(baseline / "best.pt"), "--attribute", "Wearing_Lipstick",
+            "--shortcut", "Heavy_Makeup", "--by", "worst_group", "--top", "4", "--device", "cpu"]
+    assert main([*args, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "by worst_group" in text and "region built-in" in text  # the empty mask folder: the built-in region
+    printed = [line for line in text.splitlines() if line.split()[:1] and line.split()[0].isdigit()]
+    assert len(printed) == 4  # --top rows
+    ranking = pd.read_csv(out)
+    assert len(ranking) == 16 and sorted(ranking["index"]) == list(range(16))  # the whole valid split
+    assert ranking["rank"].tolist() == list(range(1, 17)) and ranking.worst_group.is_monotonic_decreasing
+    assert {"image", "label", "p", "group", "outside_energy", "uncertainty", "random"} <= set(ranking.columns)
+    assert json.loads(out.with_suffix(".json").read_text())["checkpoints"]["model"]["spec"]["image_size"] == 64
+    before = out.read_text()
+    assert main([*args, "--out", str(out), "--by", "random"]) == 1  # never replaced without --overwrite
+    assert "already exists" in _one_error(capsys, "rank") and out.read_text() == before
+    assert main([*args, "--out", str(out), "--by", "random", "--seed", "3", "--overwrite"]) == 0
+    assert pd.read_csv(out)["index"].tolist() == np.random.default_rng(3).permutation(16).tolist()
+    capsys.readouterr()
+    assert main(args[:7] + ["--by", "worst_group"]) == 1  # no --shortcut
+    assert "--shortcut" in _one_error(capsys, "rank")
+    assert main(args[:5] + ["--attribute", "Wearing_Lipstik"]) == 1
+    assert "Wearing_Lipstick" in _one_error(capsys, "rank")
+    with pytest.raises(SystemExit):
+        main(args[:7] + ["--by", "energy"])
 
 
 def test_compare_prints_both_splits_and_the_choice(root: Path, tmp_path: Path, capsys) -> None:

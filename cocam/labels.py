@@ -16,7 +16,7 @@ from typing import Any
 from cocam.attributes import CELEBA_ATTRIBUTES, UnknownAttributeError, validate_attribute
 from cocam.errors import CocamError
 
-__all__ = ["CELEBA", "LabelSpace", "LabelSpaceError", "UnknownAttributeError", "label_space_of"]
+__all__ = ["CELEBA", "LabelSpace", "LabelSpaceError", "UnknownAttributeError", "label_space_of", "labels_of_frame"]
 
 
 class LabelSpaceError(CocamError, ValueError):
@@ -122,3 +122,10 @@ def label_space_of(names: Iterable[str] | LabelSpace) -> LabelSpace:
         return names
     names = tuple(names)
     return CELEBA if names == CELEBA_ATTRIBUTES else LabelSpace(names)
+
+
+def labels_of_frame(columns: Iterable[str]) -> LabelSpace:
+    """The space names in a label frame are checked against: :data:`CELEBA` when every column is a
+    CelebA attribute (a CelebA frame, whole or a few of its columns), else the frame's columns."""
+    columns = tuple(str(c) for c in columns)
+    return CELEBA if set(columns) <= set(CELEBA_ATTRIBUTES) else LabelSpace(columns)

@@ -12,11 +12,14 @@ from cocam.attributes import (
     validate_attribute,
     validate_attributes,
 )
+from cocam.labels import CELEBA, LabelSpace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CELEBA",
     "CELEBA_ATTRIBUTES",
+    "LabelSpace",
     "PAPER_PAIRS",
     "UnknownAttributeError",
     "attribute_index",

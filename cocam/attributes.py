@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 from cocam.errors import CocamError
 
@@ -44,14 +45,15 @@ _BY_LOWER = {name.lower(): name for name in CELEBA_ATTRIBUTES}
 
 
 class UnknownAttributeError(CocamError, ValueError):
-    """An attribute name that is not one of the 40 CelebA attributes."""
+    """An attribute (label) name that is not in the label space it is used with (by default CelebA's 40)."""
 
 
-def validate_attribute(name: str, valid: Iterable[str] = CELEBA_ATTRIBUTES) -> str:
+def validate_attribute(name: str, valid: Iterable[str] = CELEBA_ATTRIBUTES, *, described: str | None = None) -> str:
     """Return ``name`` if it is a valid attribute, else raise :class:`UnknownAttributeError`.
 
     The error lists the closest valid names (case, spaces and hyphens are forgiven in the
-    suggestion, never silently corrected).
+    suggestion, never silently corrected) and says which names are valid: ``described`` (how a
+    :class:`cocam.labels.LabelSpace` names itself), by default the 40 CelebA attributes.
     """
     valid = tuple(valid)
     if isinstance(name, str) and name in valid:
@@ -63,10 +65,10 @@ def validate_attribute(name: str, valid: Iterable[str] = CELEBA_ATTRIBUTES) -> s
     if normalised.lower() in lower and lower[normalised.lower()] not in candidates:
         candidates.insert(0, lower[normalised.lower()])
     hint = f" Did you mean {', '.join(repr(c) for c in candidates)}?" if candidates else ""
-    raise UnknownAttributeError(
-        f"Unknown attribute {text!r}.{hint} Valid names are the 40 CelebA attributes, "
-        f"e.g. 'Wearing_Lipstick', 'Heavy_Makeup' (see cocam.CELEBA_ATTRIBUTES)."
-    )
+    if described is None:
+        described = ("the 40 CelebA attributes, e.g. 'Wearing_Lipstick', 'Heavy_Makeup' "
+                     "(see cocam.CELEBA_ATTRIBUTES)")
+    raise UnknownAttributeError(f"Unknown attribute {text!r}.{hint} Valid names are {described}.")
 
 
 def validate_attributes(names: Iterable[str], valid: Iterable[str] = CELEBA_ATTRIBUTES) -> list[str]:
@@ -80,16 +82,17 @@ def attribute_index(name: str) -> int:
     return _INDEX[validate_attribute(name)]
 
 
-def parse_pairs(values: Iterable[str]) -> list[tuple[str, str]]:
+def parse_pairs(values: Iterable[str], labels: Any = None) -> list[tuple[str, str]]:
     """``["A:B", ...]`` → validated ``[(A, B), ...]`` (attribute A and the shortcut B it co-occurs with).
 
     A value without ``:`` is a :class:`ValueError` showing the form; misspelled names raise
-    :class:`UnknownAttributeError` with the closest valid names.
+    :class:`UnknownAttributeError` with the closest valid names of ``labels`` (a
+    :class:`cocam.labels.LabelSpace`; default: the 40 CelebA attributes).
     """
     pairs = []
     for value in values:
         a, sep, b = str(value).partition(":")
         if not sep:
             raise ValueError(f"pair {value!r} must look like Wearing_Lipstick:Heavy_Makeup (attribute:shortcut).")
-        pairs.append(tuple(validate_attributes([a, b])))
+        pairs.append(tuple(validate_attributes([a, b]) if labels is None else labels.validate([a, b])))
     return pairs

@@ -1055,19 +1055,20 @@ def _condition_value(name: str, value: object) -> int:
     raise ValueError(f"Condition {name}={value!r}: the value must be 0, 1, True or False")
 
 
-def select_images(attributes: pd.DataFrame, conditions: Mapping[str, int | bool]) -> pd.Index:
+def select_images(attributes: pd.DataFrame, conditions: Mapping[str, int | bool], labels=None) -> pd.Index:
     """Names of the images whose attributes match every ``name -> 0/1`` condition.
 
     Example: ``select_images(ann.attributes, {"Wearing_Lipstick": 1, "Heavy_Makeup": 0})``.
-    An empty mapping selects every image.
+    An empty mapping selects every image. ``labels`` (a :class:`cocam.labels.LabelSpace`,
+    default CelebA's 40 attributes) is what the names are checked against.
 
     Raises:
-        UnknownAttributeError: a condition names no CelebA attribute (closest names suggested).
+        UnknownAttributeError: a condition names no label of ``labels`` (closest names suggested).
         ValueError: a value other than 0/1/True/False, or an attribute missing from the frame.
     """
     mask = np.ones(len(attributes), dtype=bool)
     for name, value in conditions.items():
-        validate_attribute(name)
+        validate_attribute(name) if labels is None else labels.validate_one(name)
         wanted = _condition_value(name, value)
         if name not in attributes.columns:
             raise ValueError(f"Condition on {name!r}, but the attribute table has no such column")

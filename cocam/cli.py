@@ -3,7 +3,7 @@
     cocam generate   write the synthetic CelebA (the embedded default)
     cocam stats      co-occurrence statistics of a dataset, next to real CelebA's
     cocam template   write the template face (and its landmarks) for drawing masks
-    cocam train      train the baseline 40-attribute classifier
+    cocam train      train the baseline classifier (CelebA's 40 attributes, or a folder dataset's labels)
     cocam finetune   Grad-CAM guided fine-tuning from a checkpoint (or the BCE-only control)
     cocam evaluate   accuracy on the test split and the conflict subsets, before vs after
     cocam bias       rank attribute pairs by the accuracy gap of a trained model (model-side bias)
@@ -23,13 +23,24 @@ from pathlib import Path
 
 import pandas as pd
 
-from cocam.attributes import PAPER_PAIRS, parse_pairs, validate_attributes
+from cocam.attributes import CELEBA_ATTRIBUTES, PAPER_PAIRS, parse_pairs
 
 DEFAULT_ROOT = Path("data/synthetic")
 
 
-def _pairs(values: list[str] | None) -> list[tuple[str, str]]:
-    return parse_pairs(values) if values else list(PAPER_PAIRS)
+def _pairs(values: list[str] | None, root: Path | None = None) -> list[tuple[str, str]]:
+    """``--pair`` values checked against the labels of the dataset at ``root`` (default: the paper's three,
+    which exist only for CelebA)."""
+    from cocam.folder import dataset_label_space
+
+    space = dataset_label_space(root) if root is not None else None
+    if values:
+        return parse_pairs(values, space)
+    if space is not None and space.names != CELEBA_ATTRIBUTES:
+        raise ValueError(f"the paper's pairs are CelebA attributes, and {root} has other labels "
+                         f"({', '.join(space.names[:6])}{', …' if len(space) > 6 else ''}): give the pairs to use, "
+                         f"e.g. --pair {space.names[0]}:{space.names[-1]}.")
+    return list(PAPER_PAIRS)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -109,10 +120,11 @@ def train_config(args: argparse.Namespace, **override):
 
 
 def _datasets(root: Path, image_size: int, splits=("train", "valid")):
-    """The splits as CelebADatasets (cache location and skipping: see ``--cache-dir``, ``--skip-unreadable``)."""
-    from cocam.dataset import CelebADataset
+    """The splits of the dataset at ``root``, a CelebA layout or a folder with labels.csv (:func:`cocam.folder.open_dataset`;
+    cache location and skipping: see ``--cache-dir``, ``--skip-unreadable``)."""
+    from cocam.folder import open_dataset
 
-    return [CelebADataset(root, s, image_size=image_size) for s in splits]
+    return [open_dataset(root, s, image_size=image_size) for s in splits]
 
 
 def _mask_dir(args: argparse.Namespace) -> Path:
@@ -122,12 +134,20 @@ def _mask_dir(args: argparse.Namespace) -> Path:
     return resolve_mask_dir(getattr(args, "mask_dir", None))
 
 
-def _print_masks(attributes, mask_dir: Path, what: str = "mask") -> None:
+def _print_masks(attributes, mask_dir: Path, what: str = "mask", root: Path | None = None) -> None:
     """Say which file each attribute's mask comes from (or that it is the built-in region)."""
     from cocam.masks import resolve_mask
 
+    view = _mask_view(root)
     for a in attributes:
-        print(f"{a}: {what} {resolve_mask(a, mask_dir)[1]}")
+        print(f"{a}: {what} {resolve_mask(a, mask_dir, view=view)[1]}")
+
+
+def _mask_view(root: Path | None) -> str:
+    """What masks for the dataset at ``root`` are drawn on: a folder dataset's square view, else the template face."""
+    from cocam.folder import is_folder_dataset
+
+    return "square" if root is not None and is_folder_dataset(root) else "template"
 
 
 def _require_landmarks(guidance, dataset) -> None:
@@ -144,8 +164,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     hidden = None if args.hidden == 0 or not ARCHITECTURES[args.arch].hidden_layers else args.hidden
-    spec = ModelSpec(arch=args.arch, image_size=args.image_size, hidden=hidden)
-    train, valid = _datasets(args.root, spec.image_size)
+    train, valid = _datasets(args.root, args.image_size)
+    spec = ModelSpec(arch=args.arch, image_size=args.image_size, hidden=hidden, attributes=train.label_space.names)
     config = train_config(args)
     torch.manual_seed(args.seed)  # --seed also fixes the initial weights
     result = fit(spec.build(pretrained=args.pretrained), train, valid, config, spec=spec, run_dir=args.out,
@@ -155,13 +175,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guidance(args: argparse.Namespace):
+def _guidance(args: argparse.Namespace, dataset=None):
+    """The guidance of ``--attribute`` and its masks, checked against ``dataset``'s labels (default: CelebA's)."""
+    from cocam.labels import CELEBA
     from cocam.masks import load_mask, resolve_mask
     from cocam.train import Guidance
 
     from cocam.losses import DEFAULT_GUIDANCE_WEIGHTS
 
-    attributes = validate_attributes(args.attribute)
+    space = dataset.label_space if dataset is not None else CELEBA
+    view = dataset.mask_view if dataset is not None else "template"
+    attributes = space.validate(args.attribute)
     _check_weights(args)
     mask_dir = _mask_dir(args)
     if args.mask and len(args.mask) != len(attributes):
@@ -171,10 +195,10 @@ def _guidance(args: argparse.Namespace):
     print(f"masks: {'--mask' if args.mask else mask_dir}")
     for i, a in enumerate(attributes):
         if args.mask:
-            masks.append(load_mask(args.mask[i]))
+            masks.append(load_mask(args.mask[i], view=view))
             print(f"{a}: mask {args.mask[i]}")
         else:
-            mask, source = resolve_mask(a, mask_dir)
+            mask, source = resolve_mask(a, mask_dir, view=view)
             masks.append(mask)
             print(f"{a}: mask {source}")
 
@@ -183,7 +207,7 @@ def _guidance(args: argparse.Namespace):
 
     guidance = Guidance(tuple(attributes), tuple(masks), w_a=args.w_a, w_g=one_or_each(args.w_g),
                         target=one_or_each(args.target), exact=not args.first_order, loss=one_or_each(args.loss),
-                        transfer=args.transfer, cam_method=args.cam_method, pool=args.pool)
+                        transfer=args.transfer, cam_method=args.cam_method, pool=args.pool, label_space=space)
     losses = args.loss if len(args.loss) > 1 else args.loss * len(attributes)
     w_g = args.w_g if args.w_g is not None else [DEFAULT_GUIDANCE_WEIGHTS.get(loss) for loss in losses]
     print(f"guidance: loss {' '.join(args.loss)}, target {' '.join(args.target)}, "
@@ -218,7 +242,9 @@ def _check_weights(args: argparse.Namespace) -> None:
 def _check_control(args: argparse.Namespace) -> None:
     """``--control`` takes no guidance options: refuse them rather than ignore them (even misspelled ones)."""
     if args.control and args.attribute:
-        validate_attributes(args.attribute)  # a misspelling is named first
+        from cocam.folder import dataset_label_space
+
+        dataset_label_space(args.root).validate(args.attribute)  # a misspelling is named first
         raise ValueError(f"--control trains with BCE only, so --attribute {args.attribute[0]} would be ignored: "
                          f"drop --attribute for the control, or drop --control to guide it.")
 
@@ -234,7 +260,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _check_out_is_not_the_source(args.checkpoint, args.out)
     model, spec, _ = load_model(args.checkpoint)
     train, valid = _datasets(args.root, spec.image_size)
-    guidance = None if args.control else _guidance(args)
+    guidance = None if args.control else _guidance(args, train)
     _require_landmarks(guidance, train)
     result = fit(model, train, valid, train_config(args, patience=None), spec=spec, guidance=guidance,
                  run_dir=args.out, resume=args.resume, overwrite=args.overwrite)
@@ -251,7 +277,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from: {', '.join(repr(m) for m in METHODS)}.")
     config = _comparison_config(args, PEERS, args.peer_setting)
-    _print_masks([a for a, _ in config.pairs], config.mask_dir)
+    _print_masks([a for a, _ in config.pairs], config.mask_dir, root=config.root)
     result = compare_guidance(config, {m: METHODS[m] for m in names}, baseline=args.baseline,
                               progress=not args.quiet)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 40):
@@ -277,7 +303,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def comparison_options(c: argparse.ArgumentParser, peers: str = "'random region', 'group-balanced', "
                        "'guided + balanced', 'last layer (DFR)'") -> None:
     """The budget options shared by ``compare`` and ``fix`` (the fields of ComparisonConfig)."""
-    c.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    c.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=_ROOT_HELP)
     c.add_argument("--pair", action="append", metavar="A:B", help="guided pairs (default: the paper's three)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     c.add_argument("--baseline-seeds", type=int, nargs="+", default=[0],
@@ -300,7 +326,8 @@ def comparison_options(c: argparse.ArgumentParser, peers: str = "'random region'
 def _comparison_config(args: argparse.Namespace, peers: tuple[str, ...], peer_setting: str | None = None):
     from cocam.compare import ComparisonConfig
 
-    return ComparisonConfig(root=args.root, out=args.out, seeds=tuple(args.seeds), pairs=tuple(_pairs(args.pair)),
+    return ComparisonConfig(root=args.root, out=args.out, seeds=tuple(args.seeds),
+                            pairs=tuple(_pairs(args.pair, args.root)),
                             image_size=args.image_size, hidden=args.hidden or None,
                             baseline_epochs=args.epochs, patience=args.patience,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
@@ -318,7 +345,7 @@ def cmd_fix(args: argparse.Namespace) -> int:
     if not args.max_accuracy_drop >= 0:
         raise ValueError(f"--max-accuracy-drop must be a number of points ≥ 0, got {args.max_accuracy_drop}.")
     config = _comparison_config(args, (*PEER_CHOICES, "random region"))
-    _print_masks([a for a, _ in config.pairs], config.mask_dir)
+    _print_masks([a for a, _ in config.pairs], config.mask_dir, root=config.root)
     result = fix_biases(config, {m: CANDIDATES[m] for m in names}, max_test_drop=args.max_accuracy_drop,
                         progress=not args.quiet)
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 60):
@@ -439,10 +466,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         _check_results_path(args.out, args.overwrite)
 
-    pairs = _pairs(args.pair)
+    pairs = _pairs(args.pair, args.root)
     mask_dir = _mask_dir(args)
     if not args.no_attention:
-        _print_masks([a for a, _ in pairs], mask_dir, what="attention scored against the mask")
+        _print_masks([a for a, _ in pairs], mask_dir, what="attention scored against the mask", root=args.root)
     table, long = evaluate_checkpoints(args.root, checkpoints, pairs, split=args.split,
                                        attention=not args.no_attention, mask_dir=mask_dir)
     print(_format_table(table))
@@ -601,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_template)
 
     def training_options(p, epochs: int):
-        p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="dataset root holding celeba/")
+        p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=_ROOT_HELP)
         p.add_argument("--epochs", type=int, default=epochs)
         p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
         p.add_argument("--batch-size", type=int, default=64)
@@ -656,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--checkpoint", type=Path, required=True)
     ft.add_argument("--out", type=Path, default=Path("runs/guided"))
     ft.add_argument("--attribute", action="append", default=[], help="guided attribute (repeatable)")
-    ft.add_argument("--mask", action="append", type=Path, help="mask file per --attribute (PNG or .npy)")
+    ft.add_argument("--mask", action="append", type=Path, help="mask file per --attribute (PNG or .npy), drawn on the "
+                    "template face for CelebA, on the square image the model sees for a folder dataset")
     ft.add_argument("--mask-dir", type=Path, default=None, help=_MASK_DIR_HELP)
     ft.add_argument("--control", action="store_true", help="BCE-only control: no guidance term")
     guidance_options(ft)
@@ -665,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="test and conflict-subset accuracy of checkpoints")
-    ev.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    ev.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=_ROOT_HELP)
     ev.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH",
                     help="checkpoint to evaluate (repeatable); a bare PATH is named after its folder, or "
                          "<folder>/<stem> when two share a folder (kb/best, kb/last)")
@@ -774,6 +802,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(mask_dir=None, func=cmd_paper)
     return parser
 
+
+_ROOT_HELP = ("dataset root: a folder holding celeba/ (or a CelebA layout), or a folder dataset of your own "
+              "(labels.csv + images/)")
 
 _MASK_DIR_HELP = ("folder of <Attribute>.png masks (default: $COCAM_MASK_DIR, else the project's data/masks, "
                   "found from the project, not the current folder; an attribute without a file uses its "

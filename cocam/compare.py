@@ -40,12 +40,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cocam.attributes import PAPER_PAIRS, validate_attributes
-from cocam.celeba import find_celeba_dir
+from cocam.attributes import PAPER_PAIRS
 from cocam.checkpoint import ModelSpec, load_model, save_checkpoint
 from cocam.dataset import CelebADataset
 from cocam.dfr import retrain_last_layer
 from cocam.evaluate import evaluate_checkpoints
+from cocam.folder import dataset_label_space, is_folder_dataset, label_files, open_dataset
 from cocam.groups import balanced_resample, balancing_weights
 from cocam.io import atomic_write_text
 from cocam.masks import default_mask, resolve_mask
@@ -156,7 +156,7 @@ class ComparisonConfig:
         object.__setattr__(self, "pairs", tuple((str(a), str(b)) for a, b in self.pairs))
         if not self.seeds:
             raise ValueError("a comparison needs at least one seed.")
-        validate_attributes([x for pair in self.pairs for x in pair])
+        dataset_label_space(self.root).validate([x for pair in self.pairs for x in pair])
         bad = sorted(set(self.splits) - {"train", "valid", "test"})
         if bad or not self.splits:
             raise ValueError(f"splits must be some of train, valid, test; got {list(self.splits)}.")
@@ -241,8 +241,8 @@ def run_name(guidance: Guidance | None) -> str:
 
 def _scores_key(config: ComparisonConfig) -> str:
     """What a run's scores depend on besides its checkpoint: the dataset's labels and splits, the masks."""
-    celeba = find_celeba_dir(config.root)
-    labels = [(celeba / f).stat().st_mtime_ns for f in ("list_attr_celeba.txt", "list_eval_partition.txt")]
+    celeba, files = label_files(config.root)
+    labels = [f.stat().st_mtime_ns for f in files]
     masks = None
     if config.mask_dir is not None and Path(config.mask_dir).is_dir():
         masks = sorted((f.name, f.stat().st_mtime_ns) for f in Path(config.mask_dir).iterdir() if f.is_file())
@@ -348,12 +348,15 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
         raise ValueError("a given baseline replaces the trained ones: use one baseline seed with baseline=.")
     say = log or (lambda _: None)
     attrs = tuple(a for a, _ in config.pairs)
-    masks = tuple(resolve_mask(a, config.mask_dir)[0] for a in attrs)
-    guidances = {name: Guidance(attrs, masks, **kwargs) for name, kwargs in settings.items()}  # validate first
+    space = dataset_label_space(config.root)
+    view = "square" if is_folder_dataset(config.root) else "template"
+    masks = tuple(resolve_mask(a, config.mask_dir, view=view)[0] for a in attrs)
+    guidances = {name: Guidance(attrs, masks, label_space=space, **kwargs)
+                 for name, kwargs in settings.items()}  # validate first
 
-    spec = ModelSpec(arch=config.arch, image_size=config.image_size, hidden=config.hidden)
-    train = CelebADataset(config.root, "train", image_size=spec.image_size)
-    valid = CelebADataset(config.root, "valid", image_size=spec.image_size)
+    spec = ModelSpec(arch=config.arch, image_size=config.image_size, hidden=config.hidden, attributes=space.names)
+    train = open_dataset(config.root, "train", image_size=spec.image_size)
+    valid = open_dataset(config.root, "valid", image_size=spec.image_size)
     config.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config.out / "comparison.json", json.dumps(
         {"config": dataclasses.asdict(config), "settings": {k: dict(v) for k, v in settings.items()}},
@@ -386,7 +389,7 @@ def compare_guidance(config: ComparisonConfig, settings: Mapping[str, Mapping[st
             runs: dict[str, tuple[Guidance | None, CelebADataset, str]] = {CONTROL: (None, train, "control")}
             runs |= {name: (g, train, run_name(g)) for name, g in guidances.items()}
             if "random region" in config.peers:
-                g = Guidance(attrs, _control_regions(config, masks, seed), **settings[peer_setting])
+                g = Guidance(attrs, _control_regions(config, masks, seed), label_space=space, **settings[peer_setting])
                 runs["random region"] = (g, train, f"random_{run_name(g)}")
             if "group-balanced" in config.peers:
                 runs["group-balanced"] = (None, balanced, "balanced")

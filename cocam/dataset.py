@@ -40,7 +40,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -63,6 +63,7 @@ from cocam.celeba import (
 from cocam.errors import CocamError
 from cocam.geometry import ALIGNED_HEIGHT, ALIGNED_WIDTH, CROP_BOX, aligned_to_input
 from cocam.io import atomic_write_text, exclusive_lock
+from cocam.labels import CELEBA, LabelSpace
 
 __all__ = [
     "CACHE_DIRNAME",
@@ -70,13 +71,20 @@ __all__ = [
     "SKIP_UNREADABLE_ENV",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "VIEWS",
     "BatchLoader",
+    "CachedImageDataset",
     "CelebADataset",
+    "LabelledImages",
     "ImageCacheError",
     "ImageReadError",
     "cache_files",
+    "check_image_size",
     "decode_image",
+    "decode_square_image",
     "default_cache_dir",
+    "ensure_image_cache",
+    "label_space_of_dataset",
     "iterate_batches",
     "normalize_uint8",
     "unreadable_list_path",
@@ -140,7 +148,8 @@ def default_cache_dir(root: str | os.PathLike, base: str | os.PathLike | None = 
        sets it for the command's run).
     2. A dataset cocam generated (its ``cocam_synthetic.json`` marker is present) in a writable
        folder: ``<dataset>/.cocam_cache``, inside the folder cocam made.
-    3. Anything else — real CelebA, or a generated dataset in a read-only folder:
+    3. Anything else — real CelebA, a folder dataset (:mod:`cocam.folder`), or a generated
+       dataset in a read-only folder:
        :func:`user_cache_root` ``/<dataset key>``. A real dataset folder is never written to
        unless ``cache_dir=`` (or ``--cache-dir``) points into it.
 
@@ -148,9 +157,10 @@ def default_cache_dir(root: str | os.PathLike, base: str | os.PathLike | None = 
     datasets share one cache root without mixing. ``base`` given: ``base/<dataset key>``
     (what a workspace's own cache folder uses).
     """
+    from cocam.folder import is_folder_dataset
     from cocam.synthetic.generate import MARKER_FILE
 
-    folder = find_celeba_dir(root)
+    folder = Path(root).expanduser().resolve() if is_folder_dataset(root) else find_celeba_dir(root)
     if base is not None:
         return Path(base).expanduser() / _dataset_key(folder)
     env = os.environ.get(CACHE_ENV)
@@ -198,14 +208,50 @@ def decode_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
     return np.asarray(view, dtype=np.uint8)
 
 
-# The cache builder looks this name up at call time (tests replace it to count or fail decodes).
+def decode_square_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """Decode an image of any size into the model-input view: ``(S, S, 3)`` ``uint8`` RGB.
+
+    The rule of a folder dataset (:mod:`cocam.folder`): convert to RGB, crop the largest
+    centred square — side ``m = min(W, H)``, left ``⌊(W − m)/2⌋``, top ``⌊(H − m)/2⌋`` — and
+    resize it to ``S × S`` with PIL's antialiased bilinear filter (as for CelebA). Nothing is
+    stretched: a wide image loses equal strips left and right, a tall one top and bottom.
+
+    Raises:
+        DatasetNotFoundError: the file does not exist.
+        ImageReadError: the file cannot be decoded.
+    """
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except FileNotFoundError:
+        raise DatasetNotFoundError(
+            f"Image file not found: {path}. Every image listed in labels.csv must exist in images/: add the "
+            "file or remove its row"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"Cannot read image {path}: {exc}") from exc
+    w, h = rgb.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    view = rgb.crop((left, top, left + side, top + side))
+    if view.size != (image_size, image_size):
+        view = view.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(view, dtype=np.uint8)
+
+
+# The cache builder looks these names up at call time (tests replace them to count or fail decodes).
 _decode_image = decode_image
+_decode_square_image = decode_square_image
+
+#: How a cache's images are cut to the square model input: ``"aligned"`` (CelebA's 178x218
+#: aligned faces, :func:`decode_image`) or ``"square"`` (any size, centre square: :func:`decode_square_image`).
+VIEWS: tuple[str, ...] = ("aligned", "square")
 
 
-def _decode_or_skip(path: str | os.PathLike, size: int, skip: bool) -> np.ndarray | None:
+def _decode_or_skip(path: str | os.PathLike, size: int, skip: bool, view: str = "aligned") -> np.ndarray | None:
     """Decode one image; with ``skip``, ``None`` for a missing or undecodable file instead of an error."""
     try:
-        return _decode_image(path, size)
+        return (_decode_image if view == "aligned" else _decode_square_image)(path, size)
     except (ImageReadError, DatasetNotFoundError):
         if not skip:
             raise
@@ -213,7 +259,7 @@ def _decode_or_skip(path: str | os.PathLike, size: int, skip: bool) -> np.ndarra
 
 
 def _decode_chunk(
-    task: tuple[str, list[str], int, int, bool],
+    task: tuple[str, list[str], int, int, bool, str],
 ) -> tuple[int, np.ndarray, list[int], tuple[int, str, str] | None]:
     """Worker: decode ``names`` from ``image_dir``.
 
@@ -222,12 +268,12 @@ def _decode_chunk(
     ``"unreadable"``, message): the parent raises it as one clear error, never as a traceback
     of the worker process.
     """
-    image_dir, names, offset, size, skip = task
+    image_dir, names, offset, size, skip, view = task
     out = np.zeros((len(names), size, size, 3), dtype=np.uint8)
     bad: list[int] = []
     for j, name in enumerate(names):
         try:
-            pixels = _decode_or_skip(os.path.join(image_dir, name), size, skip)
+            pixels = _decode_or_skip(os.path.join(image_dir, name), size, skip, view)
         except DatasetNotFoundError as exc:
             return offset, out, bad, (offset + j, "missing", str(exc))
         except ImageReadError as exc:
@@ -295,15 +341,22 @@ def _image_stats(image_dir: Path, names: Sequence[str]) -> list[tuple[int, int] 
     return stats
 
 
-def _fingerprint(names: Sequence[str], stats: Sequence[tuple[int, int] | None], image_size: int) -> str:
+def _crop_description(view: str) -> Any:
+    """The crop of a view as the cache's sidecar and fingerprint record it."""
+    return list(CROP_BOX) if view == "aligned" else "centre-square"
+
+
+def _fingerprint(names: Sequence[str], stats: Sequence[tuple[int, int] | None], image_size: int,
+                 view: str = "aligned") -> str:
     """Hash of the pipeline settings and of every image's name, size and modification time.
 
     Replacing, adding or removing any image (not only a sampled one) changes it, and so
-    triggers a rebuild of the cache.
+    triggers a rebuild of the cache; so does another crop rule (``view``).
     """
+    crop = CROP_BOX if view == "aligned" else "centre-square"
     digest = hashlib.sha256()
     digest.update(
-        f"cocam-image-cache v{_CACHE_VERSION} size={image_size} crop={CROP_BOX} resample=bilinear\n".encode()
+        f"cocam-image-cache v{_CACHE_VERSION} size={image_size} crop={crop} resample=bilinear\n".encode()
     )
     digest.update(
         "\n".join(f"{n}:{st[0]}:{st[1]}" if st else f"{n}:-1" for n, st in zip(names, stats)).encode("utf-8")
@@ -365,6 +418,7 @@ def _build_cache(
     desc: str,
     skip_unreadable: bool = False,
     missing: int = 0,
+    view: str = "aligned",
 ) -> list[str]:
     """Decode every image into ``data_path``: temporary file, fsync, rename, then the sidecar.
 
@@ -401,11 +455,11 @@ def _build_cache(
             bad: list[int] = []
             if num_workers <= 1 or n < _MIN_IMAGES_FOR_POOL:
                 results: Iterable = (_decode_chunk((str(image_dir), list(names[i : i + _CHUNK]), i, image_size,
-                                                    skip_unreadable)) for i in range(0, n, _CHUNK))
+                                                    skip_unreadable, view)) for i in range(0, n, _CHUNK))
                 pool = None
             else:
                 tasks = [
-                    (str(image_dir), list(names[i : i + _CHUNK]), i, image_size, skip_unreadable)
+                    (str(image_dir), list(names[i : i + _CHUNK]), i, image_size, skip_unreadable, view)
                     for i in range(0, n, _CHUNK)
                 ]
                 pool = multiprocessing.get_context().Pool(num_workers)
@@ -450,6 +504,95 @@ def _build_cache(
     return unreadable
 
 
+def _reusable(data_path: Path, meta_path: Path, meta: Mapping[str, Any], skip_unreadable: bool) -> list[str] | None:
+    """The unreadable names of a complete, matching cache that may be served; ``None`` to rebuild."""
+    if not _cache_is_valid(data_path, meta_path, meta):
+        return None
+    try:
+        unreadable = list(json.loads(meta_path.read_text(encoding="utf-8")).get("unreadable") or [])
+    except (OSError, ValueError):
+        return None
+    if unreadable and not skip_unreadable:
+        return None
+    return unreadable
+
+
+def ensure_image_cache(
+    image_dir: Path,
+    names: Sequence[str],
+    image_size: int,
+    cache_dir: Path,
+    split: str,
+    *,
+    view: str = "aligned",
+    num_workers: int = 2,
+    progress: bool = True,
+    skip_unreadable: bool = False,
+    desc: str | None = None,
+) -> list[str]:
+    """Make sure ``cache_dir`` holds the decoded ``(N, S, S, 3)`` cache of ``names``; the names it skipped.
+
+    The one cache of every dataset kind (:class:`CelebADataset`, :class:`cocam.folder.FolderDataset`):
+    the files are :func:`cache_files` ``(cache_dir, split, image_size)``; a complete cache whose
+    sidecar matches (image count, size, crop rule ``view`` and the fingerprint of every image's
+    name, size and modification time) is reused, anything else is rebuilt under a lock file
+    beside it (``.<split>_<size>px.lock``), so two processes never build the same cache at once;
+    the second waits and then reuses it. ``view`` is ``"aligned"`` (CelebA's crop box) or
+    ``"square"`` (the centre square of an image of any size); see :data:`VIEWS`.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {', '.join(VIEWS)}, not {view!r}.")
+    cache_dir = Path(cache_dir)
+    data_path, meta_path = cache_files(cache_dir, split, image_size)
+    names = list(names)
+    stats = _image_stats(image_dir, names)
+    meta = {
+        "format": "cocam-image-cache",
+        "version": _CACHE_VERSION,
+        "split": split,
+        "count": len(names),
+        "image_size": image_size,
+        "shape": [len(names), image_size, image_size, 3],
+        "dtype": "uint8",
+        "crop_box": _crop_description(view),
+        "resample": "bilinear",
+        "fingerprint": _fingerprint(names, stats, image_size, view),
+    }
+    if not names:
+        return []
+    reused = _reusable(data_path, meta_path, meta, skip_unreadable)
+    if reused is not None:
+        return reused
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if not _is_writable(cache_dir):
+            raise PermissionError(f"no permission to write in {cache_dir}")
+    except OSError as exc:
+        raise ImageCacheError(
+            f"Cannot write the image cache folder {cache_dir} ({exc.strerror or exc}): put the cache "
+            f"somewhere writable with --cache-dir or ${CACHE_ENV} (cache_dir= in Python)."
+        ) from None
+    lock = cache_dir / f".{data_path.stem}.lock"
+    with exclusive_lock(lock, wait=math.inf, what=f"building the image cache {data_path.name}"):
+        reused = _reusable(data_path, meta_path, meta, skip_unreadable)  # another process may have built it
+        if reused is not None:
+            return reused
+        return _build_cache(
+            image_dir,
+            names,
+            image_size,
+            data_path,
+            meta_path,
+            meta,
+            num_workers=num_workers,
+            progress=progress,
+            desc=desc or f"Caching {split} at {image_size}px",
+            skip_unreadable=skip_unreadable,
+            missing=sum(st is None for st in stats),
+            view=view,
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # The dataset
 # --------------------------------------------------------------------------------------------
@@ -473,168 +616,120 @@ def _as_indices(indices: Any, n: int) -> np.ndarray:
     return np.where(idx < 0, idx + n, idx)
 
 
-class CelebADataset(torch.utils.data.Dataset):
-    """CelebA images of one split (or a subset of it) with attributes and landmarks.
+def check_image_size(image_size: Any) -> int:
+    """``image_size`` as a positive int (TypeError / ValueError naming the value otherwise)."""
+    try:
+        image_size = operator.index(image_size)
+    except TypeError:
+        raise TypeError(f"image_size must be an int, got {image_size!r}") from None
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    return image_size
 
-    Args:
-        root: the folder containing ``celeba/``, or ``celeba/`` itself.
-        split: ``"train"``, ``"valid"``, ``"test"`` or ``"all"``.
-        image_size: side of the square model input in pixels.
-        images: restrict to these image names (all must belong to ``split``), in this order.
-        transform: applied to the normalised ``(3, S, S)`` float image in ``__getitem__``.
-        cache_dir: the folder of the decoded-image cache (default: :func:`default_cache_dir`, which
-            never writes into a real dataset's folder).
-        num_workers: decode processes used when the cache is built (``<= 1``: in-process).
-        progress: show a progress bar while building the cache.
-        skip_unreadable: what to do with a listed image that is missing or cannot be decoded
-            while the cache is built (``None``, the default: ``True`` when ``$COCAM_SKIP_UNREADABLE``
-            is ``1``, else ``False``). ``False``: raise (:class:`ImageReadError` or
-            :class:`~cocam.celeba.DatasetNotFoundError`, naming the file). ``True``: warn
-            (:class:`UserWarning` counting them and naming the first few; the full list is
-            written to ``<cache_dir>/<split>_<size>px.unreadable.txt``, see
-            :func:`unreadable_list_path`) and leave them out of the dataset. The
-            names are recorded in the cache's sidecar, so a later construction with the same
-            cache leaves out the same images (and warns again); a construction with
-            ``skip_unreadable=False`` over such a cache rebuilds it and raises. An image passed
-            in ``images`` that is unreadable is left out as well.
 
-    Items are ``(image, target, landmarks)``: float32 ``(3, S, S)`` ImageNet-normalised,
-    float32 ``(40,)`` 0/1 in :data:`~cocam.attributes.CELEBA_ATTRIBUTES` order, float32 ``(5, 2)``
-    (x, y) of the eyes, nose and mouth corners in model-input pixels — NaN when the dataset
-    has no landmark file (:attr:`has_landmarks`; :attr:`landmarks` then raises, naming the file).
+@runtime_checkable
+class LabelledImages(Protocol):
+    """What cocam's pipeline reads from a dataset: :class:`CelebADataset`, :class:`cocam.folder.FolderDataset`.
+
+    * ``label_space`` — a :class:`~cocam.labels.LabelSpace`: the labels, in the order of the
+      targets' columns and of a model's outputs (``len(label_space)`` logits).
+    * ``attributes`` — a ``(N, L)`` DataFrame of 0/1 labels in item order, one column per label
+      (in ``label_space`` order), indexed by image name: the groups, balancing weights and
+      scores read it.
+    * ``targets`` — the same labels as a ``(N, L)`` float32 array.
+    * ``names`` — the image names in item order (``subset_names`` selects by them).
+    * ``image_size`` — side ``S`` of the square model input.
+    * ``mask_view`` — what a mask is drawn on: ``"template"`` (the aligned template face, CelebA)
+      or ``"square"`` (the square image the model sees); see :func:`cocam.masks.load_mask`.
+    * ``len(ds)``; ``ds[i]`` → ``(image (3, S, S) float32 normalised, target (L,) float32,
+      landmarks (5, 2) float32 — NaN where the dataset has none)``.
+    * ``get_batch_numpy(indices)`` → ``(uint8 images (n, S, S, 3), targets (n, L), landmarks (n, 5, 2))``:
+      what :class:`BatchLoader` (hence :func:`~cocam.train.fit`, :func:`~cocam.evaluate.predict`) reads.
+    * ``subset(conditions)`` / ``subset_names(names)`` / ``resampled(indices)`` — datasets over the
+      same cache (the images with given labels; given images; a resample with repeats).
+    * ``require_landmarks(feature)`` — raise a one-line error naming ``feature`` when the dataset
+      has no landmarks (the landmark mask transfer needs them).
+
+    :class:`CachedImageDataset` implements all of it over the decoded-image cache.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str = "train",
-        *,
-        image_size: int = 128,
-        images: Sequence[str] | pd.Index | None = None,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        num_workers: int = 2,
-        progress: bool = True,
-        skip_unreadable: bool | None = None,
-    ) -> None:
-        split = validate_split(split)
-        if skip_unreadable is None:
-            skip_unreadable = os.environ.get(SKIP_UNREADABLE_ENV, "") == "1"
-        try:
-            image_size = operator.index(image_size)
-        except TypeError:
-            raise TypeError(f"image_size must be an int, got {image_size!r}") from None
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        annotations = load_annotations(root)
-        image_dir = annotations.image_dir
-        if not image_dir.is_dir():
-            raise DatasetNotFoundError(
-                f"Image folder not found: {image_dir}\n"
-                f"Expected the aligned JPEGs in <root>/celeba/{IMAGE_DIR}/000001.jpg ... "
-                "(the layout of torchvision.datasets.CelebA). "
-                "To use the synthetic dataset instead, generate it with `cocam generate`."
-            )
-        self._annotations = annotations
-        self.split = split
-        self._image_size = image_size
-        self.transform = transform
-        split_names = annotations.names(split)
-        self._split_names = split_names
-        # Positions of the split's images in the annotation tables (file order).
-        self._split_positions = (
-            np.arange(len(annotations.attributes))
-            if split == "all"
-            else np.flatnonzero((annotations.split == split).to_numpy())
+    label_space: LabelSpace
+    mask_view: str
+
+    @property
+    def attributes(self) -> pd.DataFrame: ...
+
+    @property
+    def targets(self) -> np.ndarray: ...
+
+    @property
+    def names(self) -> pd.Index: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def get_batch_numpy(self, indices: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def subset(self, conditions: Mapping[str, int | bool] | None = None, /, **kwargs: int | bool) -> LabelledImages: ...
+
+    def subset_names(self, names: Iterable[str]) -> LabelledImages: ...
+
+    def resampled(self, indices: Any) -> LabelledImages: ...
+
+    def require_landmarks(self, feature: str) -> None: ...
+
+
+def label_space_of_dataset(dataset: Any) -> LabelSpace:
+    """``dataset.label_space``; :data:`~cocam.labels.CELEBA` for a stand-in without one (e.g. a timing
+    stand-in with 40 CelebA-ordered target columns), which is what such stand-ins held before label spaces."""
+    space = getattr(dataset, "label_space", None)
+    return CELEBA if space is None else space
+
+
+class CachedImageDataset(torch.utils.data.Dataset):
+    """The machinery every cocam dataset shares: a split's decoded ``uint8`` cache, items, batches, subsets.
+
+    A subclass (:class:`CelebADataset`, :class:`cocam.folder.FolderDataset`) reads its own
+    annotations, builds its cache with :func:`ensure_image_cache` and sets ``_split_names`` (the
+    split's image names in cache order), ``_image_size``, ``_cache_path``, ``split``,
+    ``transform`` and ``_memmap = None``; it implements ``_set_rows(rows)`` (which rows of the
+    cache it serves, setting ``_rows``, ``_targets`` ``(N, L)`` and ``_landmarks`` ``(N, 5, 2)``),
+    :attr:`attributes` and ``_not_in_dataset(name)`` (the message for an image it does not
+    hold). Everything here follows the :class:`LabelledImages` protocol.
+    """
+
+    #: The labels, in target (and model output) order.
+    label_space: LabelSpace = CELEBA
+    #: What masks are drawn on: ``"template"`` (the aligned template face) or ``"square"`` (the model's view).
+    mask_view: str = "template"
+
+    @property
+    def attributes(self) -> pd.DataFrame:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def _without_unreadable(self, rows: np.ndarray, unreadable: Sequence[str], image_dir: Path) -> np.ndarray:
+        """``rows`` less the images the cache build skipped, with the warning that counts and names them."""
+        if not unreadable:
+            return rows
+        listing = unreadable_list_path(self._cache_path)
+        if not listing.is_file():  # deleted since the build: the warning promises it
+            with contextlib.suppress(OSError):
+                atomic_write_text(listing, "".join(f"{name}\n" for name in unreadable))
+        shown = ", ".join(unreadable[:_UNREADABLE_SHOWN]) + (", ..." if len(unreadable) > _UNREADABLE_SHOWN else "")
+        warnings.warn(
+            f"Skipping {len(unreadable):,} missing or unreadable image(s) of the {self.split} split in "
+            f"{image_dir} (first: {shown}); the full list is in {listing}",
+            UserWarning,
+            stacklevel=3,
         )
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(annotations.root)
-        self._cache_path, self._meta_path = cache_files(self.cache_dir, split, image_size)
-        unreadable = self._ensure_cache(num_workers=num_workers, progress=progress, skip_unreadable=skip_unreadable)
-        self._memmap: np.ndarray | None = None
-        rows = np.arange(len(split_names)) if images is None else self._rows_for(images, split_names)
-        if unreadable:
-            listing = unreadable_list_path(self._cache_path)
-            if not listing.is_file():  # deleted since the build: the warning promises it
-                with contextlib.suppress(OSError):
-                    atomic_write_text(listing, "".join(f"{name}\n" for name in unreadable))
-            shown = ", ".join(unreadable[:_UNREADABLE_SHOWN]) + (", ..." if len(unreadable) > _UNREADABLE_SHOWN else "")
-            warnings.warn(
-                f"Skipping {len(unreadable):,} missing or unreadable image(s) of the {split} split in "
-                f"{self._annotations.image_dir} (first: {shown}); the full list is in {listing}",
-                UserWarning,
-                stacklevel=2,
-            )
-            rows = rows[~np.isin(rows, split_names.get_indexer(unreadable))]
-        self._set_rows(rows)
+        return rows[~np.isin(rows, self._split_names.get_indexer(list(unreadable)))]
 
-    # -- construction helpers ----------------------------------------------------------------
-
-    def _ensure_cache(self, *, num_workers: int, progress: bool, skip_unreadable: bool = False) -> list[str]:
-        """Build the split cache if needed; the names of the images it could not read (skipped).
-
-        Builds run under a lock file beside the cache (``.<split>_<size>px.lock``), so two
-        processes never build the same cache at once; the second waits and then reuses it.
-        """
-        names = self._split_names.tolist()
-        size = self._image_size
-        image_dir = self._annotations.image_dir
-        stats = _image_stats(image_dir, names)
-        meta = {
-            "format": "cocam-image-cache",
-            "version": _CACHE_VERSION,
-            "split": self.split,
-            "count": len(names),
-            "image_size": size,
-            "shape": [len(names), size, size, 3],
-            "dtype": "uint8",
-            "crop_box": list(CROP_BOX),
-            "resample": "bilinear",
-            "fingerprint": _fingerprint(names, stats, size),
-        }
-        if not names:
-            return []
-        reused = self._reusable(meta, skip_unreadable)
-        if reused is not None:
-            return reused
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            if not _is_writable(self.cache_dir):
-                raise PermissionError(f"no permission to write in {self.cache_dir}")
-        except OSError as exc:
-            raise ImageCacheError(
-                f"Cannot write the image cache folder {self.cache_dir} ({exc.strerror or exc}): put the cache "
-                f"somewhere writable with --cache-dir or ${CACHE_ENV} (cache_dir= in Python)."
-            ) from None
-        lock = self.cache_dir / f".{self._cache_path.stem}.lock"
-        with exclusive_lock(lock, wait=math.inf, what=f"building the image cache {self._cache_path.name}"):
-            reused = self._reusable(meta, skip_unreadable)  # another process may have built it meanwhile
-            if reused is not None:
-                return reused
-            return _build_cache(
-                image_dir,
-                names,
-                size,
-                self._cache_path,
-                self._meta_path,
-                meta,
-                num_workers=num_workers,
-                progress=progress,
-                desc=f"Caching CelebA {self.split} at {size}px",
-                skip_unreadable=skip_unreadable,
-                missing=sum(st is None for st in stats),
-            )
-
-    def _reusable(self, meta: Mapping[str, Any], skip_unreadable: bool) -> list[str] | None:
-        """The unreadable names of a complete, matching cache that may be served; ``None`` to rebuild."""
-        if not _cache_is_valid(self._cache_path, self._meta_path, meta):
-            return None
-        try:
-            unreadable = list(json.loads(self._meta_path.read_text(encoding="utf-8")).get("unreadable") or [])
-        except (OSError, ValueError):
-            return None
-        if unreadable and not skip_unreadable:
-            return None
-        return unreadable
+    def _not_in_dataset(self, name: str, within: pd.Index) -> str:
+        return f"image {name!r} is not in this {self.split} dataset"
 
     def _rows_for(self, names: Iterable[str], within: pd.Index) -> np.ndarray:
         """Positions in ``within`` of ``names``; errors name the first unknown or repeated one."""
@@ -644,41 +739,8 @@ class CelebADataset(torch.utils.data.Dataset):
         rows = within.get_indexer(wanted)
         missing = np.flatnonzero(rows < 0)
         if missing.size:
-            name = wanted[missing[0]]
-            everything = self._annotations.attributes.index
-            if name in everything:
-                where = f"it belongs to the {self._annotations.split.loc[name]!s} split"
-                if len(within) != len(self._split_names):
-                    where = "it is not part of this subset"
-                raise ValueError(f"image {name!r} is not in this {self.split} dataset: {where}")
-            raise ValueError(f"image {name!r} is not listed in the CelebA annotations of {self.root}")
+            raise ValueError(self._not_in_dataset(wanted[missing[0]], within))
         return rows.astype(np.int64)
-
-    def _set_rows(self, rows: np.ndarray) -> None:
-        """Select the rows (positions in the split cache) this dataset serves."""
-        self._rows = rows
-        positions = self._split_positions[rows]
-        self._positions = positions
-        attributes = self._annotations.attributes
-        order = [attributes.columns.get_loc(name) for name in CELEBA_ATTRIBUTES]
-        self._targets = attributes.to_numpy()[positions][:, order].astype(np.float32)
-        if self._annotations.landmarks is None:
-            self._landmarks = np.full((len(positions), 5, 2), np.nan, dtype=np.float32)
-        else:
-            aligned = self._annotations.landmarks.to_numpy()[positions].reshape(-1, 5, 2)
-            self._landmarks = aligned_to_input(aligned, self._image_size).astype(np.float32)
-
-    # -- basic properties --------------------------------------------------------------------
-
-    @property
-    def root(self) -> Path:
-        """The ``celeba/`` folder."""
-        return self._annotations.root
-
-    @property
-    def annotations(self) -> CelebAAnnotations:
-        """All annotations of the dataset folder (shared, read-only)."""
-        return self._annotations
 
     @property
     def image_size(self) -> int:
@@ -696,41 +758,9 @@ class CelebADataset(torch.utils.data.Dataset):
         return self._split_names[self._rows]
 
     @property
-    def attributes(self) -> pd.DataFrame:
-        """0/1 ``uint8`` attributes of this dataset's images (columns in CELEBA_ATTRIBUTES order)."""
-        return self._annotations.attributes.iloc[self._positions][list(CELEBA_ATTRIBUTES)]
-
-    @property
-    def has_landmarks(self) -> bool:
-        """Whether the dataset folder has a landmark file (needed by the ``landmarks`` mask transfer)."""
-        return self._annotations.landmarks is not None
-
-    def require_landmarks(self, feature: str) -> None:
-        """Raise :class:`~cocam.celeba.DatasetNotFoundError` naming ``feature`` and the file if landmarks are absent."""
-        self._annotations.require_landmarks(feature)
-
-    @property
-    def landmarks_aligned(self) -> pd.DataFrame:
-        """Landmarks of this dataset's images in aligned 178x218 image pixels."""
-        landmarks = self._annotations.require_landmarks("dataset.landmarks_aligned")
-        return landmarks.iloc[self._positions][list(LANDMARK_COLUMNS)]
-
-    @property
     def targets(self) -> np.ndarray:
         """(N, 40) float32 0/1 targets in item order (read-only view)."""
         view = self._targets.view()
-        view.flags.writeable = False
-        return view
-
-    @property
-    def landmarks(self) -> np.ndarray:
-        """(N, 5, 2) float32 landmarks in model-input pixels, in item order (read-only view).
-
-        Raises :class:`~cocam.celeba.DatasetNotFoundError` when the dataset has no landmark file
-        (the landmark transfer and its quality measurement read this).
-        """
-        self._annotations.require_landmarks("the landmark mask transfer (dataset.landmarks)")
-        view = self._landmarks.view()
         view.flags.writeable = False
         return view
 
@@ -747,13 +777,6 @@ class CelebADataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self._rows)
-
-    def __repr__(self) -> str:
-        subset = "" if len(self._rows) == len(self._split_names) else f" of {len(self._split_names)}"
-        return (
-            f"CelebADataset(root='{self.root}', split={self.split!r}, n={len(self)}{subset}, "
-            f"image_size={self._image_size}, cache='{self._cache_path}')"
-        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -814,14 +837,14 @@ class CelebADataset(torch.utils.data.Dataset):
 
     # -- subsets -----------------------------------------------------------------------------
 
-    def subset_names(self, names: Iterable[str]) -> CelebADataset:
+    def subset_names(self, names: Iterable[str]) -> CachedImageDataset:
         """A dataset of the given images (all must be in this dataset), sharing the same cache."""
         rows = self._rows[self._rows_for(names, self.names)]
         derived = copy.copy(self)
         derived._set_rows(rows)
         return derived
 
-    def subset(self, conditions: Mapping[str, int | bool] | None = None, /, **kwargs: int | bool) -> CelebADataset:
+    def subset(self, conditions: Mapping[str, int | bool] | None = None, /, **kwargs: int | bool) -> CachedImageDataset:
         """The images matching attribute conditions, e.g. ``ds.subset(Wearing_Lipstick=1)``.
 
         Conditions can be given as a mapping (needed for ``5_o_Clock_Shadow``) and/or keywords;
@@ -832,9 +855,9 @@ class CelebADataset(torch.utils.data.Dataset):
             if name in merged:
                 raise ValueError(f"Condition on {name!r} given twice")
             merged[name] = value
-        return self.subset_names(select_images(self.attributes, merged))
+        return self.subset_names(select_images(self.attributes, merged, labels=self.label_space))
 
-    def resampled(self, indices: Any) -> CelebADataset:
+    def resampled(self, indices: Any) -> CachedImageDataset:
         """A dataset serving the given item indices, repeats allowed (a resample), sharing the cache.
 
         An index listed k times is served k times per epoch — what group-balanced training
@@ -852,6 +875,176 @@ class CelebADataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------
 # Fast batch iteration
 # --------------------------------------------------------------------------------------------
+
+class CelebADataset(CachedImageDataset):
+    """CelebA images of one split (or a subset of it) with attributes and landmarks.
+
+    Args:
+        root: the folder containing ``celeba/``, or ``celeba/`` itself.
+        split: ``"train"``, ``"valid"``, ``"test"`` or ``"all"``.
+        image_size: side of the square model input in pixels.
+        images: restrict to these image names (all must belong to ``split``), in this order.
+        transform: applied to the normalised ``(3, S, S)`` float image in ``__getitem__``.
+        cache_dir: the folder of the decoded-image cache (default: :func:`default_cache_dir`, which
+            never writes into a real dataset's folder).
+        num_workers: decode processes used when the cache is built (``<= 1``: in-process).
+        progress: show a progress bar while building the cache.
+        skip_unreadable: what to do with a listed image that is missing or cannot be decoded
+            while the cache is built (``None``, the default: ``True`` when ``$COCAM_SKIP_UNREADABLE``
+            is ``1``, else ``False``). ``False``: raise (:class:`ImageReadError` or
+            :class:`~cocam.celeba.DatasetNotFoundError`, naming the file). ``True``: warn
+            (:class:`UserWarning` counting them and naming the first few; the full list is
+            written to ``<cache_dir>/<split>_<size>px.unreadable.txt``, see
+            :func:`unreadable_list_path`) and leave them out of the dataset. The
+            names are recorded in the cache's sidecar, so a later construction with the same
+            cache leaves out the same images (and warns again); a construction with
+            ``skip_unreadable=False`` over such a cache rebuilds it and raises. An image passed
+            in ``images`` that is unreadable is left out as well.
+
+    Items are ``(image, target, landmarks)``: float32 ``(3, S, S)`` ImageNet-normalised,
+    float32 ``(40,)`` 0/1 in :data:`~cocam.attributes.CELEBA_ATTRIBUTES` order, float32 ``(5, 2)``
+    (x, y) of the eyes, nose and mouth corners in model-input pixels — NaN when the dataset
+    has no landmark file (:attr:`has_landmarks`; :attr:`landmarks` then raises, naming the file).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        *,
+        image_size: int = 128,
+        images: Sequence[str] | pd.Index | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        num_workers: int = 2,
+        progress: bool = True,
+        skip_unreadable: bool | None = None,
+    ) -> None:
+        split = validate_split(split)
+        if skip_unreadable is None:
+            skip_unreadable = os.environ.get(SKIP_UNREADABLE_ENV, "") == "1"
+        image_size = check_image_size(image_size)
+        annotations = load_annotations(root)
+        image_dir = annotations.image_dir
+        if not image_dir.is_dir():
+            raise DatasetNotFoundError(
+                f"Image folder not found: {image_dir}\n"
+                f"Expected the aligned JPEGs in <root>/celeba/{IMAGE_DIR}/000001.jpg ... "
+                "(the layout of torchvision.datasets.CelebA). "
+                "To use the synthetic dataset instead, generate it with `cocam generate`."
+            )
+        self._annotations = annotations
+        self.split = split
+        self._image_size = image_size
+        self.transform = transform
+        split_names = annotations.names(split)
+        self._split_names = split_names
+        # Positions of the split's images in the annotation tables (file order).
+        self._split_positions = (
+            np.arange(len(annotations.attributes))
+            if split == "all"
+            else np.flatnonzero((annotations.split == split).to_numpy())
+        )
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(annotations.root)
+        self._cache_path, self._meta_path = cache_files(self.cache_dir, split, image_size)
+        unreadable = self._ensure_cache(num_workers=num_workers, progress=progress, skip_unreadable=skip_unreadable)
+        self._memmap: np.ndarray | None = None
+        rows = np.arange(len(split_names)) if images is None else self._rows_for(images, split_names)
+        self._set_rows(self._without_unreadable(rows, unreadable, image_dir))
+
+    # -- construction helpers ----------------------------------------------------------------
+
+    def _ensure_cache(self, *, num_workers: int, progress: bool, skip_unreadable: bool = False) -> list[str]:
+        """Build the split cache if needed (:func:`ensure_image_cache`); the names of the images it skipped."""
+        return ensure_image_cache(self._annotations.image_dir, self._split_names.tolist(), self._image_size,
+                                  self.cache_dir, self.split, view="aligned", num_workers=num_workers,
+                                  progress=progress, skip_unreadable=skip_unreadable,
+                                  desc=f"Caching CelebA {self.split} at {self._image_size}px")
+
+    def _rows_for(self, names: Iterable[str], within: pd.Index) -> np.ndarray:
+        """Positions in ``within`` of ``names``; errors name the first unknown or repeated one."""
+        wanted = pd.Index([str(n) for n in names])
+        if wanted.has_duplicates:
+            raise ValueError(f"image {wanted[wanted.duplicated()][0]!r} is listed more than once")
+        rows = within.get_indexer(wanted)
+        missing = np.flatnonzero(rows < 0)
+        if missing.size:
+            name = wanted[missing[0]]
+            everything = self._annotations.attributes.index
+            if name in everything:
+                where = f"it belongs to the {self._annotations.split.loc[name]!s} split"
+                if len(within) != len(self._split_names):
+                    where = "it is not part of this subset"
+                raise ValueError(f"image {name!r} is not in this {self.split} dataset: {where}")
+            raise ValueError(f"image {name!r} is not listed in the CelebA annotations of {self.root}")
+        return rows.astype(np.int64)
+
+    def _set_rows(self, rows: np.ndarray) -> None:
+        """Select the rows (positions in the split cache) this dataset serves."""
+        self._rows = rows
+        positions = self._split_positions[rows]
+        self._positions = positions
+        attributes = self._annotations.attributes
+        order = [attributes.columns.get_loc(name) for name in CELEBA_ATTRIBUTES]
+        self._targets = attributes.to_numpy()[positions][:, order].astype(np.float32)
+        if self._annotations.landmarks is None:
+            self._landmarks = np.full((len(positions), 5, 2), np.nan, dtype=np.float32)
+        else:
+            aligned = self._annotations.landmarks.to_numpy()[positions].reshape(-1, 5, 2)
+            self._landmarks = aligned_to_input(aligned, self._image_size).astype(np.float32)
+
+    # -- basic properties --------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        """The ``celeba/`` folder."""
+        return self._annotations.root
+
+    @property
+    def annotations(self) -> CelebAAnnotations:
+        """All annotations of the dataset folder (shared, read-only)."""
+        return self._annotations
+
+    @property
+    def attributes(self) -> pd.DataFrame:
+        """0/1 ``uint8`` attributes of this dataset's images (columns in CELEBA_ATTRIBUTES order)."""
+        return self._annotations.attributes.iloc[self._positions][list(CELEBA_ATTRIBUTES)]
+
+    @property
+    def has_landmarks(self) -> bool:
+        """Whether the dataset folder has a landmark file (needed by the ``landmarks`` mask transfer)."""
+        return self._annotations.landmarks is not None
+
+    def require_landmarks(self, feature: str) -> None:
+        """Raise :class:`~cocam.celeba.DatasetNotFoundError` naming ``feature`` and the file if landmarks are absent."""
+        self._annotations.require_landmarks(feature)
+
+    @property
+    def landmarks_aligned(self) -> pd.DataFrame:
+        """Landmarks of this dataset's images in aligned 178x218 image pixels."""
+        landmarks = self._annotations.require_landmarks("dataset.landmarks_aligned")
+        return landmarks.iloc[self._positions][list(LANDMARK_COLUMNS)]
+
+    @property
+    def landmarks(self) -> np.ndarray:
+        """(N, 5, 2) float32 landmarks in model-input pixels, in item order (read-only view).
+
+        Raises :class:`~cocam.celeba.DatasetNotFoundError` when the dataset has no landmark file
+        (the landmark transfer and its quality measurement read this).
+        """
+        self._annotations.require_landmarks("the landmark mask transfer (dataset.landmarks)")
+        view = self._landmarks.view()
+        view.flags.writeable = False
+        return view
+
+    def __repr__(self) -> str:
+        subset = "" if len(self._rows) == len(self._split_names) else f" of {len(self._split_names)}"
+        return (
+            f"CelebADataset(root='{self.root}', split={self.split!r}, n={len(self)}{subset}, "
+            f"image_size={self._image_size}, cache='{self._cache_path}')"
+        )
+
+
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -32,8 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from cocam.attributes import attribute_index
-from cocam.dataset import CelebADataset, iterate_batches
+from cocam.dataset import CelebADataset, iterate_batches, label_space_of_dataset
 from cocam.evaluate import resolve_device
 from cocam.groups import balanced_subset
 from cocam.model import SplitModel
@@ -122,7 +121,7 @@ def retrain_last_layer(model: SplitModel, dataset: CelebADataset, pairs: Sequenc
         y = torch.from_numpy((labels[a].to_numpy()[idx] > 0).astype(np.float64))
         mu, sigma = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
         xs = (x - mu) / sigma
-        k = attribute_index(a)
+        k = label_space_of_dataset(dataset).index(a)
         w0 = last.weight[k].detach().double().cpu() * sigma
         b0 = last.bias[k].detach().double().cpu() + (last.weight[k].detach().double().cpu() * mu).sum()
         w, bias = _logistic_regression(xs, y, w0, b0, l2, max_iter)

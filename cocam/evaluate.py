@@ -29,9 +29,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from cocam.attributes import attribute_index, validate_attributes
+from cocam.labels import LabelSpace, labels_of_frame
 from cocam.cams import get_cam_method
-from cocam.dataset import CelebADataset, iterate_batches
+from cocam.dataset import CelebADataset, iterate_batches, label_space_of_dataset
 from cocam.gradcam import grad_cam
 from cocam.groups import CONFLICT_GROUPS, GROUPS
 from cocam.losses import soft_iou
@@ -166,7 +166,8 @@ def auc_interval(positives: np.ndarray, negatives: np.ndarray, *, level: float =
 
 
 def pair_metrics(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple[str, str]], *,
-                 threshold: float = 0.0, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+                 threshold: float = 0.0, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+                 label_space: LabelSpace | None = None) -> pd.DataFrame:
     """The metrics of attribute A for every pair (A, B), as numbers: one row per pair.
 
     Why these: a model that predicts A more often raises its accuracy on the paper's conflict
@@ -187,13 +188,15 @@ def pair_metrics(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple
     the same resampling within A and ¬A.
 
     Args:
-        logits: ``(N, 40)`` model outputs (:func:`predict`).
-        labels: the ``(N, 40)`` 0/1 labels of the same images, in the same order.
+        logits: ``(N, L)`` model outputs (:func:`predict`), one column per label of ``label_space``.
+        labels: the ``(N, L)`` 0/1 labels of the same images, in the same order.
         pairs: (A, B) pairs: A is the guided attribute, B its co-occurring shortcut.
         threshold: A is predicted when its logit is ``> threshold`` (0 = probability 0.5).
         n_boot: bootstrap replicates (0: NaN bounds).
         level: coverage of the intervals.
         seed: seed of the bootstrap; the same inputs give the same intervals.
+        label_space: the model's outputs (``dataset.label_space``); default: CelebA's 40 when
+            every column of ``labels`` is a CelebA attribute, else the columns of ``labels`` in order.
 
     Returns:
         A DataFrame with the columns :data:`METRIC_COLUMNS`. Empty groups have ``n = 0`` and NaN
@@ -210,13 +213,14 @@ def pair_metrics(logits: np.ndarray, labels: pd.DataFrame, pairs: Sequence[tuple
     n_boot = int(n_boot)
     alpha = (1.0 - level) / 2.0
     logits = np.asarray(logits)
+    space = labels_of_frame(labels.columns) if label_space is None else label_space
     rows = []
     for a, b in pairs:
-        validate_attributes([a, b])
+        space.validate([a, b])
         rng = np.random.default_rng(seed)
         ya = labels[a].to_numpy().astype(bool)
         yb = labels[b].to_numpy().astype(bool)
-        score = logits[:, attribute_index(a)].astype(np.float64) if len(logits) else np.zeros(0)
+        score = logits[:, space.index(a)].astype(np.float64) if len(logits) else np.zeros(0)
         correct = (score > threshold) == ya
         masks = {"ab": ya & yb, "a_not_b": ya & ~yb, "not_a_b": ~ya & yb, "not_a_not_b": ~ya & ~yb}
         n = {k: int(m.sum()) for k, m in masks.items()}
@@ -440,7 +444,7 @@ def attention_scores(model: SplitModel, dataset: CelebADataset, attribute: str,
     """
     get_cam_method(cam_method)  # an unknown name fails before any work
     device = resolve_device(device)
-    idx = attribute_index(attribute)
+    idx = label_space_of_dataset(dataset).index(attribute)
     regions = {name: torch.as_tensor(r, dtype=torch.float32) for name, r in regions.items()}
     for name, r in regions.items():
         if r.ndim == 3 and r.shape[0] != len(dataset):
@@ -498,6 +502,7 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
         ``model`` column.
     """
     from cocam.checkpoint import load_model
+    from cocam.folder import open_dataset
     from cocam.masks import mask_to_input, resolve_mask
 
     if not checkpoints:
@@ -514,15 +519,21 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
     for name, path in checkpoints.items():
         model, spec, _ = load_model(path)
         if dataset is None or dataset.image_size != spec.image_size:
-            dataset = CelebADataset(root, split, image_size=spec.image_size)
-        results[name] = pair_metrics(predict(model, dataset, device=device), dataset.attributes, pairs)
+            dataset = open_dataset(root, split, image_size=spec.image_size)
+        space = dataset.label_space
+        if tuple(spec.attributes) != space.names:
+            raise ValueError(f"checkpoint {path} predicts {len(spec.attributes)} labels ({', '.join(spec.attributes[:4])}"
+                             f"{', …' if len(spec.attributes) > 4 else ''}), not the labels of {root}: evaluate it on "
+                             f"the dataset it was trained on.")
+        results[name] = pair_metrics(predict(model, dataset, device=device), dataset.attributes, pairs,
+                                     label_space=space)
         if not attention:
             continue
         for a, _ in pairs:
             positives = dataset.subset({a: 1})
             if len(positives) == 0:
                 continue
-            mask, _ = resolve_mask(a, mask_dir)
+            mask, _ = resolve_mask(a, mask_dir, view=dataset.mask_view)
             targets = {"mask": mask_to_input(mask, spec.image_size)}
             if regions is not None:
                 targets["truth"] = regions.masks(list(positives.names), a, spec.image_size).float()

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from cocam.attributes import validate_attributes
+from cocam.labels import labels_of_frame
 
 __all__ = [
     "CONFLICT_GROUPS",
@@ -62,7 +62,7 @@ def group_index(labels: pd.DataFrame, a: str, b: str) -> np.ndarray:
 
     ``labels`` holds 0/1 (or ±1) columns named by the attributes.
     """
-    validate_attributes([a, b])
+    labels_of_frame(labels.columns).validate([a, b])
     ya, yb = _binary(labels, a), _binary(labels, b)
     return np.where(ya, np.where(yb, 0, 1), np.where(yb, 2, 3)).astype(np.int64)
 

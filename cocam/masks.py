@@ -62,6 +62,7 @@ from PIL import Image
 from torch import Tensor
 
 from cocam.attributes import UnknownAttributeError, validate_attribute
+from cocam.errors import CocamError
 from cocam.geometry import (
     ALIGNED_HEIGHT,
     ALIGNED_WIDTH,
@@ -78,6 +79,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MASK_TRANSFERS",
+    "MASK_VIEWS",
+    "MaskNotFoundError",
+    "square_to_template",
     "project_dir",
     "MAX_REGION_SHARE",
     "MIN_MASK_SIZE",
@@ -234,7 +238,46 @@ def as_template_mask(mask: np.ndarray | Tensor) -> np.ndarray:
     return binary
 
 
-def load_mask(path: str | os.PathLike) -> np.ndarray:
+def square_to_template(mask: np.ndarray | Tensor) -> np.ndarray:
+    """A mask drawn on the square model view (any ``S × S``) → ``(218, 178)`` bool template mask.
+
+    The square is what the model sees of an image (a folder dataset's centre square; CelebA's
+    :data:`~cocam.geometry.CROP_BOX` of the template), so the mask is binarised at the crop's
+    178 × 178 resolution (values scaled as in the module docstring, area-averaged, ``> 0.5``) and
+    placed in the crop box; the rows outside it stay empty. :func:`mask_to_input` then crops the
+    same box back out, so a square mask reaches the model input as drawn.
+    """
+    if isinstance(mask, Tensor):
+        mask = mask.detach().cpu().numpy()
+    arr = np.asarray(mask)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise ValueError(f"a mask must be a 2-D (height, width) array, got shape {arr.shape}.")
+    h, w = arr.shape
+    if h != w:
+        raise ValueError(f"mask is {w}x{h} (width x height), but this dataset's masks are drawn on the square image "
+                         f"the model sees: draw it square (e.g. at the images' --image-size).")
+    left, top, right, bottom = CROP_BOX
+    if h < 8:
+        raise ValueError(f"mask is {w}x{h}, too small to mark a region: draw it at least 8x8 (e.g. at the images' "
+                         f"--image-size).")
+    binary = _resize(_to_unit_range(arr), bottom - top, right - left) > 0.5
+    out = np.zeros(TEMPLATE_SHAPE, dtype=bool)
+    out[top:bottom, left:right] = binary
+    if not binary.any():
+        raise ValueError("the mask is empty (no pixel > 0.5): draw the region S that should explain the label.")
+    if binary.all():
+        raise ValueError("the mask covers the whole image: a region that includes everything gives no guidance; "
+                         "draw only the region S that should explain the label.")
+    return out
+
+
+#: What a mask can be drawn on: the aligned ``"template"`` face (CelebA) or the ``"square"`` model view.
+MASK_VIEWS: tuple[str, ...] = ("template", "square")
+
+
+def load_mask(path: str | os.PathLike, *, view: str = "template") -> np.ndarray:
     """Load a mask from a PNG (or other PIL image) or a ``.npy`` file.
 
     Image: if it has an alpha channel that is not constant, the alpha is the mask (painted =
@@ -243,9 +286,15 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     uint8, uint16, float or 0/1 integer array. A file that is neither is a :class:`ValueError`
     naming it. A region over :data:`MAX_REGION_SHARE` of the view warns (:class:`MaskCoverageWarning`).
 
+    ``view`` says what the mask was drawn on: ``"template"`` (the aligned template face, the
+    CelebA datasets' ``mask_view``; see :func:`as_template_mask`) or ``"square"`` (the square
+    model view, a folder dataset's; see :func:`square_to_template`).
+
     Returns:
         ``(218, 178)`` bool array in template coordinates (see :func:`as_template_mask`).
     """
+    if view not in MASK_VIEWS:
+        raise ValueError(f"view must be one of {', '.join(MASK_VIEWS)}, not {view!r}.")
     from PIL import UnidentifiedImageError
 
     path = Path(path)
@@ -266,7 +315,7 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
             raise ValueError(f"{path}: not a readable image ({_first_line(exc)}); save the mask as a PNG "
                              f"(white region on black) or as a .npy array.") from None
     try:
-        binary = as_template_mask(arr)
+        binary = as_template_mask(arr) if view == "template" else square_to_template(arr)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     _warn_if_inverted(binary, str(path))
@@ -467,22 +516,36 @@ def resolve_mask_dir(mask_dir: str | os.PathLike | None = None) -> Path:
 _DEFAULT = object()
 
 
+class MaskNotFoundError(CocamError, FileNotFoundError):
+    """A guided label without a mask: no file for it, and no built-in region (only CelebA's face attributes have one)."""
+
+
 def resolve_mask(attribute: str,
                  mask_dir: str | os.PathLike | None = _DEFAULT,  # type: ignore[assignment]
-                 ) -> tuple[np.ndarray, str]:
+                 *, view: str = "template") -> tuple[np.ndarray, str]:
     """The user's mask ``<mask_dir>/<attribute>.png`` if it exists, else :func:`default_mask`.
 
     ``mask_dir`` left out: :func:`default_mask_dir` (``$COCAM_MASK_DIR``, else the project's
     ``data/masks``); ``None``: the built-in region only. Returns ``(mask, source)`` where
-    ``source`` is the file path or ``"built-in"``.
+    ``source`` is the file path or ``"built-in"``. ``view`` is the dataset's ``mask_view``
+    (:func:`load_mask`): built-in regions exist only on the template face, for CelebA's localised
+    attributes; any other label needs a file, else :class:`MaskNotFoundError`.
     """
     if mask_dir is _DEFAULT:
         mask_dir = default_mask_dir()
     if mask_dir is not None:
         path = Path(mask_dir) / f"{attribute}.png"
         if path.is_file():
-            return load_mask(path), str(path)
-    return default_mask(attribute), "built-in"
+            return load_mask(path, view=view), str(path)
+    looked = f"{Path(mask_dir) / f'{attribute}.png'} does not exist" if mask_dir is not None else "no mask folder"
+    if view == "template":
+        try:
+            return default_mask(attribute), "built-in"
+        except UnknownAttributeError:
+            pass  # not a CelebA attribute: say what to give instead
+    raise MaskNotFoundError(f"no mask for {attribute!r}: {looked}, and built-in regions exist only for CelebA's face "
+                            f"attributes; draw one on the square image and give it with --mask (one per --attribute) "
+                            f"or put it in --mask-dir as {attribute}.png.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One loop, :func:`fit`, serves all three:
 
-* **baseline** — ``fit(spec.build(), train, valid, config)``: BCE over the 40 attributes, early
+* **baseline** — ``fit(spec.build(), train, valid, config)``: BCE over the dataset's labels
+  (CelebA's 40 attributes, or a folder dataset's ``label_space``: the model has one output each), early
   stopping on the validation BCE, best and last checkpoints;
 * **guided fine-tuning** — ``fit(model, train, valid, config, guidance=Guidance(...))``: the
   paper's objective ``w_a · BCE + w_g · loss_g`` with ``loss_g = -ln(soft IoU(Grad-CAM, mask))``
@@ -64,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cocam.attributes import attribute_index, validate_attributes
+from cocam.labels import CELEBA, LabelSpace
 from cocam.cams import CAM_METHODS, DEFAULT_CAM_METHOD, UnknownCamMethodError
 from cocam.checkpoint import (
     CheckpointError,
@@ -74,7 +75,7 @@ from cocam.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from cocam.dataset import BatchLoader, CelebADataset
+from cocam.dataset import BatchLoader, CelebADataset, label_space_of_dataset
 from cocam.distributed import (
     DistributedContext,
     check_global_batch,
@@ -229,6 +230,9 @@ class Guidance:
             have a guided pair in the batch, ``(1/T') Σ_t Σ_b m_bt ℓ_bt / Σ_b m_bt``, so every
             guided attribute weighs the same (:func:`pool_weights`; in data-parallel training
             the per-attribute counts are the global batch's).
+        label_space: what ``attributes`` are checked against: the dataset's
+            :class:`~cocam.labels.LabelSpace` (default :data:`~cocam.labels.CELEBA`). Not part of
+            the settings (:meth:`describe`, :meth:`fingerprint`): the checkpoint's spec records it.
 
     ``w_g=None`` takes the loss's default weight (:data:`cocam.losses.DEFAULT_GUIDANCE_WEIGHTS`:
     1 for ``iou``, the paper's setting). Per-attribute values that are all equal are stored as
@@ -248,9 +252,13 @@ class Guidance:
     transfer: str = "template"
     cam_method: str = DEFAULT_CAM_METHOD
     pool: str = "pairs"
+    label_space: LabelSpace = field(default=CELEBA, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "attributes", tuple(validate_attributes(self.attributes)))
+        if not isinstance(self.label_space, LabelSpace):
+            raise TypeError(f"label_space must be a cocam.labels.LabelSpace (e.g. dataset.label_space), got "
+                            f"{type(self.label_space).__name__}.")
+        object.__setattr__(self, "attributes", tuple(self.label_space.validate(self.attributes)))
         if not self.attributes:
             raise ValueError("Guidance needs at least one attribute (and its mask); "
                              "train without guidance for the BCE-only control.")
@@ -314,8 +322,9 @@ class Guidance:
         return digest.hexdigest()[:10]
 
     def describe(self) -> dict[str, Any]:
-        """The JSON-able settings (masks summarised by their area)."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "masks"}
+        """The JSON-able settings (masks summarised by their area; the label space is the dataset's and the
+        model spec's, recorded there)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("masks", "label_space")}
         d["attributes"] = list(self.attributes)
         d["mask_pixels"] = [int(np.asarray(m).sum()) for m in self.masks]
         return d
@@ -437,7 +446,22 @@ def _adamw(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
-def _spec_of(model: SplitModel, image_size: int) -> ModelSpec | None:
+def _check_label_spaces(spec: ModelSpec, labels: LabelSpace, train: Any, valid: Any) -> None:
+    """The model's outputs, the training labels and the validation labels must be one label space."""
+    if tuple(spec.attributes) != labels.names:
+        raise ValueError(f"the model's {len(spec.attributes)} outputs are {_names(spec.attributes)} but the dataset's "
+                         f"labels are {_names(labels.names)}: train a model on this dataset (cocam train), or use "
+                         f"the dataset the model was trained on.")
+    if valid is not None and label_space_of_dataset(valid) != labels:
+        raise ValueError(f"the validation labels {_names(label_space_of_dataset(valid).names)} are not the training "
+                         f"labels {_names(labels.names)}: take both splits from one dataset.")
+
+
+def _names(names: Sequence[str]) -> str:
+    return "the 40 CelebA attributes" if tuple(names) == CELEBA.names else repr(list(names))
+
+
+def _spec_of(model: SplitModel, image_size: int, labels: LabelSpace = CELEBA) -> ModelSpec | None:
     """The spec of a model made by :func:`~cocam.model.build_model` (head width and dropout read off it).
 
     ``None`` when no spec rebuilds a model of the same shapes (e.g. a custom :class:`SplitModel`).
@@ -446,7 +470,7 @@ def _spec_of(model: SplitModel, image_size: int) -> ModelSpec | None:
     dropouts = [m.p for m in model.head.modules() if isinstance(m, torch.nn.Dropout)]
     spec = ModelSpec(arch=model.arch, image_size=image_size,
                      hidden=linears[0].out_features if len(linears) > 1 else None,
-                     dropout=dropouts[0] if dropouts else 0.0)
+                     dropout=dropouts[0] if dropouts else 0.0, attributes=labels.names)
     try:
         with torch.device("meta"):
             reference = spec.build().state_dict()
@@ -603,14 +627,16 @@ def fit(
     show_progress = progress and context.is_main  # `progress` (the same on every rank) decides the collectives
     amp = config.amp if config.amp is not None else device.type == "cuda"
     channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    labels = label_space_of_dataset(train)
     if spec is None:
-        spec = _spec_of(model, train.image_size)
+        spec = _spec_of(model, train.image_size, labels)
         if spec is None and run_dir is not None:
             raise ValueError("fit cannot tell which ModelSpec rebuilds this model for its checkpoints: "
                              "pass spec=ModelSpec(...).")
-        spec = spec or ModelSpec(arch=model.arch, image_size=train.image_size)
+        spec = spec or ModelSpec(arch=model.arch, image_size=train.image_size, attributes=labels.names)
     if spec.image_size != train.image_size:
         raise ValueError(f"The model expects {spec.image_size}px inputs but the dataset gives {train.image_size}px.")
+    _check_label_spaces(spec, labels, train, valid)
     if guidance is not None and guidance.transfer == "landmarks" and hasattr(train, "require_landmarks"):
         train.require_landmarks("the landmark mask transfer (transfer='landmarks')")  # not NaN landmarks
     run_path = Path(run_dir) if run_dir is not None else None
@@ -643,7 +669,7 @@ def fit(
             info["distributed"] = {"world_size": context.world_size, "backend": context.backend,
                                    "batch_size_per_process": config.batch_size // context.world_size}
 
-        target_idx = [attribute_index(a) for a in guidance.attributes] if guidance else []
+        target_idx = labels.indices(guidance.attributes) if guidance else []
         masks = guidance_masks(guidance, model, train.image_size, device) if guidance else None
         loader = BatchLoader(train, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
                              device=device, channels_last=channels_last, rank=context.rank,

@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from cocam.attributes import CELEBA_ATTRIBUTES, PAPER_PAIRS, parse_pairs
+from cocam.labels import CELEBA
 
 DEFAULT_ROOT = Path("data/synthetic")
 
@@ -409,7 +410,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from cocam.ranking import RANKINGS_NEEDING_SHORTCUT, rank_for_correction
 
     _positive("--top", args.top)
-    [attribute] = validate_attributes([args.attribute])
+    [attribute] = CELEBA.validate([args.attribute])  # ranking reads CelebA-layout datasets
     if args.by in RANKINGS_NEEDING_SHORTCUT and args.shortcut is None:
         raise ValueError(f"--by {args.by} needs the shortcut attribute: add --shortcut B (e.g. --shortcut "
                          f"Heavy_Makeup for Wearing_Lipstick).")

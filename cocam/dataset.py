@@ -728,6 +728,14 @@ class CachedImageDataset(torch.utils.data.Dataset):
         )
         return rows[~np.isin(rows, self._split_names.get_indexer(list(unreadable)))]
 
+    @staticmethod
+    def _checked_arguments(split: str, image_size: int, skip_unreadable: bool | None) -> tuple[str, int, bool]:
+        """The constructor arguments every subclass validates alike (``skip_unreadable=None``: the
+        ``COCAM_SKIP_UNREADABLE`` environment variable decides)."""
+        if skip_unreadable is None:
+            skip_unreadable = os.environ.get(SKIP_UNREADABLE_ENV, "") == "1"
+        return validate_split(split), check_image_size(image_size), skip_unreadable
+
     def _not_in_dataset(self, name: str, within: pd.Index) -> str:
         return f"image {name!r} is not in this {self.split} dataset"
 
@@ -920,10 +928,7 @@ class CelebADataset(CachedImageDataset):
         progress: bool = True,
         skip_unreadable: bool | None = None,
     ) -> None:
-        split = validate_split(split)
-        if skip_unreadable is None:
-            skip_unreadable = os.environ.get(SKIP_UNREADABLE_ENV, "") == "1"
-        image_size = check_image_size(image_size)
+        split, image_size, skip_unreadable = self._checked_arguments(split, image_size, skip_unreadable)
         annotations = load_annotations(root)
         image_dir = annotations.image_dir
         if not image_dir.is_dir():
@@ -961,23 +966,13 @@ class CelebADataset(CachedImageDataset):
                                   progress=progress, skip_unreadable=skip_unreadable,
                                   desc=f"Caching CelebA {self.split} at {self._image_size}px")
 
-    def _rows_for(self, names: Iterable[str], within: pd.Index) -> np.ndarray:
-        """Positions in ``within`` of ``names``; errors name the first unknown or repeated one."""
-        wanted = pd.Index([str(n) for n in names])
-        if wanted.has_duplicates:
-            raise ValueError(f"image {wanted[wanted.duplicated()][0]!r} is listed more than once")
-        rows = within.get_indexer(wanted)
-        missing = np.flatnonzero(rows < 0)
-        if missing.size:
-            name = wanted[missing[0]]
-            everything = self._annotations.attributes.index
-            if name in everything:
-                where = f"it belongs to the {self._annotations.split.loc[name]!s} split"
-                if len(within) != len(self._split_names):
-                    where = "it is not part of this subset"
-                raise ValueError(f"image {name!r} is not in this {self.split} dataset: {where}")
-            raise ValueError(f"image {name!r} is not listed in the CelebA annotations of {self.root}")
-        return rows.astype(np.int64)
+    def _not_in_dataset(self, name: str, within: pd.Index) -> str:
+        if name in self._annotations.attributes.index:
+            where = f"it belongs to the {self._annotations.split.loc[name]!s} split"
+            if len(within) != len(self._split_names):
+                where = "it is not part of this subset"
+            return f"image {name!r} is not in this {self.split} dataset: {where}"
+        return f"image {name!r} is not listed in the CelebA annotations of {self.root}"
 
     def _set_rows(self, rows: np.ndarray) -> None:
         """Select the rows (positions in the split cache) this dataset serves."""

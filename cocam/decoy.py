@@ -37,8 +37,6 @@ import gzip
 import io
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +45,7 @@ import pandas as pd
 from PIL import Image
 
 from cocam.errors import CocamError
+from cocam.io import atomic_folder
 
 __all__ = ["CLASSES", "DEFAULT_SOURCE", "MARKER", "DecoyConfig", "DecoySourceError", "decoy_patches",
            "generate_decoy_fmnist", "read_idx"]
@@ -198,21 +197,6 @@ def generate_decoy_fmnist(root: str | os.PathLike, config: DecoyConfig = DecoyCo
             if not overwrite:
                 raise FileExistsError(f"{root} holds Decoy-FashionMNIST of another configuration: pass overwrite=True "
                                       f"(`--overwrite`) to replace it, or choose another folder.")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # an ordinary folder's permissions, not mkdtemp's private 0700
+    with atomic_folder(root) as tmp:
         _write(tmp, config, Path(source))
-        if root.exists():
-            old = root.with_name(f".{root.name}.old-{os.getpid()}")
-            os.replace(root, old)
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

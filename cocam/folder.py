@@ -51,13 +51,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cocam.celeba import SPLITS, DatasetNotFoundError, find_celeba_dir, validate_split
+from cocam.celeba import SPLITS, DatasetNotFoundError, find_celeba_dir
 from cocam.dataset import (
-    SKIP_UNREADABLE_ENV,
     CachedImageDataset,
     CelebADataset,
     cache_files,
-    check_image_size,
     default_cache_dir,
     ensure_image_cache,
 )
@@ -237,10 +235,7 @@ class FolderDataset(CachedImageDataset):
         progress: bool = True,
         skip_unreadable: bool | None = None,
     ) -> None:
-        split = validate_split(split)
-        if skip_unreadable is None:
-            skip_unreadable = os.environ.get(SKIP_UNREADABLE_ENV, "") == "1"
-        image_size = check_image_size(image_size)
+        split, image_size, skip_unreadable = self._checked_arguments(split, image_size, skip_unreadable)
         labels = read_folder_labels(root)
         image_dir = labels.image_dir
         if not image_dir.is_dir():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ try:  # POSIX: the lock's inspect-and-create step is serialised with flock (see 
 except ImportError:  # Windows: importable, with the plain exclusive-create lock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["DiskFullError", "LockedError", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+__all__ = ["DiskFullError", "LockedError", "atomic_folder", "atomic_write", "atomic_write_bytes", "atomic_write_text",
            "exclusive_lock", "pid_alive", "remove_temp_files"]
 
 #: ``errno`` values that mean "the disk (or the user's quota) is full".
@@ -115,6 +116,37 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = T
     """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically."""
     with atomic_write(path, "w", overwrite=overwrite) as fh:
         fh.write(text)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and rename it to ``target`` when the block succeeds.
+
+    The temporary folder gets an ordinary ``mkdir``'s permissions under the current umask (not
+    ``mkdtemp``'s private 0700). An existing ``target`` is replaced only at the end (moved aside,
+    the new one renamed in, the old one removed), so an interrupted build never leaves a folder
+    that looks complete and never loses the old one half-way; on an error the temporary folder
+    is removed and ``target`` is untouched. Whether ``target`` may be replaced is the caller's
+    decision, made before the block.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def remove_temp_files(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:

@@ -21,6 +21,7 @@ in :mod:`cocam.cams`.
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import torch
@@ -37,7 +38,7 @@ class UnknownCamMethodError(CocamError, ValueError):
     """A CAM method name that is not in :data:`CAM_METHODS`."""
 
 
-class CamMethod:
+class CamMethod(abc.ABC):
     """A gradient CAM: ``(A, G) ↦`` signed map ``(B, T, h, w)``; the CAM is its ReLU.
 
     Subclasses set :attr:`name` and implement :meth:`reduce` and :meth:`signed_map`;
@@ -47,13 +48,13 @@ class CamMethod:
     #: The registry key (``grad_cam(method=...)``, ``Guidance(cam_method=...)``, ``--cam-method``).
     name: ClassVar[str]
 
+    @abc.abstractmethod
     def reduce(self, activations: Tensor, grads: Tensor) -> Tensor:
         """``(B, T, ...)`` what :meth:`signed_map` needs of ``G``; ``grads`` is ``(B, T, K, h, w)``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def signed_map(self, activations: Tensor, reduced: Tensor) -> Tensor:
         """``(B, T, h, w)`` the map before the CAM's ReLU."""
-        raise NotImplementedError
 
     def reported_weights(self, reduced: Tensor) -> Tensor | None:
         """``(B, T, K)`` the channel weights in ``reduced``, or ``None`` for a method without them."""
@@ -74,9 +75,9 @@ class CamMethod:
 class ChannelWeightedCam(CamMethod):
     """A CAM of the form ``Σ_k w_k · A_k`` with one weight per image, target and channel."""
 
+    @abc.abstractmethod
     def channel_weights(self, activations: Tensor, grads: Tensor) -> Tensor:
         """``(B, T, K)`` the weights ``w`` from ``A (B, K, h, w)`` and ``G (B, T, K, h, w)``."""
-        raise NotImplementedError
 
     def reduce(self, activations: Tensor, grads: Tensor) -> Tensor:
         return self.channel_weights(activations, grads)

@@ -17,8 +17,6 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +35,7 @@ from cocam.celeba import (
     write_partition,
 )
 from cocam.geometry import ALIGNED_HEIGHT, ALIGNED_WIDTH
-from cocam.io import atomic_write_text
+from cocam.io import atomic_folder, atomic_write_text
 from cocam.synthetic.labels import fit_label_tree, sample_labels
 from cocam.synthetic.render import (
     MAX_ELLIPSES,
@@ -220,29 +218,9 @@ def generate_synthetic_celeba(
                 f"{target} already holds a synthetic dataset with another configuration. Pass overwrite=True "
                 f"(`cocam generate --overwrite`) to replace it, or choose another root."
             )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".celeba.tmp-", dir=target.parent))
-    try:
-        os.chmod(tmp, _folder_mode())  # mkdtemp's 0700 would hide the dataset from other users
+    with atomic_folder(target) as tmp:
         _write_dataset(tmp, config, workers=workers, progress=progress)
-        if target.exists():
-            old = target.with_name(f".celeba.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
-
-
-def _folder_mode() -> int:
-    """Permissions of a folder made by ``mkdir`` under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
 
 
 def synthetic_labels(config: SyntheticConfig) -> tuple[pd.DataFrame, pd.Series]:

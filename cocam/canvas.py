@@ -328,22 +328,19 @@ class MaskCanvas:
 
     def undo(self) -> bool:
         """Undo the current attribute's last step; ``False`` if there is none."""
-        self.release()
-        sheet = self._sheet
-        if not sheet.undo:
-            return False
-        sheet.redo.append(sheet.mask)
-        sheet.mask = sheet.undo.pop()
-        return True
+        return self._step(self._sheet.undo, self._sheet.redo)
 
     def redo(self) -> bool:
         """Re-apply the current attribute's last undone step; ``False`` if there is none."""
+        return self._step(self._sheet.redo, self._sheet.undo)
+
+    def _step(self, source: list, target: list) -> bool:
+        """Move the current mask onto ``target`` and the last of ``source`` into its place."""
         self.release()
-        sheet = self._sheet
-        if not sheet.redo:
+        if not source:
             return False
-        sheet.undo.append(sheet.mask)
-        sheet.mask = sheet.redo.pop()
+        target.append(self._sheet.mask)
+        self._sheet.mask = source.pop()
         return True
 
     # -- files -------------------------------------------------------------------------------

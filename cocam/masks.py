@@ -189,6 +189,18 @@ def _resize(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def _as_2d(mask: np.ndarray | Tensor) -> np.ndarray:
+    """A mask as a 2-D NumPy array (a tensor is copied to the CPU; a trailing channel of 1 dropped)."""
+    if isinstance(mask, Tensor):
+        mask = mask.detach().cpu().numpy()
+    arr = np.asarray(mask)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise ValueError(f"a mask must be a 2-D (height, width) array, got shape {arr.shape}.")
+    return arr
+
+
 def as_template_mask(mask: np.ndarray | Tensor) -> np.ndarray:
     """Validate and binarise a mask to template resolution.
 
@@ -202,13 +214,7 @@ def as_template_mask(mask: np.ndarray | Tensor) -> np.ndarray:
     Raises:
         ValueError: wrong shape/aspect ratio, unsupported values, empty or full mask.
     """
-    if isinstance(mask, Tensor):
-        mask = mask.detach().cpu().numpy()
-    arr = np.asarray(mask)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 2:
-        raise ValueError(f"a mask must be a 2-D (height, width) array, got shape {arr.shape}.")
+    arr = _as_2d(mask)
     h, w = arr.shape
     if h < MIN_MASK_SIZE[0] or w < MIN_MASK_SIZE[1]:
         raise ValueError(
@@ -247,13 +253,7 @@ def square_to_template(mask: np.ndarray | Tensor) -> np.ndarray:
     placed in the crop box; the rows outside it stay empty. :func:`mask_to_input` then crops the
     same box back out, so a square mask reaches the model input as drawn.
     """
-    if isinstance(mask, Tensor):
-        mask = mask.detach().cpu().numpy()
-    arr = np.asarray(mask)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 2:
-        raise ValueError(f"a mask must be a 2-D (height, width) array, got shape {arr.shape}.")
+    arr = _as_2d(mask)
     h, w = arr.shape
     if h != w:
         raise ValueError(f"mask is {w}x{h} (width x height), but this dataset's masks are drawn on the square image "

@@ -124,6 +124,14 @@ def main() -> None:
     pairs = tuple(parse_pairs(args.pair)) if args.pair else tuple(PAPER_PAIRS)
     preset = PRESETS[args.preset]
     runs = []
+
+    def budget(root: Path, out: Path, seeds: tuple[int, ...], peers: tuple[str, ...]) -> ComparisonConfig:
+        """The same comparison budget for every dataset of the sweep."""
+        return ComparisonConfig(root=root, out=out, seeds=seeds, pairs=pairs, image_size=args.image_size,
+                                baseline_epochs=args.epochs, patience=args.patience,
+                                finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                                device=args.device, baseline_seeds=tuple(args.baseline_seeds), peers=peers)
+
     for strength in args.strengths:
         root = strength_root(args.data, strength)
         if args.report_only:
@@ -133,11 +141,7 @@ def main() -> None:
             continue
         generate_synthetic_celeba(root, type(preset)(**{**preset.to_dict(), "difficulty": preset.difficulty,
                                                         "train_conflict_scale": strength}), workers=args.workers)
-        config = ComparisonConfig(root=root, out=args.out / f"strength_{strength:g}", seeds=tuple(args.seeds),
-                                  pairs=pairs, image_size=args.image_size, baseline_epochs=args.epochs,
-                                  patience=args.patience, finetune_epochs=args.finetune_epochs,
-                                  finetune_lr=args.finetune_lr, device=args.device,
-                                  baseline_seeds=tuple(args.baseline_seeds), peers=tuple(args.peers))
+        config = budget(root, args.out / f"strength_{strength:g}", tuple(args.seeds), tuple(args.peers))
         result = compare_guidance(config, SETTINGS, log=lambda line, s=strength: print(f"strength {s:g} · {line}"))
         runs.append(result.runs.assign(strength=strength))
     if args.decorrelated_oracle:
@@ -146,10 +150,7 @@ def main() -> None:
             generate_synthetic_celeba(root, type(preset)(**{**preset.to_dict(), "difficulty": preset.difficulty,
                                                             "train_decorrelated": True}), workers=args.workers)
             # only the baselines are needed (one control per baseline comes with them)
-            config = ComparisonConfig(root=root, out=args.out / "decorrelated", seeds=(args.seeds[0],), pairs=pairs,
-                                      image_size=args.image_size, baseline_epochs=args.epochs, patience=args.patience,
-                                      finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                                      device=args.device, baseline_seeds=tuple(args.baseline_seeds), peers=())
+            config = budget(root, args.out / "decorrelated", (args.seeds[0],), ())
             compare_guidance(config, {}, log=lambda line: print(f"decorrelated · {line}"))
         done = args.out / "decorrelated" / "runs.csv"
         if done.is_file():

@@ -767,8 +767,9 @@ class MaskEditor:
             return handler
 
         def do_save() -> None:
-            self.save(overwrite=overwrite.value)
-            overwrite.value = False  # intent is per save
+            wanted = overwrite.value
+            overwrite.value = False  # intent is per save; untick before the status says "Saved"
+            self.save(overwrite=wanted)
 
         undo.on_click(guarded(self.undo))
         redo.on_click(guarded(self.redo))

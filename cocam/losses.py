@@ -372,13 +372,15 @@ def region_loss(cam: Tensor, mask: Tensor, loss: str = "iou", *, eps: float = 1e
 
 
 def input_gradients(model: torch.nn.Module, images: Tensor, targets: Sequence[int], *,
-                    create_graph: bool = True) -> tuple[Tensor, Tensor]:
+                    create_graph: bool = True, summed: bool = False) -> tuple[Tensor, Tensor]:
     """``∂(log σ(z_t) + log σ(−z_t))/∂x`` for each target ``t``, and the logits of the same forward.
 
-    Returns ``(grads (B, T, C, H, W), logits (B, num_outputs))``. With ``create_graph=True``
-    (needed to train on a penalty of the gradients) both stay attached to the graph. Like
-    :func:`cocam.gradcam.grad_cam`, it only uses :func:`torch.autograd.grad`: parameters'
-    ``.grad`` and the model's mode are left alone.
+    Returns ``(grads (B, T, C, H, W), logits (B, num_outputs))``. With ``summed=True`` the one
+    gradient of the sum over the targets, ``∂ Σ_t (log σ(z_t) + log σ(−z_t))/∂x``, ``(B, 1, C, H, W)``
+    — Ross et al.'s penalty on a multi-class output, one backward pass instead of ``T``. With
+    ``create_graph=True`` (needed to train on a penalty of the gradients) both stay attached to
+    the graph. Like :func:`cocam.gradcam.grad_cam`, it only uses :func:`torch.autograd.grad`:
+    parameters' ``.grad`` and the model's mode are left alone.
     """
     with torch.enable_grad():
         x = images.detach().requires_grad_(True)
@@ -386,7 +388,7 @@ def input_gradients(model: torch.nn.Module, images: Tensor, targets: Sequence[in
         z = logits[:, list(targets)].float()
         log_probs = F.logsigmoid(z) + F.logsigmoid(-z)  # (B, T): both classes of each attribute
         t = log_probs.shape[1]
-        if t == 1:
+        if t == 1 or summed:
             (g,) = torch.autograd.grad(log_probs.sum(), x, create_graph=create_graph)
             grads = g[:, None]
         else:

@@ -31,6 +31,9 @@ vgg11      ``features.19``  last conv + ReLU (post-ReLU); head = last MaxPool,  
                             avgpool, flatten, classifier
 vit_tiny   ``encoder``      patch tokens after the final LayerNorm, on the patch  32×28×28
                             grid (class token dropped); head = mean, (dropout), fc
+small_cnn  ``features.4``   second conv + ReLU of a two-conv net for small images   50×8×8 at 28²
+                            (Decoy-FashionMNIST); head = adaptive max-pool 4×4,
+                            flatten, classifier
 ========== ================ ===================================================== ==========
 
 Other splits: ``"features.<i>"`` for alexnet/vgg11 (the trunk is ``features[:i+1]``) and

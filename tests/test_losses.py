@@ -399,6 +399,9 @@ def test_input_gradients_match_the_chain_rule_and_a_per_target_reference() -> No
         torch.testing.assert_close(grads[:, j], expected)
     single, _ = input_gradients(net, x, [17], create_graph=False)
     torch.testing.assert_close(single[:, 0], grads[:, 1])
+    summed, _ = input_gradients(net, x, targets, create_graph=False, summed=True)  # linearity of ∂
+    assert summed.shape == (3, 1, 3, 6, 6)
+    torch.testing.assert_close(summed[:, 0], grads.sum(dim=1))
     assert all(p.grad is None for p in net.parameters())  # hygiene: no .grad touched
 
 

@@ -27,7 +27,7 @@ package, one call of :func:`register_architecture`.
 
 from __future__ import annotations
 
-from cocam.archs import alexnet, resnet18, vgg11, vit_tiny
+from cocam.archs import alexnet, resnet18, small_cnn, vgg11, vit_tiny
 from cocam.archs.base import Architecture, Split
 
 __all__ = ["ARCHITECTURES", "Architecture", "Split", "get_architecture", "register_architecture",
@@ -64,6 +64,6 @@ def get_architecture(name: str) -> Architecture:
                          f"{', '.join(ARCHITECTURES)}.") from None
 
 
-for _module in (alexnet, resnet18, vgg11, vit_tiny):
+for _module in (alexnet, resnet18, vgg11, vit_tiny, small_cnn):
     register_architecture(_module.ARCHITECTURE)
 del _module

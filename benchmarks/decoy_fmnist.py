@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from cocam.compare import t_interval
 from cocam.dataset import normalize_uint8, user_cache_root
-from cocam.decoy import CLASSES, DecoyConfig, generate_decoy_fmnist
+from cocam.decoy import CLASSES, DecoyConfig, box_corners, corner_boxes, generate_decoy_fmnist
 from cocam.folder import open_dataset
 from cocam.gradcam import grad_cam
 from cocam.losses import guided_loss, guided_objective, input_gradients, rrr_input_loss
@@ -90,13 +90,10 @@ def box_masks(boxes: torch.Tensor) -> torch.Tensor:
 
 def other_corner(boxes: torch.Tensor, seed: int) -> torch.Tensor:
     """Each box moved to one of the three other corners (seeded): the random-region control."""
-    side = boxes[:, 2] - boxes[:, 0]
-    corner = (boxes[:, 0] > 0).long() + 2 * (boxes[:, 1] > 0).long()
-    shift = torch.from_numpy(np.random.default_rng([seed, 7]).integers(1, 4, len(boxes)))
-    new = (corner + shift) % 4
-    x0 = torch.where(new % 2 == 0, 0, SIZE - side)
-    y0 = torch.where(new < 2, 0, SIZE - side)
-    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
+    boxes = boxes.numpy()
+    shift = np.random.default_rng([seed, 7]).integers(1, 4, len(boxes))
+    moved = corner_boxes((box_corners(boxes, SIZE) + shift) % 4, int(boxes[0, 2] - boxes[0, 0]), SIZE)
+    return torch.from_numpy(moved)
 
 
 def step_loss(model, x, y, wrong: torch.Tensor | None, loss: str | None, w_g: float) -> torch.Tensor:

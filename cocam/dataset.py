@@ -462,8 +462,8 @@ def _build_cache(
                     (str(image_dir), list(names[i : i + _CHUNK]), i, image_size, skip_unreadable, view)
                     for i in range(0, n, _CHUNK)
                 ]
-                # not fork: a forked child of a process that holds torch's threads can deadlock the pool
-                # (seen once in the suite: every thread waiting on a futex after an error in a worker)
+                # forkserver, not fork: a child forked from a process that holds torch's threads can
+                # deadlock the pool (every thread waiting on a futex after an error in a worker)
                 method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
                 pool = multiprocessing.get_context(method).Pool(num_workers)
                 results = pool.imap(_decode_chunk, tasks)  # in order: the first error is the first image's

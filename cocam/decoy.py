@@ -47,7 +47,8 @@ from PIL import Image
 from cocam.errors import CocamError
 from cocam.io import atomic_folder
 
-__all__ = ["CLASSES", "DEFAULT_SOURCE", "MARKER", "DecoyConfig", "DecoySourceError", "decoy_patches",
+__all__ = ["CLASSES", "DEFAULT_SOURCE", "MARKER", "DecoyConfig", "DecoySourceError", "box_corners", "corner_boxes",
+           "decoy_patches",
            "generate_decoy_fmnist", "read_idx"]
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the four files.
@@ -115,15 +116,27 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return data.reshape(dims)
 
 
+def corner_boxes(corner: np.ndarray, patch: int, size: int = 28) -> np.ndarray:
+    """``(N, 4)`` boxes ``(x0, y0, x1, y1)`` of side ``patch`` at corners 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right."""
+    corner = np.asarray(corner)
+    x0 = np.where(corner % 2 == 0, 0, size - patch)
+    y0 = np.where(corner < 2, 0, size - patch)
+    return np.stack([x0, y0, x0 + patch, y0 + patch], axis=1)
+
+
+def box_corners(boxes: np.ndarray, size: int = 28) -> np.ndarray:
+    """The corner number (as in :func:`corner_boxes`) of each ``(x0, y0, x1, y1)`` corner box."""
+    boxes = np.asarray(boxes)
+    return (boxes[:, 0] > 0).astype(np.int64) + 2 * (boxes[:, 1] > 0).astype(np.int64)
+
+
 def decoy_patches(labels: np.ndarray, split: str, rng: np.random.Generator, patch: int) -> tuple[np.ndarray, np.ndarray]:
     """Per image: the patch box ``(x0, y0, x1, y1)`` and its grey level (Ross et al.'s rule)."""
     n = len(labels)
-    corner = rng.integers(0, 4, n)  # 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
-    x0 = np.where(corner % 2 == 0, 0, 28 - patch)
-    y0 = np.where(corner < 2, 0, 28 - patch)
+    corner = rng.integers(0, 4, n)
     shown = labels if split != "test" else rng.integers(0, len(CLASSES), n)
     grey = (255 - 25 * shown).astype(np.uint8)
-    return np.stack([x0, y0, x0 + patch, y0 + patch], axis=1), grey
+    return corner_boxes(corner, patch), grey
 
 
 def _png(image: np.ndarray) -> bytes:

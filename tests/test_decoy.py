@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cocam.decoy import CLASSES, DEFAULT_SOURCE, MARKER, DecoyConfig, DecoySourceError, generate_decoy_fmnist, read_idx
+from cocam.decoy import (CLASSES, DEFAULT_SOURCE, MARKER, DecoyConfig, DecoySourceError, box_corners, corner_boxes,
+                         generate_decoy_fmnist, read_idx)
 
 
 def _idx(path: Path, array: np.ndarray) -> None:
@@ -126,3 +127,9 @@ def test_the_decoy_command(source, tmp_path: Path, capsys) -> None:
     assert "32 train" in capsys.readouterr().out
     assert main(["decoy", "--root", str(tmp_path / "e"), "--source", str(tmp_path / "none")]) == 1
     assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_corner_boxes_and_box_corners_are_inverse() -> None:
+    boxes = corner_boxes(np.array([0, 1, 2, 3]), 4)
+    assert boxes.tolist() == [[0, 0, 4, 4], [24, 0, 28, 4], [0, 24, 4, 28], [24, 24, 28, 28]]
+    assert box_corners(boxes).tolist() == [0, 1, 2, 3]

@@ -138,6 +138,11 @@ def _pixels(mask: np.ndarray, start: tuple[float, float], stop: tuple[float, flo
     return np.hypot(xx - x0 - t * dx, yy - y0 - t * dy), mask
 
 
+# Playwright matches a plain-string has_text case-insensitively as a substring, so "Saved" would also
+# match the "not saved" the status shows before the click; a regular expression is case-sensitive.
+SAVED = re.compile(r"\bSaved ")
+
+
 def test_drawing_with_the_mouse_reaches_the_kernel_and_the_file(jupyterlab, tmp_path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -178,7 +183,7 @@ def test_drawing_with_the_mouse_reaches_the_kernel_and_the_file(jupyterlab, tmp_
 
             # 2. saved through the Save button: the kernel's mask is what reaches the file
             page.locator(".cocam-mask-save").click()
-            page.locator(".cocam-mask-status", has_text="Saved").wait_for()
+            page.locator(".cocam-mask-status", has_text=SAVED).wait_for()
             assert mask_file.is_file()
             mask = load_mask(mask_file)
             distance, _ = _pixels(mask, start, stop)
@@ -199,7 +204,7 @@ def test_drawing_with_the_mouse_reaches_the_kernel_and_the_file(jupyterlab, tmp_
             assert np.array_equal(load_mask(mask_file), mask)
             page.locator(".cocam-mask-overwrite input").check()
             page.locator(".cocam-mask-save").click()
-            page.locator(".cocam-mask-status", has_text="Saved").wait_for()
+            page.locator(".cocam-mask-status", has_text=SAVED).wait_for()
             updated = load_mask(mask_file)
             assert (updated >= mask).all() and updated[160, 75:104].all()
             # the tick is per save: the kernel clears it (a widget message that may trail the status)

@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cocam.attributes import CELEBA_ATTRIBUTES, attribute_index, validate_attributes
+from cocam.attributes import CELEBA_ATTRIBUTES
+from cocam.labels import CELEBA, LabelSpace
 
 __all__ = ["BIAS_COLUMNS", "rank_biases"]
 
@@ -48,15 +49,15 @@ BIAS_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def _as_logits(logits: np.ndarray | torch.Tensor) -> np.ndarray:
+def _as_logits(logits: np.ndarray | torch.Tensor, space: LabelSpace) -> np.ndarray:
     if isinstance(logits, torch.Tensor):
         logits = logits.detach().cpu().numpy()
     arr = np.asarray(logits, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[1] != len(CELEBA_ATTRIBUTES):
-        raise ValueError(
-            f"logits must be (N, {len(CELEBA_ATTRIBUTES)}) — one column per CelebA attribute in "
-            f"cocam.CELEBA_ATTRIBUTES order, as cocam.evaluate.predict returns them — got shape {arr.shape}."
-        )
+    if arr.ndim != 2 or arr.shape[1] != len(space):
+        order = ("one column per CelebA attribute in cocam.CELEBA_ATTRIBUTES order" if space == CELEBA
+                 else "one column per label, in the order of the label columns")
+        raise ValueError(f"logits must be (N, {len(space)}) — {order}, as cocam.evaluate.predict returns them — "
+                         f"got shape {arr.shape}.")
     if not np.isfinite(arr).all():
         raise ValueError("logits contain NaN or infinite values; check the model's outputs.")
     return arr
@@ -66,7 +67,7 @@ def _label_matrix(labels: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
     """``(N, len(names))`` bool positives from 0/1 (or CelebA's -1/1) label columns."""
     missing = [n for n in names if n not in labels.columns]
     if missing:
-        raise ValueError(f"labels have no column {missing[0]!r}: pass the (N, 40) 0/1 attribute frame of the same "
+        raise ValueError(f"labels have no column {missing[0]!r}: pass the 0/1 label frame of the same "
                          f"images (e.g. dataset.attributes).")
     values = labels[list(names)].to_numpy()
     if not np.isin(values, (0, 1)).all() and not np.isin(values, (-1, 1)).all():
@@ -96,16 +97,18 @@ def rank_biases(
     level: float = 0.95,
     threshold: float = 0.0,
     seed: int = 0,
+    label_space: LabelSpace | None = None,
 ) -> pd.DataFrame:
     """Rank (A, B) pairs by how much the model's recall of A depends on B's presence.
 
     Args:
-        logits: ``(N, 40)`` model outputs in :data:`~cocam.attributes.CELEBA_ATTRIBUTES` order
-            (:func:`cocam.evaluate.predict`); a NumPy array or a tensor.
-        labels: the ``(N, 40)`` 0/1 labels of the same images in the same order (columns by
+        logits: ``(N, L)`` model outputs in the order of ``label_space`` (CelebA's
+            :data:`~cocam.attributes.CELEBA_ATTRIBUTES` by default; :func:`cocam.evaluate.predict`);
+            a NumPy array or a tensor.
+        labels: the ``(N, L)`` 0/1 labels of the same images in the same order (columns by
             name, e.g. ``dataset.attributes``; CelebA's -1/1 is accepted too).
-        attributes: the attributes A to examine (default: all 40; one name is accepted too).
-        candidates: the attributes B to pair them with (default: all 40; one name is accepted
+        attributes: the attributes A to examine (default: every label; one name is accepted too).
+        candidates: the attributes B to pair them with (default: every label; one name is accepted
             too); ``B = A`` is skipped.
         min_group: leave out pairs where ``A∧B`` or ``A∧¬B`` has fewer images. The reverse
             columns (``acc_not_a_b``, ``acc_not_a_not_b``, ``reverse_gap``) are NaN where
@@ -114,6 +117,9 @@ def rank_biases(
         level: coverage of the interval.
         threshold: A is predicted when its logit is ``> threshold`` (0 = probability 0.5).
         seed: seed of the bootstrap; the same inputs and arguments give the same intervals.
+        label_space: what the logits' columns are (:class:`~cocam.labels.LabelSpace`). Default:
+            CelebA's 40 attributes when every label column is a CelebA attribute, else the label
+            columns themselves, in their order (a folder dataset's ``dataset.attributes``).
 
     Returns:
         One row per kept pair, sorted by ``gap`` (descending; ties by ``bias_score``), with the
@@ -134,8 +140,11 @@ def rank_biases(
         attributes = [attributes]
     if isinstance(candidates, str):
         candidates = [candidates]
-    a_names = list(CELEBA_ATTRIBUTES) if attributes is None else validate_attributes(attributes)
-    b_names = list(CELEBA_ATTRIBUTES) if candidates is None else validate_attributes(candidates)
+    if label_space is None:
+        columns = [str(c) for c in labels.columns]
+        label_space = CELEBA if set(columns) <= set(CELEBA_ATTRIBUTES) else LabelSpace(columns)
+    a_names = list(label_space.names) if attributes is None else label_space.validate(attributes)
+    b_names = list(label_space.names) if candidates is None else label_space.validate(candidates)
     a_names, b_names = list(dict.fromkeys(a_names)), list(dict.fromkeys(b_names))
     if int(min_group) < 1:
         raise ValueError(f"min_group must be at least 1, got {min_group}.")
@@ -143,12 +152,12 @@ def rank_biases(
         raise ValueError(f"n_boot must be non-negative, got {n_boot}.")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}.")
-    scores = _as_logits(logits)
+    scores = _as_logits(logits, label_space)
     if len(scores) != len(labels):
         raise ValueError(f"{len(scores)} rows of logits but {len(labels)} label rows: give both for the same images, "
                          f"in the same order.")
 
-    cols = [attribute_index(a) for a in a_names]
+    cols = label_space.indices(a_names)
     z = scores[:, cols]
     y_a = _label_matrix(labels, a_names).astype(np.float64)  # (N, |A|)
     y_b = _label_matrix(labels, b_names).astype(np.float64)  # (N, |B|)

@@ -14,7 +14,8 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-from cocam.attributes import CELEBA_ATTRIBUTES, validate_attributes
+from cocam.labels import LabelSpace
+from cocam.labels import LabelSpace
 
 __all__ = [
     "celeba_reference",
@@ -51,7 +52,8 @@ def cooccurrence(attributes: pd.DataFrame, split: pd.Series | None = None, *,
     """Counts and rates for every ordered attribute pair, per split.
 
     Args:
-        attributes: 0/1 labels, one row per image, one column per attribute.
+        attributes: 0/1 labels, one row per image, one column per attribute (any names: CelebA's
+            40, or the labels of a folder dataset, :mod:`cocam.folder`; distinct, non-empty).
         split: optional split name per image (same index); without it every row counts as
             split ``"all"``.
         include_all: with ``split``, also the rows of split ``"all"`` (every image), after the
@@ -60,7 +62,7 @@ def cooccurrence(attributes: pd.DataFrame, split: pd.Series | None = None, *,
     Returns:
         One row per (split, a, b) with the columns of :func:`celeba_reference`.
     """
-    names = validate_attributes(attributes.columns, valid=CELEBA_ATTRIBUTES)
+    names = list(LabelSpace(attributes.columns).names)  # any labels: CelebA's 40 or a folder dataset's columns
     if split is None:
         groups = [("all", attributes)]
     else:
@@ -142,16 +144,26 @@ def rank_pairs(stats: pd.DataFrame, *, split: str | None = None, by: str = "phi"
     return s if top is None else s.head(top)
 
 
-def pair_summary(stats: pd.DataFrame, pairs, *, reference: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per split and (A, B) pair: P(B|A), P(A|B), conflict size; next to CelebA's if given."""
+def pair_summary(stats: pd.DataFrame, pairs, *, reference: pd.DataFrame | None = None,
+                 brief: bool = False) -> pd.DataFrame:
+    """Per split and (A, B) pair: P(B|A), P(A|B), conflict size; next to CelebA's if given.
+
+    The names are checked against the labels of ``stats`` (a misspelling names the closest).
+    ``brief`` keeps ``split, a, b, n_a, p_b_given_a`` (and CelebA's, with a ``reference``) and
+    ``n_conflict``: the columns a reader compares.
+    """
     keep = ["split", "a", "b", "n_images", "n_a", "n_ab", "p_b_given_a", "p_a_given_b", "phi", "n_conflict"]
+    labels = LabelSpace(pd.unique(stats["a"]))
     rows = []
     for a, b in pairs:
-        validate_attributes([a, b])
+        a, b = labels.validate([a, b])
         rows.append(stats[(stats["a"] == a) & (stats["b"] == b)][keep])
     out = pd.concat(rows, ignore_index=True)
     if reference is not None:
         ref = reference[["split", "a", "b", "p_b_given_a", "p_a_given_b"]].rename(
             columns={"p_b_given_a": "celeba_p_b_given_a", "p_a_given_b": "celeba_p_a_given_b"})
         out = out.merge(ref, on=["split", "a", "b"], how="left")
+    if brief:
+        out = out[["split", "a", "b", "n_a", "p_b_given_a"]
+                  + (["celeba_p_b_given_a"] if reference is not None else []) + ["n_conflict"]]
     return out

@@ -59,9 +59,10 @@ from cocam.errors import CocamError
 from cocam.protocol import ProtocolConfig
 from cocam.io import exclusive_lock
 from cocam.masks import default_mask_dir, is_shipped_mask, project_dir
-from cocam.dataset import CelebADataset, normalize_uint8
+from cocam.dataset import CelebADataset, LabelledImages, label_space_of_dataset, normalize_uint8
+from cocam.labels import LabelSpace
 from cocam.model import SplitModel
-from cocam.train import FitResult, Guidance, RunLockedError, TrainConfig, fit
+from cocam.train import FitResult, Guidance, ResumeMismatchError, RunLockedError, TrainConfig, fit
 
 __all__ = [
     "BASELINE",
@@ -209,12 +210,13 @@ def ensure_dataset(root: str | os.PathLike | None, settings: Settings, *, progre
 
     Args:
         root: ``None`` for the synthetic CelebA at ``data/synthetic`` (``data/synthetic/smoke``
-            in smoke mode), written once and reused; or the folder holding a real ``celeba/``
-            (checked, never written to).
+            in smoke mode), written once and reused; the folder holding a real ``celeba/``; or a
+            dataset of your own, a folder with ``labels.csv`` and ``images/`` (:mod:`cocam.folder`).
+            A given folder is checked, never written to.
         settings: :func:`default_settings`; its ``preset`` picks the synthetic size.
 
     Returns:
-        The folder that contains ``celeba/``.
+        The dataset's root: the folder that contains ``celeba/``, or the one holding ``labels.csv``.
     """
     if root is None:
         from cocam.synthetic import generate_synthetic_celeba, is_synthetic_complete
@@ -226,9 +228,13 @@ def ensure_dataset(root: str | os.PathLike | None, settings: Settings, *, progre
                     generate_synthetic_celeba(root, settings.preset, workers=settings.workers, progress=progress)
         return root
     from cocam.celeba import load_annotations
+    from cocam.folder import is_folder_dataset, read_folder_labels
 
     root = _resolve(root)
-    load_annotations(root)  # a clear error now if this is not a CelebA folder
+    if is_folder_dataset(root):  # a dataset of your own (cocam.folder): a clear error now if its table is wrong
+        read_folder_labels(root)
+    else:
+        load_annotations(root)  # a clear error now if this is not a CelebA folder
     return root
 
 
@@ -315,26 +321,86 @@ class Workspace:
 
         return is_synthetic_complete(self.data_root)
 
-    def dataset(self, split: str) -> CelebADataset:
-        """A split at the model's input size (built once per workspace)."""
+    @property
+    def folder(self) -> bool:
+        """Whether the dataset is one of your own (a folder with ``labels.csv``, :mod:`cocam.folder`)."""
+        from cocam.folder import is_folder_dataset
+
+        return is_folder_dataset(self.data_root)
+
+    @property
+    def label_space(self) -> LabelSpace:
+        """The dataset's labels: CelebA's 40 attributes, or the columns of ``labels.csv``."""
+        from cocam.folder import dataset_label_space
+
+        return dataset_label_space(self.data_root)
+
+    def spec(self) -> ModelSpec:
+        """The model the notebooks train: :meth:`Settings.spec` with one output per label of the dataset."""
+        return dataclasses.replace(self.settings.spec(), attributes=self.label_space.names)
+
+    def labels(self) -> Any:
+        """The label table of every image: ``.attributes`` (0/1 frame, one column per label) and ``.split``.
+
+        :func:`cocam.celeba.load_annotations` for CelebA, :func:`cocam.folder.read_folder_labels` for a
+        folder dataset; both have these two fields, which is all :func:`cocam.cooccurrence.cooccurrence` reads.
+        """
+        from cocam.celeba import load_annotations
+        from cocam.folder import read_folder_labels
+
+        return read_folder_labels(self.data_root) if self.folder else load_annotations(self.data_root)
+
+    def pairs(self, given: Sequence[tuple[str, str]] | None = None, *, top: int = 3) -> list[tuple[str, str]]:
+        """The (A, B) pairs the notebooks examine: ``given`` (checked against the labels) if not ``None``.
+
+        Otherwise the paper's three pairs on CelebA, and on a folder dataset the ``top`` pairs of
+        labels with the largest positive correlation φ on the train split that have at least one
+        A∧¬B image (:func:`cocam.cooccurrence.rank_pairs`): the co-occurrences a shortcut could come
+        from. A dataset with no such pair is an error that says to give the pairs.
+        """
+        space = self.label_space
+        if given is not None:
+            pairs = [(space.validate(a)[0], space.validate(b)[0]) for a, b in given]
+            return pairs
+        if not self.folder:
+            return list(PAPER_PAIRS)
+        from cocam.cooccurrence import cooccurrence, rank_pairs
+
+        labels = self.labels()
+        ranked = rank_pairs(cooccurrence(labels.attributes, labels.split), split="train", top=None)
+        ranked = ranked[(ranked["phi"] > 0) & (ranked["n_conflict"] > 0)]
+        require(len(ranked) > 0, f"no two labels of {self.data_root} co-occur (positive φ with an A∧¬B image on the "
+                                 f"train split): set PAIRS = [(A, B), ...] in the parameters cell.")
+        return [(str(a), str(b)) for a, b in ranked[["a", "b"]].head(top).itertuples(index=False)]
+
+    def reference(self) -> pd.DataFrame | None:
+        """CelebA's published co-occurrence statistics beside CelebA-format data; ``None`` for a folder dataset."""
+        from cocam.cooccurrence import celeba_reference
+
+        return None if self.folder else celeba_reference()
+
+    def dataset(self, split: str) -> LabelledImages:
+        """A split at the model's input size (built once per workspace): CelebA or a folder dataset."""
         if split not in self._datasets:
             from cocam.dataset import default_cache_dir
+            from cocam.folder import open_dataset
 
             cache = None if self.cache_dir is None else default_cache_dir(self.data_root, base=self.cache_dir)
-            self._datasets[split] = CelebADataset(self.data_root, split, image_size=self.settings.image_size,
-                                                  cache_dir=cache)
+            self._datasets[split] = open_dataset(self.data_root, split, image_size=self.settings.image_size,
+                                                 cache_dir=cache)
         return self._datasets[split]
 
     def describe(self) -> str:
         """A few lines saying what this workspace uses."""
         s = self.settings
-        kind = "synthetic CelebA" if self.synthetic else "CelebA"
+        kind = ("your dataset (labels.csv): " + ", ".join(self.label_space.names) if self.folder
+                else "synthetic CelebA" if self.synthetic else "CelebA")
         return "\n".join([
             f"mode      : {'SMOKE (tiny data, 1 epoch: checks that everything runs)' if s.smoke else 'full'}",
             f"dataset   : {kind} at {self.data_root}",
             f"runs      : {self.run_dir}",
             f"masks     : {self.mask_dir}",
-            f"model     : {s.spec().arch}, {s.image_size}px input, head width {s.hidden}",
+            f"model     : {self.spec().arch}, {s.image_size}px input, head width {s.hidden}",
             f"training  : baseline up to {s.epochs} epochs, fine-tuning {s.finetune_epochs} epoch(s), "
             f"batch {s.batch_size}, device {s.device}",
         ])
@@ -351,14 +417,16 @@ def guided_run_name(guidance: Guidance) -> str:
 
 
 def _fit_when_free(run_dir: Path, make_model: Callable[[], tuple[SplitModel, ModelSpec]], train: CelebADataset,
-                   valid: CelebADataset, config: TrainConfig, **kwargs: Any) -> FitResult:
+                   valid: CelebADataset, config: TrainConfig, *, spec: ModelSpec | None = None,
+                   **kwargs: Any) -> FitResult:
     """:func:`cocam.train.fit` with ``resume=True``, waiting while another process trains the same run.
 
-    A run that already finished is reloaded from its checkpoint without calling ``fit``.
+    A run that already finished is reloaded from its checkpoint without calling ``fit``; with
+    ``spec``, only if it holds that model (see :func:`_finished_run`).
     """
     told = False
     while True:
-        finished = _finished_run(run_dir, config, len(train))
+        finished = _finished_run(run_dir, config, len(train), spec=spec)
         if finished is not None:
             return finished
         model, spec = make_model()
@@ -371,11 +439,14 @@ def _fit_when_free(run_dir: Path, make_model: Callable[[], tuple[SplitModel, Mod
             time.sleep(2.0)
 
 
-def _finished_run(run_dir: Path, config: TrainConfig, n_train: int) -> FitResult | None:
+def _finished_run(run_dir: Path, config: TrainConfig, n_train: int, *,
+                  spec: ModelSpec | None = None) -> FitResult | None:
     """The result of a run in ``run_dir`` that has nothing left to do under ``config``, else ``None``.
 
     Mirrors the stopping rule of :func:`cocam.train.fit`: all steps done, all epochs done, or
-    early stopping's patience exhausted.
+    early stopping's patience exhausted. With ``spec``, a finished run of another model (other
+    labels — e.g. ``DATA_ROOT`` now names another dataset —, architecture or input size) is a
+    :class:`~cocam.train.ResumeMismatchError`; the run is left as it is.
     """
     from cocam.checkpoint import CheckpointError, load_checkpoint
 
@@ -395,7 +466,11 @@ def _finished_run(run_dir: Path, config: TrainConfig, n_train: int) -> FitResult
             or (config.patience is not None and stale >= config.patience))
     if not done:
         return None
-    model, _, _ = load_model(last)
+    model, stored, _ = load_model(last)
+    if spec is not None and stored.to_dict() != spec.to_dict():
+        changed = [k for k, v in spec.to_dict().items() if stored.to_dict().get(k) != v]
+        raise ResumeMismatchError(f"{run_dir} holds a model with other settings ({', '.join(changed)} differ: another "
+                                  f"dataset or model?); it is kept: give RUN_DIR another folder for these.")
     return FitResult(model=model, history=pd.DataFrame(state["history"]), steps=step, run_dir=run_dir,
                      best_path=best if best.is_file() else None, last_path=last)
 
@@ -403,9 +478,9 @@ def _finished_run(run_dir: Path, config: TrainConfig, n_train: int) -> FitResult
 def train_baseline(ws: Workspace, *, on_epoch: Callable[[dict[str, Any]], None] | None = None,
                    progress: bool = True) -> FitResult:
     """Train (or resume, or just reload) the baseline into ``ws.baseline_dir``."""
-    spec = ws.settings.spec()
+    spec = ws.spec()
     return _fit_when_free(ws.baseline_dir, lambda: (spec.build(), spec), ws.dataset("train"), ws.dataset("valid"),
-                          ws.settings.train_config(), on_epoch=on_epoch, progress=progress)
+                          ws.settings.train_config(), spec=spec, on_epoch=on_epoch, progress=progress)
 
 
 def _baseline_checkpoint(ws: Workspace, progress: bool) -> Path:
@@ -872,11 +947,12 @@ def conflict_mistakes(model: SplitModel, dataset: CelebADataset, attribute: str,
     """
     from cocam.evaluate import predict
 
-    a, b = validate_attribute(attribute), validate_attribute(shortcut)
+    space = label_space_of_dataset(dataset)
+    a, b = space.validate([attribute, shortcut])
     if logits is None:
         logits = predict(model, dataset)
     labels = dataset.attributes
-    wrong = (labels[a].to_numpy() == 1) & (labels[b].to_numpy() == 0) & (logits[:, attribute_index(a)] <= 0)
+    wrong = (labels[a].to_numpy() == 1) & (labels[b].to_numpy() == 0) & (logits[:, space.index(a)] <= 0)
     return dataset.subset_names(dataset.names[wrong])
 
 
@@ -948,8 +1024,11 @@ def _register_figure_display() -> None:
 
 
 def plot_cooccurrence_heatmap(stats: pd.DataFrame, split: str = "train", *,
-                              highlight: Sequence[tuple[str, str]] = PAPER_PAIRS):
-    """The 40×40 matrix of P(B | A) (row A, column B) of one split, paper pairs outlined.
+                              highlight: Sequence[tuple[str, str]] | None = None):
+    """The L×L matrix of P(B | A) (row A, column B) of one split, ``highlight`` pairs outlined.
+
+    ``highlight=None`` outlines the paper's pairs on CelebA's 40 attributes and nothing on other
+    labels. Rows and columns are the labels in the order of ``stats`` (CelebA's order for CelebA).
 
     Args:
         stats: :func:`cocam.cooccurrence.cooccurrence` (or :func:`~cocam.cooccurrence.celeba_reference`).
@@ -960,13 +1039,18 @@ def plot_cooccurrence_heatmap(stats: pd.DataFrame, split: str = "train", *,
     s = stats[stats["split"] == split]
     if s.empty:
         raise ValueError(f"no statistics for split {split!r}; splits present: {sorted(stats['split'].unique())}.")
-    names = list(CELEBA_ATTRIBUTES)
+    names = list(pd.unique(s["a"]))
+    if highlight is None:
+        highlight = PAPER_PAIRS if set(names) == set(CELEBA_ATTRIBUTES) else ()
+        names = list(CELEBA_ATTRIBUTES) if highlight else names
     matrix = s.pivot(index="a", columns="b", values="p_b_given_a").reindex(index=names, columns=names)
-    fig = _figure(10.5, 9.5)
+    side = 10.5 if len(names) > 12 else 6.5
+    fig = _figure(side, side - 1.0)
     ax = fig.add_subplot()
     im = ax.imshow(matrix.to_numpy(dtype=float), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+    size = 7 if len(names) > 12 else 9
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=size)
+    ax.set_yticks(range(len(names)), names, fontsize=size)
     ax.set_xlabel("B")
     ax.set_ylabel("A")
     for a, b in highlight:
@@ -988,14 +1072,14 @@ def _cams(model: SplitModel, dataset: CelebADataset, attribute: str, indices: Se
     """(uint8 images (N,S,S,3), cams (N,S,S), probabilities (N,), labels (N,)) of ``indices``."""
     from cocam.gradcam import grad_cam
 
-    idx = attribute_index(attribute)
+    idx = label_space_of_dataset(dataset).index(attribute)
     pixels, targets, _ = dataset.get_batch_numpy(np.asarray(indices, dtype=np.int64))
     images = normalize_uint8(torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            res = grad_cam(model, images.to(_model_device(model)), attribute, output_size=dataset.image_size)
+            res = grad_cam(model, images.to(_model_device(model)), idx, output_size=dataset.image_size)
     finally:
         model.train(was_training)
     probs = torch.sigmoid(res.logits[:, idx].float()).cpu().numpy()
@@ -1019,7 +1103,7 @@ def show_cam_grid(model: SplitModel, dataset: CelebADataset, attribute: str, n: 
     """
     from cocam.gradcam import overlay
 
-    attribute = validate_attribute(attribute)
+    attribute = label_space_of_dataset(dataset).validate_one(attribute)
     indices = list(indices) if indices is not None else list(range(min(n, len(dataset))))
     if not indices:
         return _empty_figure(f"no images to show for {attribute}")
@@ -1080,7 +1164,7 @@ def show_cam_comparison(models: Mapping[str, SplitModel], dataset: CelebADataset
     """The same images under several models: one row per model, the image itself on top."""
     from cocam.gradcam import overlay
 
-    attribute = validate_attribute(attribute)
+    attribute = label_space_of_dataset(dataset).validate_one(attribute)
     indices = list(indices) if indices is not None else list(range(min(n, len(dataset))))
     if not indices or not models:
         return _empty_figure(f"no images to show for {attribute}")

@@ -566,7 +566,7 @@ def validation_metrics(model: SplitModel, dataset: CelebADataset, device: torch.
                        batch_size: int = 256) -> dict[str, float]:
     """Validation BCE and mean accuracy over all attributes."""
     logits = torch.from_numpy(predict(model, dataset, batch_size=batch_size, device=device))
-    targets = torch.from_numpy(np.ascontiguousarray(dataset.targets, dtype=np.float32))
+    targets = torch.from_numpy(np.array(dataset.targets, dtype=np.float32))  # a writable copy
     return {"valid_bce": float(F.binary_cross_entropy_with_logits(logits, targets)),
             "valid_accuracy": float(((logits > 0).float() == targets).float().mean())}
 

@@ -552,3 +552,73 @@ def test_comparing_guidance_losses_shows_one_bar_and_no_lines(workspace, capsys,
     out, err = capsys.readouterr()
     assert out == ""  # no line per finished run ...
     assert "comparing guidance losses" in err and "3/3" in err and "seed 0 · rrr_cam" in err  # ... one bar
+
+
+# -- a dataset of your own ------------------------------------------------------------------------
+
+
+def _with_parameters(path: Path, **values: str):
+    """The notebook with ``NAME = ...`` lines of its parameters cell replaced (as papermill injects them)."""
+    notebook = _nbformat().read(path, as_version=4)
+    cell = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    lines = cell.source.splitlines()
+    for name, value in values.items():
+        hits = [i for i, line in enumerate(lines) if line.startswith(f"{name} =")]
+        assert len(hits) == 1, f"the parameters cell has no single {name} line"
+        lines[hits[0]] = f"{name} = {value}"
+    cell.source = "\n".join(lines)
+    return notebook
+
+
+def test_notebook_1_runs_on_a_folder_dataset(tmp_path: Path) -> None:
+    """``DATA_ROOT`` at a labels.csv + images/ folder: the same notebook, the dataset's own labels and pairs."""
+    from nbclient import NotebookClient
+
+    from _shapes import LABELS, make_shapes
+    from cocam.checkpoint import load_model
+
+    pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    data = make_shapes(tmp_path / "shapes")
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("# marks the project folder for cocam.notebook.project_dir\n")
+    notebook = _with_parameters(ROOT / "notebooks" / "01_discover_bias.ipynb", DATA_ROOT=repr(str(data)))
+    env = dict(os.environ, COCAM_SMOKE="1", COCAM_PROJECT_DIR=str(project), MPLBACKEND="agg",
+               PYTHONWARNINGS="ignore", COCAM_CACHE_DIR=str(tmp_path / "cache"))
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(project / "notebooks")}}).execute(env=env)
+
+    text = _text(notebook)
+    assert "your dataset (labels.csv): square, stripe, corner_patch" in text
+    assert "pairs     : square / stripe" in text  # the train split's strongest co-occurrence (φ ≈ 0.7)
+    assert "celeba_p_b_given_a" not in text  # no CelebA reference beside labels of another kind
+    _, spec, _ = load_model(project / "runs" / "notebooks" / "smoke" / "baseline" / "best.pt")
+    assert spec.attributes == LABELS  # one output per label of labels.csv, not CelebA's 40
+    assert _images(notebook) >= 5
+    assert not any(out.get("output_type") == "error" for c in notebook.cells for out in c.get("outputs", []))
+    assert not list(data.rglob(".*")), "nothing is written into the dataset (the cache is the user's)"
+
+
+def test_a_run_folder_of_another_dataset_is_refused_and_kept(tmp_path: Path, monkeypatch) -> None:
+    """Pointing the same RUN_DIR at another dataset does not reuse (or replace) the finished baseline."""
+    from _shapes import make_shapes
+
+    monkeypatch.setenv("COCAM_CACHE_DIR", str(tmp_path / "cache"))
+    first = make_shapes(tmp_path / "shapes")
+    ws = nb.Workspace.create(first, tmp_path / "runs", smoke=True, progress=False)
+    assert ws.pairs()[0] == ("square", "stripe") and len(ws.pairs()) <= 3
+    nb.train_baseline(ws, progress=False)
+    best = ws.baseline_dir / "best.pt"
+    before = best.read_bytes()
+
+    other = tmp_path / "other"
+    make_shapes(other, seed=1)
+    table = pd.read_csv(other / "labels.csv").rename(columns={"corner_patch": "patch"})
+    table.to_csv(other / "labels.csv", index=False)
+    ws2 = nb.Workspace.create(other, tmp_path / "runs", smoke=True, progress=False)
+    with pytest.raises(nb.ResumeMismatchError, match=r"other settings \(attributes differ.*RUN_DIR another folder"):
+        nb.train_baseline(ws2, progress=False)
+    assert best.read_bytes() == before
+    with pytest.raises(ValueError, match=r"Unknown .*'Wearing_Lipstick'"):
+        ws2.pairs([("Wearing_Lipstick", "Heavy_Makeup")])  # names are checked against this dataset's labels

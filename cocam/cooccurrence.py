@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from cocam.labels import LabelSpace
-from cocam.labels import LabelSpace
 
 __all__ = [
     "celeba_reference",

@@ -269,6 +269,7 @@ class Workspace:
     run_dir: Path
     mask_dir: Path
     _datasets: dict = field(default_factory=dict, repr=False, compare=False)
+    _labels: list = field(default_factory=list, repr=False, compare=False)  # the label table, read once
     cache_dir: Path | None = None  # decoded-image caches under it; None: cocam.dataset.default_cache_dir
 
     @classmethod
@@ -331,9 +332,9 @@ class Workspace:
     @property
     def label_space(self) -> LabelSpace:
         """The dataset's labels: CelebA's 40 attributes, or the columns of ``labels.csv``."""
-        from cocam.folder import dataset_label_space
+        from cocam.labels import CELEBA
 
-        return dataset_label_space(self.data_root)
+        return self.labels().label_space if self.folder else CELEBA
 
     def spec(self) -> ModelSpec:
         """The model the notebooks train: :meth:`Settings.spec` with one output per label of the dataset."""
@@ -344,11 +345,14 @@ class Workspace:
 
         :func:`cocam.celeba.load_annotations` for CelebA, :func:`cocam.folder.read_folder_labels` for a
         folder dataset; both have these two fields, which is all :func:`cocam.cooccurrence.cooccurrence` reads.
+        Read once per workspace.
         """
-        from cocam.celeba import load_annotations
-        from cocam.folder import read_folder_labels
+        if not self._labels:
+            from cocam.celeba import load_annotations
+            from cocam.folder import read_folder_labels
 
-        return read_folder_labels(self.data_root) if self.folder else load_annotations(self.data_root)
+            self._labels.append(read_folder_labels(self.data_root) if self.folder else load_annotations(self.data_root))
+        return self._labels[0]
 
     def pairs(self, given: Sequence[tuple[str, str]] | None = None, *, top: int = 3) -> list[tuple[str, str]]:
         """The (A, B) pairs the notebooks examine: ``given`` (checked against the labels) if not ``None``.
@@ -358,10 +362,8 @@ class Workspace:
         A∧¬B image (:func:`cocam.cooccurrence.rank_pairs`): the co-occurrences a shortcut could come
         from. A dataset with no such pair is an error that says to give the pairs.
         """
-        space = self.label_space
         if given is not None:
-            pairs = [(space.validate(a)[0], space.validate(b)[0]) for a, b in given]
-            return pairs
+            return [tuple(self.label_space.validate([a, b])) for a, b in given]
         if not self.folder:
             return list(PAPER_PAIRS)
         from cocam.cooccurrence import cooccurrence, rank_pairs
@@ -467,8 +469,9 @@ def _finished_run(run_dir: Path, config: TrainConfig, n_train: int, *,
     if not done:
         return None
     model, stored, _ = load_model(last)
-    if spec is not None and stored.to_dict() != spec.to_dict():
-        changed = [k for k, v in spec.to_dict().items() if stored.to_dict().get(k) != v]
+    old, new = stored.to_dict(), spec.to_dict() if spec is not None else None
+    if new is not None and old != new:
+        changed = [k for k, v in new.items() if old.get(k) != v]
         raise ResumeMismatchError(f"{run_dir} holds a model with other settings ({', '.join(changed)} differ: another "
                                   f"dataset or model?); it is kept: give RUN_DIR another folder for these.")
     return FitResult(model=model, history=pd.DataFrame(state["history"]), steps=step, run_dir=run_dir,
@@ -1028,7 +1031,8 @@ def plot_cooccurrence_heatmap(stats: pd.DataFrame, split: str = "train", *,
     """The L×L matrix of P(B | A) (row A, column B) of one split, ``highlight`` pairs outlined.
 
     ``highlight=None`` outlines the paper's pairs on CelebA's 40 attributes and nothing on other
-    labels. Rows and columns are the labels in the order of ``stats`` (CelebA's order for CelebA).
+    labels. Rows and columns are the labels in the order of ``stats`` (:func:`~cocam.cooccurrence.cooccurrence`
+    keeps the label columns' order, :func:`~cocam.cooccurrence.celeba_reference` CelebA's).
 
     Args:
         stats: :func:`cocam.cooccurrence.cooccurrence` (or :func:`~cocam.cooccurrence.celeba_reference`).
@@ -1042,7 +1046,6 @@ def plot_cooccurrence_heatmap(stats: pd.DataFrame, split: str = "train", *,
     names = list(pd.unique(s["a"]))
     if highlight is None:
         highlight = PAPER_PAIRS if set(names) == set(CELEBA_ATTRIBUTES) else ()
-        names = list(CELEBA_ATTRIBUTES) if highlight else names
     matrix = s.pivot(index="a", columns="b", values="p_b_given_a").reindex(index=names, columns=names)
     side = 10.5 if len(names) > 12 else 6.5
     fig = _figure(side, side - 1.0)

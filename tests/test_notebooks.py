@@ -572,13 +572,13 @@ def _with_parameters(path: Path, **values: str):
 
 def test_notebook_1_runs_on_a_folder_dataset(tmp_path: Path) -> None:
     """``DATA_ROOT`` at a labels.csv + images/ folder: the same notebook, the dataset's own labels and pairs."""
+    pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
     from nbclient import NotebookClient
 
     from _shapes import LABELS, make_shapes
     from cocam.checkpoint import load_model
 
-    pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
     data = make_shapes(tmp_path / "shapes")
     project = tmp_path / "project"
     (project / "notebooks").mkdir(parents=True)

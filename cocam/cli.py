@@ -29,19 +29,35 @@ from cocam.labels import CELEBA
 DEFAULT_ROOT = Path("data/synthetic")
 
 
+def _data_root() -> Path:
+    """The default ``--root`` of the commands that read a dataset: ``$COCAM_DATA_ROOT``, else the synthetic default."""
+    from cocam.folder import env_data_root
+
+    return env_data_root() or DEFAULT_ROOT
+
+
 def _pairs(values: list[str] | None, root: Path | None = None) -> list[tuple[str, str]]:
-    """``--pair`` values checked against the labels of the dataset at ``root`` (default: the paper's three,
-    which exist only for CelebA)."""
-    from cocam.folder import dataset_label_space
+    """``--pair`` values checked against the labels of the dataset at ``root``; without them the paper's
+    three on CelebA, and on a dataset of your own its three most co-occurring pairs on the train split
+    (:func:`cocam.cooccurrence.suggest_pairs`), printed so the run says what it examines."""
+    from cocam.cooccurrence import suggest_pairs
+    from cocam.folder import dataset_label_space, read_labels
 
     space = dataset_label_space(root) if root is not None else None
     if values:
         return parse_pairs(values, space)
-    if space is not None and space.names != CELEBA_ATTRIBUTES:
-        raise ValueError(f"the paper's pairs are CelebA attributes, and {root} has other labels "
-                         f"({', '.join(space.names[:6])}{', …' if len(space) > 6 else ''}): give the pairs to use, "
-                         f"e.g. --pair {space.names[0]}:{space.names[-1]}.")
-    return list(PAPER_PAIRS)
+    if space is None or space.names == CELEBA_ATTRIBUTES:
+        return list(PAPER_PAIRS)
+    labels = read_labels(root)
+    try:
+        pairs = suggest_pairs(labels.attributes, labels.split)
+    except ValueError:
+        raise ValueError(f"no two labels of {root} co-occur (a positive φ with an A∧¬B image on the train split), "
+                         f"so there is no pair to examine by default: give one, e.g. --pair "
+                         f"{space.names[0]}:{space.names[-1]}.") from None
+    print(f"pairs: {' '.join(f'{a}:{b}' for a, b in pairs)} (the most co-occurring labels of {root} on the train "
+          f"split; --pair A:B to choose)")
+    return pairs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -61,19 +77,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def stats_report(root: Path, pairs: list[tuple[str, str]], top: int = 10) -> str:
-    """The co-occurrence summary printed by ``cocam stats`` and ``cocam demo``."""
-    from cocam.celeba import load_annotations
+    """The co-occurrence summary printed by ``cocam stats`` and ``cocam demo``: the pairs' rates, next to real
+    CelebA's for a CelebA-format dataset, and the most co-occurring pairs of the test split."""
     from cocam.cooccurrence import celeba_reference, cooccurrence, pair_summary, rank_pairs
+    from cocam.folder import is_folder_dataset, read_labels
 
-    ann = load_annotations(root)
-    stats = cooccurrence(ann.attributes, ann.split, include_all=True)
-    summary = pair_summary(stats, pairs, reference=celeba_reference(include_all=True))
+    labels = read_labels(root)
+    stats = cooccurrence(labels.attributes, labels.split, include_all=True)
+    celeba = not is_folder_dataset(root)
+    summary = pair_summary(stats, pairs, reference=celeba_reference(include_all=True) if celeba else None)
     cols = ["split", "a", "b", "n_a", "p_b_given_a", "celeba_p_b_given_a", "p_a_given_b", "celeba_p_a_given_b",
             "n_conflict"]
+    cols = [c for c in cols if c in summary.columns]
+    beside = ", next to real CelebA's" if celeba else ""
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         lines = [
-            f"Co-occurrence of the guided pairs in {ann.root} (P(B|A) and P(A|B), next to real CelebA's; "
-            f"split 'all' is every image, the numbers usually quoted for CelebA):",
+            f"Co-occurrence of the guided pairs in {labels.root} (P(B|A) and P(A|B){beside}; "
+            f"split 'all' is every image{', the numbers usually quoted for CelebA' if celeba else ''}):",
             summary[cols].to_string(index=False),
             "",
             f"Most co-occurring pairs (test split, phi coefficient, top {top}):",
@@ -91,7 +111,7 @@ def _positive(name: str, value: int) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     _positive("--top", args.top)
-    print(stats_report(args.root, _pairs(args.pair), args.top))
+    print(stats_report(args.root, _pairs(args.pair, args.root), args.top))
     return 0
 
 
@@ -304,8 +324,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def comparison_options(c: argparse.ArgumentParser, peers: str = "'random region', 'group-balanced', "
                        "'guided + balanced', 'last layer (DFR)'") -> None:
     """The budget options shared by ``compare`` and ``fix`` (the fields of ComparisonConfig)."""
-    c.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=_ROOT_HELP)
-    c.add_argument("--pair", action="append", metavar="A:B", help="guided pairs (default: the paper's three)")
+    c.add_argument("--root", type=Path, default=_data_root(), help=_ROOT_HELP)
+    c.add_argument("--pair", action="append", metavar="A:B", help="guided pairs (default: " + _PAIRS_HELP + ")")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     c.add_argument("--baseline-seeds", type=int, nargs="+", default=[0],
                    help="one converged baseline per seed; every fine-tuning seed runs from each (default: 0)")
@@ -379,16 +399,18 @@ def cmd_decoy(args: argparse.Namespace) -> int:
 def cmd_bias(args: argparse.Namespace) -> int:
     from cocam.bias import rank_biases
     from cocam.checkpoint import load_model
-    from cocam.dataset import CelebADataset
-    from cocam.evaluate import predict, write_results
+    from cocam.evaluate import check_label_space, predict, write_results
+    from cocam.folder import open_dataset
 
     _positive("--top", args.top)
     if args.out:
         _check_results_path(args.out, args.overwrite)
     model, spec, _ = load_model(args.checkpoint)
-    dataset = CelebADataset(args.root, args.split, image_size=spec.image_size)
+    dataset = open_dataset(args.root, args.split, image_size=spec.image_size)
+    check_label_space(spec, dataset.label_space, args.checkpoint, args.root)
     ranking = rank_biases(predict(model, dataset, device=args.device), dataset.attributes,
-                          attributes=args.attribute or None, min_group=args.min_group)
+                          attributes=args.attribute or None, min_group=args.min_group,
+                          label_space=dataset.label_space)
     print(f"Biases of {args.checkpoint} on the {args.split} split ({len(dataset)} images): recall of A with B "
           f"present vs absent, 95 % bootstrap interval of the gap, Singh et al.'s bias score; groups of at least "
           f"{args.min_group} images.")
@@ -404,21 +426,27 @@ def cmd_bias(args: argparse.Namespace) -> int:
 def cmd_rank(args: argparse.Namespace) -> int:
     """``cocam rank``: the images of a split in the order to look at them (glue over :mod:`cocam.ranking`)."""
     from cocam.checkpoint import load_model
-    from cocam.dataset import CelebADataset
-    from cocam.evaluate import write_results
+    from cocam.evaluate import check_label_space, write_results
+    from cocam.folder import dataset_label_space, open_dataset
     from cocam.masks import load_mask, resolve_mask
     from cocam.ranking import RANKINGS_NEEDING_SHORTCUT, rank_for_correction
 
     _positive("--top", args.top)
-    [attribute] = CELEBA.validate([args.attribute])  # ranking reads CelebA-layout datasets
+    space = dataset_label_space(args.root)
+    attribute = space.validate_one(args.attribute)
+    if args.shortcut is not None:
+        space.validate_one(args.shortcut)
     if args.by in RANKINGS_NEEDING_SHORTCUT and args.shortcut is None:
         raise ValueError(f"--by {args.by} needs the shortcut attribute: add --shortcut B (e.g. --shortcut "
                          f"Heavy_Makeup for Wearing_Lipstick).")
     if args.out:
         _check_results_path(args.out, args.overwrite)
-    mask, source = (load_mask(args.mask), str(args.mask)) if args.mask else resolve_mask(attribute, _mask_dir(args))
+    view = _mask_view(args.root)
+    mask, source = ((load_mask(args.mask, view=view), str(args.mask)) if args.mask
+                    else resolve_mask(attribute, _mask_dir(args), view=view))
     model, spec, _ = load_model(args.checkpoint)
-    dataset = CelebADataset(args.root, args.split, image_size=spec.image_size)
+    dataset = open_dataset(args.root, args.split, image_size=spec.image_size)
+    check_label_space(spec, dataset.label_space, args.checkpoint, args.root)
     ranking = rank_for_correction(model, dataset, attribute, mask, by=args.by, shortcut=args.shortcut,
                                   seed=args.seed, batch_size=args.batch_size, device=args.device)
     shortcut = f", shortcut {args.shortcut}" if args.shortcut else ""
@@ -618,9 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a dataset cocam generated here (never a folder without its cocam_synthetic.json)")
     g.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("stats", help="co-occurrence statistics of a CelebA-layout dataset")
-    s.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    s.add_argument("--pair", action="append", metavar="A:B", help="pair to summarise (repeatable; default: the paper's)")
+    s = sub.add_parser("stats", help="co-occurrence statistics of a dataset (next to real CelebA's for CelebA-format data)")
+    s.add_argument("--root", type=Path, default=_data_root(), help=_ROOT_HELP)
+    s.add_argument("--pair", action="append", metavar="A:B",
+                   help="pair to summarise (repeatable; default: " + _PAIRS_HELP + ")")
     s.add_argument("--top", type=int, default=10)
     s.set_defaults(func=cmd_stats)
 
@@ -628,8 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=Path("data"))
     t.set_defaults(func=cmd_template)
 
-    def training_options(p, epochs: int):
-        p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=_ROOT_HELP)
+    def training_options(p, epochs: int, root: Path | None = None):
+        p.add_argument("--root", type=Path, default=root or _data_root(),
+                       help=_ROOT_HELP if root is None else "folder that will hold the synthetic celeba/ "
+                                                            "(default: %(default)s)")
         p.add_argument("--epochs", type=int, default=epochs)
         p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
         p.add_argument("--batch-size", type=int, default=64)
@@ -694,11 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="test and conflict-subset accuracy of checkpoints")
-    ev.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=_ROOT_HELP)
+    ev.add_argument("--root", type=Path, default=_data_root(), help=_ROOT_HELP)
     ev.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH",
                     help="checkpoint to evaluate (repeatable); a bare PATH is named after its folder, or "
                          "<folder>/<stem> when two share a folder (kb/best, kb/last)")
-    ev.add_argument("--pair", action="append", metavar="A:B", help="default: the paper's three pairs")
+    ev.add_argument("--pair", action="append", metavar="A:B", help="default: " + _PAIRS_HELP)
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--out", type=Path, help="write the table as CSV (a .csv name; the provenance goes to "
                                              "<name>.json)")
@@ -708,11 +739,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     bi = sub.add_parser("bias", help="rank attribute pairs by what a trained model gets wrong")
-    bi.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    bi.add_argument("--root", type=Path, default=_data_root(), help=_ROOT_HELP)
     bi.add_argument("--checkpoint", type=Path, required=True)
     bi.add_argument("--split", default="valid", choices=["train", "valid", "test"],
                     help="where to look (default: valid — keep the test split for the final report)")
-    bi.add_argument("--attribute", action="append", help="attribute A to examine (repeatable; default: all 40)")
+    bi.add_argument("--attribute", action="append", help="attribute A to examine (repeatable; default: every label)")
     bi.add_argument("--min-group", type=int, default=20, help="smallest A∧B and A∧¬B group to report")
     bi.add_argument("--top", type=int, default=15)
     bi.add_argument("--out", type=Path, help="write the whole ranking as CSV (with a provenance sidecar)")
@@ -723,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cocam.ranking import RANKINGS
 
     rk = sub.add_parser("rank", help="the images to correct first: CAM outside the region, uncertainty, worst group")
-    rk.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    rk.add_argument("--root", type=Path, default=_data_root(), help=_ROOT_HELP)
     rk.add_argument("--checkpoint", type=Path, required=True)
     rk.add_argument("--attribute", required=True, help="attribute A whose evidence should lie in its region")
     rk.add_argument("--shortcut", help="A's co-occurring attribute B: adds the (A, B) group and --by worst_group")
@@ -785,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.set_defaults(func=cmd_decoy)
 
     d = sub.add_parser("demo", help="the main job on the embedded synthetic default")
-    training_options(d, 8)
+    training_options(d, 8, root=DEFAULT_ROOT)  # the demo writes the synthetic default: never $COCAM_DATA_ROOT
     d.add_argument("--preset", choices=sorted(PRESETS), default="default")
     d.add_argument("--workers", type=int, default=None)
     d.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -805,7 +836,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _ROOT_HELP = ("dataset root: a folder holding celeba/ (or a CelebA layout), or a folder dataset of your own "
-              "(labels.csv + images/)")
+              "(labels.csv + images/); default: $COCAM_DATA_ROOT, else data/synthetic")
+
+_PAIRS_HELP = ("the paper's three on CelebA; on a dataset of your own, its three most co-occurring label pairs on "
+               "the train split")
 
 _MASK_DIR_HELP = ("folder of <Attribute>.png masks (default: $COCAM_MASK_DIR, else the project's data/masks, "
                   "found from the project, not the current folder; an attribute without a file uses its "

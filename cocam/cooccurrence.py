@@ -22,6 +22,7 @@ __all__ = [
     "derive_rates",
     "pair_summary",
     "rank_pairs",
+    "suggest_pairs",
 ]
 
 _COUNT_COLUMNS = ["split", "a", "b", "n_images", "n_a", "n_b", "n_ab"]
@@ -166,3 +167,26 @@ def pair_summary(stats: pd.DataFrame, pairs, *, reference: pd.DataFrame | None =
         out = out[["split", "a", "b", "n_a", "p_b_given_a"]
                   + (["celeba_p_b_given_a"] if reference is not None else []) + ["n_conflict"]]
     return out
+
+
+def suggest_pairs(attributes: pd.DataFrame, split: pd.Series | None = None, *, top: int = 3,
+                  on: str = "train") -> list[tuple[str, str]]:
+    """The ``top`` pairs a shortcut could come from, for a dataset without pairs of its own.
+
+    The pairs of labels with the largest positive correlation φ on split ``on`` (every image
+    when ``split`` is ``None``) that have at least one A∧¬B image, oriented as in
+    :func:`rank_pairs` (A the rarer label). These are what ``cocam evaluate``/``compare`` and the
+    notebooks examine on a folder dataset when no pairs are given; CelebA keeps the paper's.
+
+    Raises:
+        ValueError: no two labels co-occur so (the message says to give the pairs).
+    """
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}: it is how many pairs to suggest.")
+    stats = cooccurrence(attributes, split)
+    ranked = rank_pairs(stats, split=on if split is not None else "all", top=None)
+    ranked = ranked[(ranked["phi"] > 0) & (ranked["n_conflict"] > 0)]
+    if ranked.empty:
+        raise ValueError(f"no two labels co-occur (a positive φ with an A∧¬B image on the {on} split) among "
+                         f"{', '.join(map(str, attributes.columns[:6]))}: give the pairs to examine (A:B).")
+    return [(str(a), str(b)) for a, b in ranked[["a", "b"]].head(top).itertuples(index=False)]

@@ -46,6 +46,7 @@ __all__ = [
     "attention_scores",
     "auc_interval",
     "bootstrap_interval",
+    "check_label_space",
     "evaluate_checkpoints",
     "interval_reading",
     "mann_whitney_auc",
@@ -483,6 +484,15 @@ def attention_scores(model: SplitModel, dataset: CelebADataset, attribute: str,
             for name, p in parts.items()}
 
 
+def check_label_space(spec: Any, space: LabelSpace, checkpoint: str | os.PathLike, root: str | os.PathLike) -> None:
+    """Stop with a one-line error when the model of ``checkpoint`` (its :class:`~cocam.checkpoint.ModelSpec`
+    ``spec``) predicts other labels than ``space``, the labels of the dataset at ``root``."""
+    if tuple(spec.attributes) != space.names:
+        raise ValueError(f"checkpoint {checkpoint} predicts {len(spec.attributes)} labels "
+                         f"({', '.join(spec.attributes[:4])}{', …' if len(spec.attributes) > 4 else ''}), not the "
+                         f"labels of {root}: use it on the dataset it was trained on.")
+
+
 def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str | os.PathLike],
                          pairs: Sequence[tuple[str, str]], *, split: str = "test", attention: bool = True,
                          mask_dir: str | os.PathLike | None = "data/masks",
@@ -521,10 +531,7 @@ def evaluate_checkpoints(root: str | os.PathLike, checkpoints: Mapping[str, str 
         if dataset is None or dataset.image_size != spec.image_size:
             dataset = open_dataset(root, split, image_size=spec.image_size)
         space = dataset.label_space
-        if tuple(spec.attributes) != space.names:
-            raise ValueError(f"checkpoint {path} predicts {len(spec.attributes)} labels ({', '.join(spec.attributes[:4])}"
-                             f"{', …' if len(spec.attributes) > 4 else ''}), not the labels of {root}: evaluate it on "
-                             f"the dataset it was trained on.")
+        check_label_space(spec, space, path, root)
         results[name] = pair_metrics(predict(model, dataset, device=device), dataset.attributes, pairs,
                                      label_space=space)
         if not attention:

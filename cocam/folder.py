@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cocam.celeba import SPLITS, DatasetNotFoundError, find_celeba_dir
+from cocam.celeba import SPLITS, DatasetNotFoundError, find_celeba_dir, load_annotations
 from cocam.dataset import (
     CachedImageDataset,
     CelebADataset,
@@ -63,6 +63,7 @@ from cocam.errors import CocamError
 from cocam.labels import CELEBA, LabelSpace, LabelSpaceError
 
 __all__ = [
+    "DATA_ROOT_ENV",
     "IMAGE_COLUMN",
     "IMAGES_DIR",
     "LABELS_FILE",
@@ -73,11 +74,13 @@ __all__ = [
     "FolderLabels",
     "LabelTableError",
     "dataset_label_space",
+    "env_data_root",
     "hash_split",
     "is_folder_dataset",
     "label_files",
     "open_dataset",
     "read_folder_labels",
+    "read_labels",
 ]
 
 LABELS_FILE = "labels.csv"
@@ -94,6 +97,21 @@ class LabelTableError(CocamError, ValueError):
 
 class EmptySplitError(CocamError, ValueError):
     """A split of a folder dataset with no image."""
+
+
+DATA_ROOT_ENV = "COCAM_DATA_ROOT"
+
+
+def env_data_root() -> Path | None:
+    """The dataset named by ``$COCAM_DATA_ROOT`` (``None`` when unset or empty).
+
+    Every command that reads a dataset (``cocam stats``, ``train``, ``finetune``, ``evaluate``,
+    ``bias``, ``rank``, ``compare``, ``fix``, ``paper``) and the notebooks' ``DATA_ROOT = None``
+    use it, so one variable points the whole tool at your data; ``cocam generate`` and ``cocam
+    demo`` keep writing the synthetic default.
+    """
+    value = os.environ.get(DATA_ROOT_ENV, "").strip()
+    return Path(value).expanduser() if value else None
 
 
 def is_folder_dataset(root: str | os.PathLike) -> bool:
@@ -332,6 +350,16 @@ def open_dataset(root: str | os.PathLike, split: str = "train", **kwargs: Any) -
 def dataset_label_space(root: str | os.PathLike) -> LabelSpace:
     """The label space of the dataset at ``root`` without opening its images: ``labels.csv``'s, else CelebA's."""
     return read_folder_labels(root).label_space if is_folder_dataset(root) else CELEBA
+
+
+def read_labels(root: str | os.PathLike) -> Any:
+    """The label table of every image at ``root``: ``.attributes`` (0/1 frame, one column per label) and ``.split``.
+
+    :func:`read_folder_labels` for a folder dataset, :func:`cocam.celeba.load_annotations` for a
+    CelebA layout; both carry these two fields, which is all :func:`cocam.cooccurrence.cooccurrence`
+    and :func:`cocam.cooccurrence.suggest_pairs` read.
+    """
+    return read_folder_labels(root) if is_folder_dataset(root) else load_annotations(root)
 
 
 def label_files(root: str | os.PathLike) -> tuple[Path, list[Path]]:

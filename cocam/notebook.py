@@ -209,7 +209,8 @@ def ensure_dataset(root: str | os.PathLike | None, settings: Settings, *, progre
     """The dataset root to use, generating the synthetic default on first use.
 
     Args:
-        root: ``None`` for the synthetic CelebA at ``data/synthetic`` (``data/synthetic/smoke``
+        root: ``None`` for ``$COCAM_DATA_ROOT`` when it is set (:func:`cocam.folder.env_data_root`),
+            else the synthetic CelebA at ``data/synthetic`` (``data/synthetic/smoke``
             in smoke mode), written once and reused; the folder holding a real ``celeba/``; or a
             dataset of your own, a folder with ``labels.csv`` and ``images/`` (:mod:`cocam.folder`).
             A given folder is checked, never written to.
@@ -218,6 +219,10 @@ def ensure_dataset(root: str | os.PathLike | None, settings: Settings, *, progre
     Returns:
         The dataset's root: the folder that contains ``celeba/``, or the one holding ``labels.csv``.
     """
+    if root is None:
+        from cocam.folder import env_data_root
+
+        root = env_data_root()
     if root is None:
         from cocam.synthetic import generate_synthetic_celeba, is_synthetic_complete
 
@@ -348,10 +353,9 @@ class Workspace:
         Read once per workspace.
         """
         if not self._labels:
-            from cocam.celeba import load_annotations
-            from cocam.folder import read_folder_labels
+            from cocam.folder import read_labels
 
-            self._labels.append(read_folder_labels(self.data_root) if self.folder else load_annotations(self.data_root))
+            self._labels.append(read_labels(self.data_root))
         return self._labels[0]
 
     def pairs(self, given: Sequence[tuple[str, str]] | None = None, *, top: int = 3) -> list[tuple[str, str]]:
@@ -366,14 +370,14 @@ class Workspace:
             return [tuple(self.label_space.validate([a, b])) for a, b in given]
         if not self.folder:
             return list(PAPER_PAIRS)
-        from cocam.cooccurrence import cooccurrence, rank_pairs
+        from cocam.cooccurrence import suggest_pairs
 
         labels = self.labels()
-        ranked = rank_pairs(cooccurrence(labels.attributes, labels.split), split="train", top=None)
-        ranked = ranked[(ranked["phi"] > 0) & (ranked["n_conflict"] > 0)]
-        require(len(ranked) > 0, f"no two labels of {self.data_root} co-occur (positive φ with an A∧¬B image on the "
-                                 f"train split): set PAIRS = [(A, B), ...] in the parameters cell.")
-        return [(str(a), str(b)) for a, b in ranked[["a", "b"]].head(top).itertuples(index=False)]
+        try:
+            return suggest_pairs(labels.attributes, labels.split, top=top)
+        except ValueError:
+            raise NotebookOrderError(f"no two labels of {self.data_root} co-occur (positive φ with an A∧¬B image on "
+                                     f"the train split): set PAIRS = [(A, B), ...] in the parameters cell.") from None
 
     def reference(self) -> pd.DataFrame | None:
         """CelebA's published co-occurrence statistics beside CelebA-format data; ``None`` for a folder dataset."""

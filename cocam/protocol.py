@@ -83,6 +83,7 @@ import torch
 from cocam.attributes import PAPER_PAIRS, parse_pairs, validate_attributes
 from cocam.dataset import cache_files, default_cache_dir
 from cocam.errors import CocamError
+from cocam.folder import env_data_root
 
 __all__ = [
     "PAPER_RESULTS",
@@ -1011,8 +1012,9 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     from cocam.model import SUPPORTED_ARCHS
 
     d = ProtocolConfig(root=Path("."))
-    parser.add_argument("--root", type=Path, required=True,
-                        help="your CelebA: the folder that contains celeba/ (or celeba/ itself)")
+    parser.add_argument("--root", type=Path, required=env_data_root() is None, default=env_data_root(),
+                        help="your CelebA: the folder that contains celeba/ (or celeba/ itself); default: "
+                             "$COCAM_DATA_ROOT")
     parser.add_argument("--out", type=Path, default=d.out, help="runs and results (default: %(default)s)")
     parser.add_argument("--check", action="store_true",
                         help="only print what the run needs and how long it will take here, then stop")

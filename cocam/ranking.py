@@ -41,8 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cocam.attributes import attribute_index, validate_attribute
-from cocam.dataset import CelebADataset, iterate_batches
+from cocam.dataset import LabelledImages, iterate_batches
 from cocam.evaluate import pair_metrics, resolve_device
 from cocam.gradcam import grad_cam
 from cocam.groups import GROUPS, group_index
@@ -110,7 +109,7 @@ def _check_ranking(by: str, shortcut: str | None) -> None:
 @torch.no_grad()
 def rank_for_correction(
     model: SplitModel,
-    dataset: CelebADataset,
+    dataset: LabelledImages,
     attribute: str,
     mask: np.ndarray | torch.Tensor,
     *,
@@ -126,9 +125,11 @@ def rank_for_correction(
     Args:
         model: the classifier (run in eval mode; its mode is restored afterwards).
         dataset: the images to rank (e.g. the validation split; keep the test split for the report).
-        attribute: A, the attribute whose evidence should lie in ``S``.
+        attribute: A, the attribute whose evidence should lie in ``S`` (a label of
+            ``dataset.label_space``: CelebA's attributes, or a folder dataset's labels).
         mask: the region ``S``: a ``(218, 178)`` template mask (anything
-            :func:`cocam.masks.mask_to_input` takes).
+            :func:`cocam.masks.mask_to_input` takes; a folder dataset's square-view mask goes
+            through :func:`cocam.masks.load_mask` with ``view="square"`` first).
         by: a name in :data:`RANKINGS` (see the module docstring).
         shortcut: B, A's co-occurring shortcut; gives the ``group`` and ``worst_group`` columns.
         seed: the seed of the ``random`` ranking.
@@ -147,16 +148,17 @@ def rank_for_correction(
         ValueError: an unknown ranking, ``worst_group`` without ``shortcut``, ``shortcut`` equal
             to ``attribute``, a mask with no pixel inside the model's view.
     """
-    attribute = validate_attribute(attribute)
+    space = dataset.label_space
+    attribute = space.validate_one(attribute)
     if shortcut is not None:
-        shortcut = validate_attribute(shortcut)
+        shortcut = space.validate_one(shortcut)
         if shortcut == attribute:
             raise ValueError(f"the shortcut must be another attribute than {attribute}: give B of the pair (A, B).")
     _check_ranking(by, shortcut)
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     device = resolve_device(device)
-    idx = attribute_index(attribute)
+    idx = space.index(attribute)
     region = mask_to_input(mask, dataset.image_size, device=device).float()
     was_training = model.training
     model.eval()
@@ -189,7 +191,7 @@ def rank_for_correction(
     if shortcut is not None:
         keys = list(GROUPS)
         group = np.asarray([keys[g] for g in group_index(labels, attribute, shortcut)], dtype=object)
-        row = pair_metrics(logits, labels, [(attribute, shortcut)], n_boot=0).iloc[0]
+        row = pair_metrics(logits, labels, [(attribute, shortcut)], n_boot=0, label_space=space).iloc[0]
         frame["group"] = group
         frame["group_accuracy"] = [float(row[f"acc_{g}"]) for g in group]
     frame["dead_cam"] = torch.cat(dead_parts).numpy() if n else np.zeros(0, bool)

@@ -14,10 +14,11 @@ from cocam.synthetic import PRESETS, generate_synthetic_celeba
 def _private_cache_and_masks(tmp_path_factory):
     """Caches of non-generated test datasets go to a temporary user cache folder, never ~/.cache;
     the cache and mask environment variables of the caller's shell do not leak in."""
-    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "COCAM_CACHE_DIR", "COCAM_MASK_DIR")}
+    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "COCAM_CACHE_DIR", "COCAM_MASK_DIR", "COCAM_DATA_ROOT")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
     os.environ.pop("COCAM_CACHE_DIR", None)
     os.environ.pop("COCAM_MASK_DIR", None)
+    os.environ.pop("COCAM_DATA_ROOT", None)
     yield
     for key, value in saved.items():
         if value is None:

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from cocam.attributes import CELEBA_ATTRIBUTES, UnknownAttributeError
-from cocam.cooccurrence import celeba_reference, cooccurrence, pair_summary, rank_pairs
+from cocam.cooccurrence import celeba_reference, cooccurrence, pair_summary, rank_pairs, suggest_pairs
 
 
 def _labels(rows):
@@ -57,3 +57,32 @@ def test_reference_has_celeba_numbers():
 def test_pair_names_are_validated():
     with pytest.raises(UnknownAttributeError, match="Double_Chin"):
         pair_summary(celeba_reference(), [("Double_Chinn", "Chubby")])
+
+
+def test_suggested_pairs_are_the_positive_correlations_with_a_conflict_image():
+    # Five labels over 8 train images and 2 test images, phi computed by hand on train:
+    #   fin, water: 3 of 4 agree each way (fin∧¬water: 1)                     -> phi +0.5
+    #   fin, beak:  beak is exactly fin (no fin∧¬beak image: nothing to fix)   -> phi +1, left out
+    #   fin, grass: grass = ¬fin                                               -> phi −1, left out
+    #   noise: independent of fin and of water (2 of 4 either way)             -> phi 0, left out
+    fin = [1, 1, 1, 1, 0, 0, 0, 0]
+    water = [1, 1, 1, 0, 1, 0, 0, 0]
+    noise = [1, 0, 0, 1, 1, 0, 0, 1]
+    train = pd.DataFrame({"fin": fin, "water": water, "beak": fin, "grass": [1 - v for v in fin], "noise": noise},
+                         dtype=np.uint8)
+    test = pd.DataFrame([[1, 0, 0, 0, 0], [0, 1, 0, 1, 1]], columns=train.columns, dtype=np.uint8)  # anti-correlated
+    labels = pd.concat([train, test], ignore_index=True)
+    split = pd.Series(["train"] * 8 + ["test"] * 2, index=labels.index)
+    pairs = suggest_pairs(labels, split, top=10)
+    phi = np.corrcoef(np.array(fin), np.array(water))[0, 1]
+    assert phi == pytest.approx(0.5)
+    # water∧¬fin and fin∧¬water: 1 each, so the pair is ordered by name (rank_pairs' tie rule)
+    assert pairs[0] == ("fin", "water")
+    assert ("fin", "beak") not in pairs and ("beak", "fin") not in pairs  # φ = 1 but no conflict image
+    assert not {("fin", "grass"), ("grass", "fin")} & set(pairs)
+    assert all(np.corrcoef(train[a], train[b])[0, 1] > 0 for a, b in pairs)
+    assert suggest_pairs(labels, split, top=1) == [("fin", "water")]
+    with pytest.raises(ValueError, match="give the pairs"):
+        suggest_pairs(labels[["fin", "grass"]], split)  # only a negative correlation
+    with pytest.raises(ValueError, match="top must be at least 1"):
+        suggest_pairs(labels, split, top=0)

@@ -274,8 +274,13 @@ def test_cli_train_finetune_evaluate(shapes: Path, tmp_path: Path, monkeypatch, 
     assert (table.n_not_a_b == int(((test.square == 0) & stripe).sum())).all()
     assert (table.n_all == 16).all()
     capsys.readouterr()
-    assert main(["evaluate", "--root", str(shapes), "--checkpoint", str(base / "best.pt"), "--no-attention"]) == 1
-    assert "--pair" in capsys.readouterr().err  # the paper's pairs are CelebA's: this dataset needs --pair
+    # without --pair: the dataset's most co-occurring pairs on train (the paper's are CelebA's), said in the output
+    default = tmp_path / "default-pairs.csv"
+    assert main(["evaluate", "--root", str(shapes), "--checkpoint", str(base / "best.pt"), "--no-attention",
+                 "--out", str(default)]) == 0
+    out = capsys.readouterr().out
+    assert "pairs: square:stripe" in out and "--pair A:B to choose" in out
+    assert pd.read_csv(default).attribute.iloc[0] == "square"
     attention = ["evaluate", "--root", str(shapes), "--checkpoint", str(base / "best.pt"), "--pair", "square:stripe"]
     assert main(attention) == 1  # attention needs a mask, and the mask folder has no square.png
     assert "no mask for 'square'" in capsys.readouterr().err
@@ -283,6 +288,49 @@ def test_cli_train_finetune_evaluate(shapes: Path, tmp_path: Path, monkeypatch, 
     assert main([*attention, "--out", str(tmp_path / "attention.csv")]) == 0
     scored = pd.read_csv(tmp_path / "attention.csv")
     assert scored["mask soft_iou"].between(0, 1).all() and (scored["n positives"] == test.square.sum()).all()
+
+
+def test_cli_stats_bias_rank_on_a_folder_dataset_named_by_the_environment(
+        shapes: Path, tmp_path: Path, monkeypatch, capsys, one_thread) -> None:
+    monkeypatch.setenv("COCAM_DATA_ROOT", str(shapes))  # no --root anywhere below
+    monkeypatch.setenv("COCAM_MASK_DIR", str(tmp_path))
+    base = tmp_path / "baseline"
+    assert main(["train", "--out", str(base), *TINY]) == 0
+    capsys.readouterr()
+
+    assert main(["stats", "--pair", "square:stripe", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"in {shapes.resolve()}" in out and "celeba" not in out.lower()  # no CelebA reference beside these labels
+    rows = pd.read_csv(shapes / "labels.csv")
+    train = rows[rows.split == "train"]
+    square, stripe = train.square == 1, train.stripe == 1
+    # P(stripe | square) on the train split, by hand, as printed (3 decimals)
+    assert f"{(square & stripe).sum() / square.sum():.3f}" in out
+
+    ranking = tmp_path / "bias.csv"
+    assert main(["bias", "--checkpoint", str(base / "best.pt"), "--split", "train", "--min-group", "1",
+                 "--device", "cpu", "--out", str(ranking)]) == 0
+    table = pd.read_csv(ranking)
+    assert set(table.a) <= set(LABELS) and {"square", "stripe"} <= set(table.a) | set(table.b)
+    row = table[(table.a == "square") & (table.b == "stripe")].iloc[0]
+    assert (row.n_ab, row.n_a_not_b) == ((square & stripe).sum(), (square & ~stripe).sum())
+
+    capsys.readouterr()
+    ranked = tmp_path / "rank.csv"
+    mask = square_mask(tmp_path / "drawn.png")
+    assert main(["rank", "--checkpoint", str(base / "best.pt"), "--attribute", "square", "--shortcut", "stripe",
+                 "--by", "worst_group", "--mask", str(mask), "--split", "valid", "--device", "cpu",
+                 "--out", str(ranked)]) == 0
+    table = pd.read_csv(ranked)
+    valid = rows[rows.split == "valid"]
+    assert len(table) == len(valid) and set(table.image) == set(valid.image)
+    assert (table.label.to_numpy() == valid.set_index("image").loc[table.image, "square"].to_numpy()).all()
+    assert table.outside_energy.between(0, 1).all() and table.worst_group.is_monotonic_decreasing
+    capsys.readouterr()
+    assert main(["rank", "--checkpoint", str(base / "best.pt"), "--attribute", "squares", "--mask", str(mask)]) == 1
+    assert "Did you mean 'square'" in capsys.readouterr().err
+    assert main(["rank", "--checkpoint", str(base / "best.pt"), "--attribute", "square"]) == 1
+    assert "no mask for 'square'" in capsys.readouterr().err  # the (empty) mask folder has no square.png
 
 
 def test_compare_guidance_on_a_folder_dataset(shapes: Path, tmp_path: Path, one_thread) -> None:

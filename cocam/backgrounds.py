@@ -6,7 +6,8 @@ the drawing — the template face, the dataset's mean face, one of its images �
 about the mask; it only helps the user see where the evidence lies in *their* data.
 
 **The mean face.** :func:`mean_image` averages the images of a
-:class:`~cocam.dataset.CelebADataset` as the model sees them — its decoded ``uint8`` cache, each
+dataset (a :class:`~cocam.dataset.CelebADataset`, or any with the same protocol such as a
+folder dataset) as the model sees them — its decoded ``uint8`` cache, each
 image the central 178×178 crop (:data:`cocam.geometry.CROP_BOX`, rows 20–197) resized to
 ``S × S`` — in float64, chunk by chunk (memory stays one chunk, whatever the dataset's size)::
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cocam.dataset import CelebADataset
+from cocam.dataset import LabelledImages
 from cocam.geometry import ALIGNED_HEIGHT, ALIGNED_WIDTH, CROP_BOX
 
 __all__ = ["MEAN_CHUNK", "dataset_image", "input_to_template", "mean_image", "mean_indices"]
@@ -84,7 +85,7 @@ def input_to_template(image: np.ndarray, *, fill: int = 128) -> np.ndarray:
     return out
 
 
-def mean_image(dataset: CelebADataset, max_images: int | None = None, *, fill: int = 128,
+def mean_image(dataset: LabelledImages, max_images: int | None = None, *, fill: int = 128,
                chunk_size: int = MEAN_CHUNK) -> np.ndarray:
     """The mean aligned face of ``dataset`` as ``(218, 178, 3)`` uint8, in template coordinates.
 
@@ -111,8 +112,12 @@ def mean_image(dataset: CelebADataset, max_images: int | None = None, *, fill: i
     return input_to_template(total / indices.size, fill=fill)
 
 
-def dataset_image(dataset: CelebADataset, index: int) -> np.ndarray:
+def dataset_image(dataset: LabelledImages, index: int) -> np.ndarray:
     """Image ``index`` of ``dataset`` as ``(218, 178, 3)`` uint8: its aligned JPEG, full frame.
+
+    A dataset whose masks are drawn on the square model view (``mask_view == "square"``, a
+    folder dataset's) gives that view instead — the image as the model sees it, from the
+    decoded cache — placed in the template frame by :func:`input_to_template`.
 
     Raises:
         IndexError: ``index`` outside the dataset.
@@ -123,6 +128,8 @@ def dataset_image(dataset: CelebADataset, index: int) -> np.ndarray:
     i = operator.index(index)
     if not -n <= i < n:
         raise IndexError(f"image index {index} is out of range for a dataset of {n} images.")
+    if getattr(dataset, "mask_view", "template") == "square":
+        return input_to_template(dataset.get_batch_numpy(np.array([i % n]))[0][0])
     path = dataset.annotations.image_dir / dataset.names[i]
     with Image.open(path) as img:
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)

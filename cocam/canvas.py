@@ -35,6 +35,14 @@ re-applies undone steps until the next edit.
 to, or loaded from, the attribute's file — or, for a sheet never tied to its file, the empty mask
 (an empty canvas holds no work to lose). Undoing back to the saved content is clean again.
 
+**Labels and views.** The attributes are CelebA's 40 by default; ``label_space=`` gives a
+dataset's own labels (a folder dataset's, :mod:`cocam.folder`). cocam's built-in regions
+(:func:`cocam.masks.default_mask`) exist for CelebA's attributes only. ``view="square"`` is a
+folder dataset's frame: its masks are drawn on the square the model sees, which in template
+coordinates is :data:`~cocam.geometry.CROP_BOX` (rows 20–197). The brush paints only inside
+it, files are saved and read as that 178×178 square (:func:`cocam.masks.save_mask`,
+:func:`cocam.masks.load_mask` with ``view="square"``), so a saved sheet is exactly its file.
+
 **Saving, and the shipped masks.** :meth:`~MaskCanvas.save` writes ``<mask_dir>/<attribute>.png``
 through :func:`cocam.masks.save_mask` (atomic: an interrupted save leaves the previous file
 intact). An existing file is replaced only with ``overwrite=True``, with one exception: a
@@ -61,8 +69,17 @@ from typing import Literal
 
 import numpy as np
 
-from cocam.attributes import validate_attribute
-from cocam.masks import TEMPLATE_SHAPE, default_mask, default_mask_dir, is_shipped_mask, load_mask, save_mask
+from cocam.geometry import CROP_BOX
+from cocam.labels import CELEBA, LabelSpace, label_space_of
+from cocam.masks import (
+    MASK_VIEWS,
+    TEMPLATE_SHAPE,
+    default_mask,
+    default_mask_dir,
+    is_shipped_mask,
+    load_mask,
+    save_mask,
+)
 
 __all__ = ["BRUSH_MAX", "BRUSH_MIN", "DEFAULT_BRUSH", "MIN_RADIUS", "MaskCanvas"]
 
@@ -101,7 +118,7 @@ class MaskCanvas:
     """Masks in template coordinates, one sheet per attribute, painted with a round brush.
 
     Args:
-        attribute: the attribute shown first (one of the 40 CelebA names).
+        attribute: the attribute shown first (a name of ``label_space``).
         mask_dir: folder of ``<Attribute>.png``; ``None`` is :func:`cocam.masks.default_mask_dir`
             (``$COCAM_MASK_DIR``, else the project's ``data/masks``).
         brush_size: brush diameter, a whole number of template pixels in
@@ -109,7 +126,10 @@ class MaskCanvas:
         mode: ``"brush"`` (paint) or ``"eraser"``.
         max_history: undo steps kept per attribute.
         start: how an attribute's sheet begins: ``"empty"``, ``"saved"`` (its file if there is
-            one, else empty) or ``"default"`` (:func:`cocam.masks.default_mask`).
+            one, else empty) or ``"default"`` (:func:`cocam.masks.default_mask`; CelebA only).
+        label_space: the names that can be drawn for (default: CelebA's 40 attributes).
+        view: ``"template"`` (the aligned template face, CelebA's) or ``"square"`` (the square
+            model view, a folder dataset's; see the module docstring).
 
     Example::
 
@@ -127,7 +147,16 @@ class MaskCanvas:
         mode: Mode = "brush",
         max_history: int = 50,
         start: Start = "empty",
+        label_space: LabelSpace | Sequence[str] | None = None,
+        view: str = "template",
     ) -> None:
+        if view not in MASK_VIEWS:
+            raise ValueError(f"view must be one of {', '.join(MASK_VIEWS)}, not {view!r}.")
+        self._space = CELEBA if label_space is None else label_space_of(label_space)
+        self._view = view
+        if start == "default" and not self.has_builtin:
+            raise ValueError("start='default' needs cocam's built-in regions, which exist for CelebA's attributes "
+                             "only: start 'empty' or 'saved'.")
         if int(max_history) < 1:
             raise ValueError(f"max_history must be at least 1, got {max_history}.")
         if start not in ("empty", "saved", "default"):
@@ -144,7 +173,7 @@ class MaskCanvas:
         self._last: tuple[float, float] | None = None
         self._before: np.ndarray | None = None
         self._changed = False
-        name = validate_attribute(attribute)
+        name = self._space.validate_one(attribute)
         self._sheets[name] = self._new_sheet(name)
         self._attribute = name
 
@@ -161,6 +190,21 @@ class MaskCanvas:
         return self._sheet.mask.copy()
 
     @property
+    def label_space(self) -> LabelSpace:
+        """The names that can be drawn for."""
+        return self._space
+
+    @property
+    def view(self) -> str:
+        """``"template"`` or ``"square"``: the frame drawn on and saved (see the module docstring)."""
+        return self._view
+
+    @property
+    def has_builtin(self) -> bool:
+        """Whether cocam has built-in regions for these labels (CelebA's attributes only)."""
+        return self._space == CELEBA
+
+    @property
     def mask_dir(self) -> Path:
         """Folder of the saved masks."""
         return self._mask_dir
@@ -172,7 +216,7 @@ class MaskCanvas:
 
     def path_of(self, attribute: str) -> Path:
         """``<mask_dir>/<attribute>.png`` for any attribute."""
-        return self._mask_dir / f"{validate_attribute(attribute)}.png"
+        return self._mask_dir / f"{self._space.validate_one(attribute)}.png"
 
     @property
     def brush_size(self) -> float:
@@ -196,7 +240,7 @@ class MaskCanvas:
 
     def is_dirty(self, attribute: str) -> bool:
         """Whether ``attribute`` has an unsaved drawing (``False`` for an attribute not drawn yet)."""
-        sheet = self._sheets.get(validate_attribute(attribute))
+        sheet = self._sheets.get(self._space.validate_one(attribute))
         return sheet is not None and sheet.dirty
 
     @property
@@ -265,7 +309,7 @@ class MaskCanvas:
         A stroke in progress ends on the previous attribute's sheet first. A sheet whose start
         fails (an unreadable saved file) raises and leaves the current attribute shown.
         """
-        name = validate_attribute(name)
+        name = self._space.validate_one(name)
         if name == self._attribute:
             return
         self.release()
@@ -324,7 +368,7 @@ class MaskCanvas:
         if arr.shape != TEMPLATE_SHAPE:
             raise ValueError(f"a mask must have the template shape {TEMPLATE_SHAPE}, got {arr.shape}.")
         self.release()
-        return self._replace(arr.astype(bool))
+        return self._replace(self._in_view(arr.astype(bool)))
 
     def undo(self) -> bool:
         """Undo the current attribute's last step; ``False`` if there is none."""
@@ -349,24 +393,34 @@ class MaskCanvas:
         """Load a mask into the current sheet (undoable) and return where it came from.
 
         ``path=None`` loads the attribute's file if it exists, else the built-in region
-        (returns ``"built-in"``). An explicit ``path`` must exist (PNG or ``.npy``,
+        (returns ``"built-in"``; a :class:`FileNotFoundError` for labels without one). An explicit ``path`` must exist (PNG or ``.npy``,
         :func:`cocam.masks.load_mask`). Loading the attribute's own file makes its content the
         saved state; another file's content is unsaved.
         """
         self.release()
         if path is None and not self.mask_path.is_file():
+            if not self.has_builtin:
+                raise FileNotFoundError(f"no saved mask of {self._attribute} in {self._mask_dir} (and no built-in "
+                                        f"region for a label that is not CelebA's): draw it and save.")
             return self.load_default()
         source = Path(path) if path is not None else self.mask_path
-        mask = load_mask(source)
+        mask = self._in_view(load_mask(source, view=self._view))
         self._replace(mask)
         if source.resolve() == self.mask_path.resolve():
             self._sheet.baseline, self._sheet.tied = mask.copy(), True
         return str(source)
 
     def load_default(self) -> str:
-        """Put cocam's built-in region of the attribute on the sheet (undoable); returns ``"built-in"``."""
+        """Put cocam's built-in region of the attribute on the sheet (undoable); returns ``"built-in"``.
+
+        Raises:
+            ValueError: the labels are not CelebA's (there is no built-in region to give).
+        """
+        if not self.has_builtin:
+            raise ValueError(f"{self._attribute} has no built-in region (cocam has them for CelebA's attributes "
+                             f"only): draw it, or load a mask file.")
         self.release()
-        self._replace(default_mask(self._attribute))
+        self._replace(self._in_view(default_mask(self._attribute)))
         return "built-in"
 
     def save(self, overwrite: bool = False) -> Path:
@@ -383,7 +437,7 @@ class MaskCanvas:
         self.release()
         replace = overwrite or self.file_state() == "shipped"
         sheet = self._sheet
-        path = save_mask(self.mask_path, sheet.mask, overwrite=replace)
+        path = save_mask(self.mask_path, sheet.mask, overwrite=replace, view=self._view)
         sheet.baseline, sheet.tied = sheet.mask.copy(), True
         return path
 
@@ -398,10 +452,19 @@ class MaskCanvas:
         history: deque = deque(maxlen=self._max_history)
         path = self.path_of(attribute)
         if self._start == "saved" and path.is_file():
-            mask = load_mask(path)
+            mask = self._in_view(load_mask(path, view=self._view))
             return _Sheet(mask=mask, baseline=mask.copy(), tied=True, undo=history)
         mask = default_mask(attribute) if self._start == "default" else empty.copy()
         return _Sheet(mask=mask, baseline=empty, tied=False, undo=history)
+
+    def _in_view(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` without the rows a square view does not hold (unchanged for the template view)."""
+        if self._view == "template":
+            return mask
+        _, top, _, bottom = CROP_BOX
+        out = np.zeros_like(mask)
+        out[top:bottom] = mask[top:bottom]
+        return out
 
     def _push_undo(self, snapshot: np.ndarray) -> None:
         sheet = self._sheet
@@ -424,8 +487,9 @@ class MaskCanvas:
         (x0, y0), (x1, y1) = p0, p1
         j0 = max(int(math.floor(min(x0, x1) - r)), 0)
         j1 = min(int(math.ceil(max(x0, x1) + r)) + 1, w)
-        i0 = max(int(math.floor(min(y0, y1) - r)), 0)
-        i1 = min(int(math.ceil(max(y0, y1) + r)) + 1, h)
+        rows = (0, h) if self._view == "template" else (CROP_BOX[1], CROP_BOX[3])  # a square view: its rows only
+        i0 = max(int(math.floor(min(y0, y1) - r)), rows[0])
+        i1 = min(int(math.ceil(max(y0, y1) + r)) + 1, rows[1])
         if j0 >= j1 or i0 >= i1:
             return None
         px = (np.arange(j0, j1, dtype=np.float64) + 0.5)[None, :] - x0

@@ -349,19 +349,32 @@ def _image_to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB")).max(axis=2)  # colour: the brightest channel (a red stroke counts)
 
 
-def save_mask(path: str | os.PathLike, mask: np.ndarray | Tensor, *, overwrite: bool = False) -> Path:
-    """Save a mask as an 8-bit grayscale PNG (0 / 255) at template resolution, atomically.
+def save_mask(path: str | os.PathLike, mask: np.ndarray | Tensor, *, overwrite: bool = False,
+              view: str = "template") -> Path:
+    """Save a mask as an 8-bit grayscale PNG (0 / 255), atomically, in the frame of ``view``.
 
-    ``mask`` goes through :func:`as_template_mask` first, so ``load_mask(save_mask(p, m))``
-    equals ``as_template_mask(m)``. Refuses to replace an existing file unless
+    ``mask`` goes through :func:`as_template_mask` first. ``view="template"`` writes the whole
+    178×218 template; ``view="square"`` (a folder dataset's masks, drawn on the square model
+    view) writes only the 178×178 :data:`~cocam.geometry.CROP_BOX`, the square the model sees,
+    so the file is the square mask :func:`load_mask` with ``view="square"`` expects. Either way
+    ``load_mask(save_mask(p, m, view=v), view=v)`` equals ``as_template_mask(m)`` on the rows
+    the view holds (every row for the template; the crop's rows for the square, where the
+    178 → 178 resize is the identity). Refuses to replace an existing file unless
     ``overwrite=True`` (:class:`FileExistsError`). A region over :data:`MAX_REGION_SHARE` of
     the view is saved, with a :class:`MaskCoverageWarning`.
     """
+    if view not in MASK_VIEWS:
+        raise ValueError(f"view must be one of {', '.join(MASK_VIEWS)}, not {view!r}.")
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"masks are saved as PNG; use a .png file name, got {path.name!r}.")
     binary = as_template_mask(mask)
     _warn_if_inverted(binary, str(path))
+    if view == "square":
+        left, top, right, bottom = CROP_BOX
+        binary = binary[top:bottom, left:right]
+        if not binary.any():
+            raise ValueError("the mask lies entirely outside the square the model sees: draw the region inside it.")
     image = Image.fromarray(binary.astype(np.uint8) * 255)
     with atomic_write(path, "wb", overwrite=overwrite) as fh:
         image.save(fh, format="PNG")

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cocam.attributes import CELEBA_ATTRIBUTES
+from cocam.labels import CELEBA, label_space_of
 from cocam.canvas import BRUSH_MAX, BRUSH_MIN, DEFAULT_BRUSH, MIN_RADIUS, MaskCanvas, Mode, Start
 from cocam.errors import CocamError
 from cocam.masks import TEMPLATE_SHAPE, is_shipped_mask
@@ -105,8 +105,9 @@ class MaskEditor:
     """Paint a template-coordinate mask with the mouse (or with method calls).
 
     Args:
-        attribute: the attribute the region explains (one of the 40 CelebA names); the mask
-            is saved as ``<mask_dir>/<attribute>.png``.
+        attribute: the attribute the region explains (a name of the label space; default
+            ``Wearing_Lipstick`` for CelebA, else the first label); the mask is saved as
+            ``<mask_dir>/<attribute>.png``.
         mask_dir: folder of the saved masks; ``None`` is :func:`cocam.masks.default_mask_dir`
             (``$COCAM_MASK_DIR``, else the project's ``data/masks``).
         scale: display magnification of the 178×218 template (``> 0``; 3 gives a 534×654
@@ -122,9 +123,16 @@ class MaskEditor:
         template: the face to draw on (default: cocam's template face,
             :func:`cocam.synthetic.render_template`); an image, array or path, 178×218.
         background: what is shown under the drawing (see :meth:`set_background`):
-            ``"template"`` (the default: ``template``), ``"mean"`` (``dataset``'s mean aligned
-            face), an ``int`` (that image of ``dataset``) or a 178×218 image, array or path.
-        dataset: the :class:`~cocam.dataset.CelebADataset` that ``"mean"`` and an index refer to.
+            ``"template"`` (``template``), ``"mean"`` (``dataset``'s mean aligned face), an
+            ``int`` (that image of ``dataset``) or a 178×218 image, array or path. Default:
+            ``"mean"`` for a square view with a dataset, else ``"template"``.
+        dataset: the dataset (:class:`~cocam.dataset.CelebADataset` or
+            :class:`~cocam.folder.FolderDataset`) that ``"mean"`` and an index refer to; its
+            ``label_space`` and ``mask_view`` are the editor's unless given.
+        label_space: the names that can be drawn for (default: the dataset's, else CelebA's).
+        view: ``"template"`` or ``"square"`` (a folder dataset's frame: the square the model
+            sees, rows 20–197 of the template; see :mod:`cocam.canvas`). Default: the dataset's
+            ``mask_view``, else ``"template"``.
 
     Example (no browser needed)::
 
@@ -135,7 +143,7 @@ class MaskEditor:
 
     def __init__(
         self,
-        attribute: str = "Wearing_Lipstick",
+        attribute: str | None = None,
         *,
         mask_dir: str | os.PathLike | None = None,
         scale: float = 3.0,
@@ -145,14 +153,24 @@ class MaskEditor:
         max_history: int = 50,
         start: Start = "empty",
         template: Image.Image | np.ndarray | str | os.PathLike | None = None,
-        background: str | int | Image.Image | np.ndarray | os.PathLike = "template",
+        background: str | int | Image.Image | np.ndarray | os.PathLike | None = None,
         dataset: Any = None,
+        label_space: Any = None,
+        view: str | None = None,
     ) -> None:
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive number, got {scale!r}.")
         self._scale = float(scale)
+        if label_space is None:
+            label_space = dataset.label_space if dataset is not None else CELEBA
+        label_space = label_space_of(label_space)
+        view = view if view is not None else getattr(dataset, "mask_view", "template")
+        if attribute is None:
+            attribute = "Wearing_Lipstick" if label_space == CELEBA else label_space.names[0]
+        if background is None:
+            background = "mean" if view == "square" and dataset is not None else "template"
         self._model = MaskCanvas(attribute, mask_dir=mask_dir, brush_size=brush_size, mode=mode,
-                                 max_history=max_history, start=start)
+                                 max_history=max_history, start=start, label_space=label_space, view=view)
         self._start: Start = start
         self._template = _template_rgb(template)
         self._face = self._template
@@ -323,11 +341,11 @@ class MaskEditor:
             if background == "template":
                 return self._template, "template"
             if dataset is None:
-                raise ValueError("background='mean' needs the dataset to average: pass dataset= (a CelebADataset).")
+                raise ValueError("background='mean' needs the dataset to average: pass dataset=.")
             return mean_image(dataset, max_images=MEAN_FACE_IMAGES), "mean"
         if isinstance(background, (int, np.integer)) and not isinstance(background, bool):
             if dataset is None:
-                raise ValueError(f"background={background} is an image index: pass dataset= (a CelebADataset) "
+                raise ValueError(f"background={background} is an image index: pass dataset= "
                                  f"to take it from.")
             return dataset_image(dataset, int(background)), int(background)
         if isinstance(background, str) and not os.path.exists(background):
@@ -679,12 +697,13 @@ class MaskEditor:
         undo = w.Button(description="Undo", icon="undo", layout=narrow, tooltip="undo the last step")
         redo = w.Button(description="Redo", icon="repeat", layout=narrow, tooltip="redo the undone step")
         clear = w.Button(description="Clear", icon="trash", layout=narrow, tooltip="erase everything (undoable)")
-        attribute = w.Dropdown(options=list(CELEBA_ATTRIBUTES), value=self.attribute, description="Attribute",
+        attribute = w.Dropdown(options=list(self._model.label_space.names), value=self.attribute, description="Attribute",
                                style={"description_width": "80px"})
         load = w.Button(description="Load saved", icon="folder-open", layout=narrow,
                         tooltip="load <mask_dir>/<Attribute>.png (or the built-in region if none)")
-        builtin = w.Button(description="Built-in", icon="magic", layout=narrow,
-                           tooltip="start from cocam's built-in region of the attribute")
+        builtin = w.Button(description="Built-in", icon="magic", layout=narrow, disabled=not self._model.has_builtin,
+                           tooltip="start from cocam's built-in region of the attribute" if self._model.has_builtin
+                           else "no built-in regions for these labels (cocam has them for CelebA's only)")
         save = w.Button(description="Save", icon="save", button_style="primary", layout=w.Layout(min_width="84px"),
                         tooltip="write <mask_dir>/<Attribute>.png")
         overwrite = w.Checkbox(value=False, description="overwrite existing file", indent=False)

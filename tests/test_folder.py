@@ -234,6 +234,65 @@ def test_square_masks_reach_the_input_as_drawn(tmp_path: Path) -> None:
     assert resolve_mask("square", tmp_path, view="square")[1] == str(tmp_path / "square.png")
 
 
+def test_the_canvas_draws_a_folder_datasets_labels_on_the_square_view(tmp_path: Path) -> None:
+    from cocam.canvas import MaskCanvas
+    from cocam.geometry import CROP_BOX
+
+    left, top, right, bottom = CROP_BOX
+    canvas = MaskCanvas("square", mask_dir=tmp_path, label_space=LABELS, view="square", brush_size=4)
+    assert canvas.label_space.names == LABELS and not canvas.has_builtin
+    with pytest.raises(UnknownAttributeError, match="Did you mean 'square'"):
+        canvas.set_attribute("squares")
+    assert not canvas.stroke([(20.5, 5.5), (150.5, 5.5)])  # above the square the model sees: nothing painted
+    # a vertical stroke from row 10 to row 60 (4 px brush): painted from the square's first row only
+    assert canvas.stroke([(89.5, 10.5), (89.5, 60.5)])
+    rows = np.flatnonzero(canvas.mask.any(axis=1))
+    assert rows[0] == top and rows[-1] == 62  # 60.5 + 2 = 62.5: row 62's centre is inside the brush
+    # the square region of _shapes (rows and columns 24..39 of 64) in template coordinates, filled in
+    scale = (right - left) / SIZE
+    i0, i1 = top + round(24 * scale), top + round(40 * scale)
+    j0, j1 = left + round(24 * scale), left + round(40 * scale)
+    canvas.clear()
+    canvas.set_brush(1)  # radius √½: a stroke through pixel centres paints exactly its row's pixels
+    for y in range(i0, i1):
+        canvas.stroke([(j0 + 0.5, y + 0.5), (j1 - 0.5, y + 0.5)])
+    path = canvas.save()
+    from PIL import Image as _Image
+
+    with _Image.open(path) as img:
+        assert img.size == (right - left, bottom - top)  # the file is the square, as load_mask(view="square") reads it
+    assert np.array_equal(load_mask(path, view="square"), canvas.mask) and canvas.saved_path == path
+    assert canvas.pixels == (i1 - i0) * (j1 - j0)
+    drawn = mask_to_input(canvas.mask, SIZE).numpy() > 0.5
+    truth = mask_to_input(load_mask(square_mask(tmp_path / "truth.png"), view="square"), SIZE).numpy() > 0.5
+    assert (drawn & truth).sum() / (drawn | truth).sum() > 0.9  # the drawn square is the image's square
+    with pytest.raises(ValueError, match="no built-in region"):
+        canvas.load_default()
+    canvas.set_attribute("stripe")
+    with pytest.raises(FileNotFoundError, match="no saved mask of stripe"):
+        canvas.load()
+    with pytest.raises(ValueError, match="CelebA"):
+        MaskCanvas("square", mask_dir=tmp_path, label_space=LABELS, start="default")
+    again = MaskCanvas("square", mask_dir=tmp_path, label_space=LABELS, view="square", start="saved")
+    assert np.array_equal(again.mask, load_mask(path, view="square"))
+    assert not again.dirty
+
+
+def test_the_editor_takes_labels_view_and_faces_from_a_folder_dataset(shapes: Path, tmp_path: Path) -> None:
+    from cocam.backgrounds import dataset_image, input_to_template
+    from cocam.widget import MaskEditor
+
+    train = FolderDataset(shapes, "train", image_size=SIZE)
+    editor = MaskEditor(mask_dir=tmp_path, dataset=train)
+    assert editor.attribute == "square" and editor.model.view == "square"  # the first label; the dataset's view
+    assert editor.background == "mean"  # the cartoon face would say nothing about these images
+    pixels = train.get_batch_numpy(np.arange(len(train)))[0].astype(np.float64)
+    assert np.array_equal(editor.background_image, input_to_template(pixels.mean(axis=0)))
+    editor.set_background(3)
+    assert np.array_equal(editor.background_image, input_to_template(train.get_batch_numpy(np.array([3]))[0][0]))
+    assert np.array_equal(dataset_image(train, 3), editor.background_image)
+
+
 # --------------------------------------------------------------------------------------------
 # The pipeline on it: cocam train, finetune, evaluate; compare_guidance
 # --------------------------------------------------------------------------------------------
